@@ -1,0 +1,119 @@
+//! Maps between byte offsets in the TOML text and dotted key paths, so that every configuration
+//! error can name both the key and the line an operator has to fix.
+
+use toml::de::{DeTable, DeValue};
+
+/// One step of a key path: a table key or an array index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seg {
+    Key(&'static str),
+    Index(usize),
+}
+
+/// Renders a path the way an operator reads it: `site[0].tls.source`.
+pub fn render(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// 1-based line number of a byte offset.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// The line where `path` is written, or where its nearest written parent is (a missing key is
+/// reported at the table that should hold it).
+pub fn line_of_path(text: &str, path: &[Seg]) -> Option<usize> {
+    let root = DeTable::parse(text).ok()?;
+    let mut table = Some(root.get_ref());
+    let mut array: Option<&[toml::Spanned<DeValue>]> = None;
+    let mut best = None;
+    for seg in path {
+        let found = match seg {
+            Seg::Key(name) => table.and_then(|t| {
+                t.iter()
+                    .find(|(k, _)| k.get_ref().as_ref() == *name)
+                    .map(|(k, v)| (k.span().start, v))
+            }),
+            Seg::Index(i) => array.and_then(|a| a.get(*i)).map(|v| (v.span().start, v)),
+        };
+        let Some((offset, value)) = found else { break };
+        best = Some(offset);
+        table = match value.get_ref() {
+            DeValue::Table(t) => Some(t),
+            _ => None,
+        };
+        array = match value.get_ref() {
+            DeValue::Array(a) => Some(a.as_ref()),
+            _ => None,
+        };
+    }
+    best.map(|off| line_of(text, off))
+}
+
+/// The dotted path of the innermost key whose key or value covers `offset`.
+pub fn path_at(text: &str, offset: usize) -> Option<String> {
+    let root = DeTable::parse(text).ok()?;
+    let mut out = String::new();
+    walk_table(root.get_ref(), offset, &mut out);
+    (!out.is_empty()).then_some(out)
+}
+
+fn walk_table(table: &DeTable, offset: usize, out: &mut String) {
+    for (key, value) in table {
+        let covers = key.span().contains(&offset) || value.span().contains(&offset);
+        // Array-of-tables and dotted headers give keys whose spans sit apart from their values,
+        // so also descend into containers whose children cover the offset.
+        if covers || contains_deep(value, offset) {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(key.get_ref());
+            walk_value(value, offset, out);
+            return;
+        }
+    }
+}
+
+fn walk_value(value: &toml::Spanned<DeValue>, offset: usize, out: &mut String) {
+    match value.get_ref() {
+        DeValue::Table(t) => walk_table(t, offset, out),
+        DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if item.span().contains(&offset) || contains_deep(item, offset) {
+                    out.push_str(&format!("[{i}]"));
+                    walk_value(item, offset, out);
+                    return;
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn contains_deep(value: &toml::Spanned<DeValue>, offset: usize) -> bool {
+    match value.get_ref() {
+        DeValue::Table(t) => t.iter().any(|(k, v)| {
+            k.span().contains(&offset) || v.span().contains(&offset) || contains_deep(v, offset)
+        }),
+        DeValue::Array(items) => items
+            .iter()
+            .any(|v| v.span().contains(&offset) || contains_deep(v, offset)),
+        _ => false,
+    }
+}

@@ -1,0 +1,255 @@
+//! Configuration: one TOML file, read, parsed and validated in separate steps so tests can feed a
+//! string. Every problem names the file, the key and the line, and all problems are reported at
+//! once. The typed [`Config`] holds URLs, socket addresses and durations, never raw strings.
+
+mod locate;
+mod raw;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderValue, Method, StatusCode};
+use url::Url;
+
+pub use raw::RawConfig;
+pub use report::report;
+
+/// The built-in configuration (`config/local.toml`): HTTPS on `https://localhost:8443` with a
+/// self-signed certificate in front of Aurinko. `serve` without `--config` runs it.
+pub const EMBEDDED_LOCAL: &str = include_str!("../../config/local.toml");
+/// The name the embedded configuration is reported under.
+pub const EMBEDDED_NAME: &str = "<embedded config/local.toml>";
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// One or more keys are wrong; each problem names file, line and key.
+    #[error("{}", render_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(Problem::to_string).collect();
+    lines.join("\n")
+}
+
+/// One thing wrong (or worth a warning) in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file as the operator named it.
+    pub file: String,
+    /// 1-based line, when the key (or its nearest parent) is written in the file.
+    pub line: Option<usize>,
+    /// Dotted key path, e.g. `site[0].tls.source`.
+    pub key: String,
+    /// What is wrong and what would be right.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}: {}", self.file, line, self.key, self.message),
+            None => write!(f, "{}: {}: {}", self.file, self.key, self.message),
+        }
+    }
+}
+
+/// A validated configuration, ready to bind and serve.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from (file path or the embedded default's name).
+    pub file: String,
+    pub server: Server,
+    pub limits: Limits,
+    pub log: LogSettings,
+    pub sites: Vec<Site>,
+    /// Things that are allowed but probably not meant (printed by `check`, logged by `serve`).
+    pub warnings: Vec<Problem>,
+}
+
+/// Listeners and process-wide settings.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// HTTPS listen addresses.
+    pub https: Vec<SocketAddr>,
+    /// Plain-HTTP listen addresses (308 to HTTPS, ACME HTTP-01, health).
+    pub http: Vec<SocketAddr>,
+    /// Admin listener (health; plain HTTP, keep it on loopback).
+    pub admin: Option<SocketAddr>,
+    /// The HTTPS port clients see; used in HTTP->HTTPS redirects and printed redirect URIs.
+    pub public_https_port: u16,
+    /// The certificate store folder.
+    pub storage: PathBuf,
+    /// `Strict-Transport-Security` value on HTTPS responses; `None` when set to "".
+    pub hsts: Option<HeaderValue>,
+}
+
+/// Bounds on every wait and size.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub max_query_bytes: usize,
+    pub max_body_bytes: u64,
+}
+
+/// Access-log settings.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// One line per request at info level (target `access`).
+    pub access: bool,
+    /// Hide codes, state, tokens and credentials (on by default; turn off only to debug locally).
+    pub redact: bool,
+}
+
+/// One customer domain (one or more hostnames) in front of one upstream broker.
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub name: String,
+    /// Lower-case DNS names; `*.example.com` matches one label.
+    pub hostnames: Vec<String>,
+    /// Answers ClientHellos without SNI (or with an IP literal) and requests whose Host is an IP.
+    pub default: bool,
+    pub upstream: Url,
+    pub upstream_ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub tls: TlsSource,
+    pub callback: Callback,
+    pub authorize: Authorize,
+    pub token: Token,
+}
+
+/// Where a site's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// Generated at startup for the site's hostnames and kept in the store (local use).
+    SelfSigned,
+    /// PEM chain and key on disk, re-read when they change (cert-manager, certbot, ...).
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        reload_interval: Duration,
+    },
+}
+
+/// Redirect the browser to the upstream, or proxy the exchange through the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Redirect,
+    Proxy,
+}
+
+/// The OAuth redirect URI route.
+#[derive(Debug, Clone)]
+pub struct Callback {
+    pub path: String,
+    pub mode: Mode,
+    pub status: StatusCode,
+    pub form_post: bool,
+    pub fragment_page: bool,
+    pub upstream: Url,
+}
+
+/// The authorize routes.
+#[derive(Debug, Clone)]
+pub struct Authorize {
+    pub paths: Vec<String>,
+    pub mode: Mode,
+    pub status: StatusCode,
+    pub upstream: Url,
+}
+
+/// The token exchange route.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub path_prefix: String,
+    pub methods: Vec<Method>,
+    pub upstream: Url,
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    /// The built-in local configuration.
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Self::parse(EMBEDDED_NAME, EMBEDDED_LOCAL)
+    }
+
+    /// Parses and validates TOML text; `file` is only used in messages.
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start);
+            let key = offset
+                .and_then(|o| locate::path_at(text, o))
+                .unwrap_or_else(|| "(file)".into());
+            ConfigError::Invalid(vec![Problem {
+                file: file.to_string(),
+                line: offset.map(|o| locate::line_of(text, o)),
+                key,
+                message: e.message().trim().to_string(),
+            }])
+        })?;
+        let mut v = Validator {
+            file,
+            text,
+            problems: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let config = v.config(raw);
+        if v.problems.is_empty() {
+            let mut config = config.expect("a config is built whenever there are no problems");
+            config.warnings = v.warnings;
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(v.problems))
+        }
+    }
+
+    /// The site marked `default = true`, if any.
+    pub fn default_site(&self) -> Option<&Site> {
+        self.sites.iter().find(|s| s.default)
+    }
+}
+
+impl Site {
+    /// The redirect URI to register with the identity provider (Entra) and the broker, for each
+    /// hostname: `https://{host}[:port]{callback.path}`.
+    pub fn redirect_uris(&self, public_https_port: u16) -> Vec<String> {
+        let port = if public_https_port == 443 {
+            String::new()
+        } else {
+            format!(":{public_https_port}")
+        };
+        self.hostnames
+            .iter()
+            .filter(|h| !h.starts_with("*."))
+            .map(|h| format!("https://{h}{port}{}", self.callback.path))
+            .collect()
+    }
+}
+
+mod validate;
+use validate::Validator;

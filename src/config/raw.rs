@@ -1,0 +1,224 @@
+//! The configuration file exactly as an operator writes it.
+//!
+//! These structs mirror the TOML keys one to one, carry the defaults an Aurinko user needs, and
+//! reject unknown keys. They hold strings and numbers; [`super::validate`] turns them into the
+//! typed [`super::Config`].
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The top level of the file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub site: Vec<RawSite>,
+}
+
+/// `[server]`: listeners and process-wide settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub https: Vec<String>,
+    pub http: Vec<String>,
+    pub admin: Option<String>,
+    pub public_https_port: Option<u16>,
+    pub storage: String,
+    pub hsts: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            https: vec!["0.0.0.0:443".into()],
+            http: Vec::new(),
+            admin: None,
+            public_https_port: None,
+            storage: "certs".into(),
+            hsts: "max-age=31536000".into(),
+        }
+    }
+}
+
+/// `[limits]`: the bounds on every wait and every size.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub max_query_bytes: usize,
+    pub max_body_bytes: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            max_connections: 10_000,
+            max_query_bytes: 8 * 1024,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `[log]`: what the access log says.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub access: bool,
+    pub redact: bool,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            access: true,
+            redact: true,
+        }
+    }
+}
+
+/// `[[site]]`: one customer domain in front of one upstream broker.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSite {
+    pub name: Option<String>,
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub default: bool,
+    #[serde(default = "default_upstream")]
+    pub upstream: String,
+    pub upstream_ca_file: Option<String>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_response_timeout", with = "humantime_serde")]
+    pub response_timeout: Duration,
+    #[serde(default)]
+    pub tls: RawTls,
+    #[serde(default)]
+    pub callback: RawCallback,
+    #[serde(default)]
+    pub authorize: RawAuthorize,
+    #[serde(default)]
+    pub token: RawToken,
+}
+
+fn default_upstream() -> String {
+    "https://api.aurinko.io".into()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `[site.tls]`: where the site's certificate comes from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    pub source: String,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        Self {
+            source: "self-signed".into(),
+            cert: None,
+            key: None,
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[site.callback]`: the redirect URI registered with the identity provider.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCallback {
+    pub path: String,
+    pub mode: String,
+    pub status: u16,
+    pub form_post: bool,
+    pub fragment_page: bool,
+    pub upstream: Option<String>,
+}
+
+impl Default for RawCallback {
+    fn default() -> Self {
+        Self {
+            path: "/v1/auth/callback".into(),
+            mode: "redirect".into(),
+            status: 302,
+            form_post: true,
+            fragment_page: true,
+            upstream: None,
+        }
+    }
+}
+
+/// `[site.authorize]`: the broker's authorize endpoints under the customer's domain.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuthorize {
+    pub paths: Vec<String>,
+    pub mode: String,
+    pub status: u16,
+    pub upstream: Option<String>,
+}
+
+impl Default for RawAuthorize {
+    fn default() -> Self {
+        Self {
+            paths: vec![
+                "/v1/auth/authorize".into(),
+                "/v1/auth/authorizeDaemon".into(),
+                "/v1/auth/authorizeUser".into(),
+            ],
+            mode: "redirect".into(),
+            status: 302,
+            upstream: None,
+        }
+    }
+}
+
+/// `[site.token]`: the code-for-token exchange, always proxied.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawToken {
+    pub path_prefix: String,
+    pub methods: Vec<String>,
+    pub upstream: Option<String>,
+}
+
+impl Default for RawToken {
+    fn default() -> Self {
+        Self {
+            path_prefix: "/v1/auth/token/".into(),
+            methods: vec!["POST".into()],
+            upstream: None,
+        }
+    }
+}

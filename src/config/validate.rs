@@ -1,0 +1,475 @@
+//! Turns [`RawConfig`] into [`Config`], collecting every problem with its key path and line.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use http::{HeaderValue, Method, StatusCode};
+use url::Url;
+
+use super::locate::{self, Seg};
+use super::raw::{RawConfig, RawSite};
+use super::*;
+
+/// Collects problems while building the typed config; a `None` result always comes with at
+/// least one problem.
+pub(super) struct Validator<'a> {
+    pub file: &'a str,
+    pub text: &'a str,
+    pub problems: Vec<Problem>,
+    pub warnings: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn problem_at(&self, path: &[Seg], message: String) -> Problem {
+        Problem {
+            file: self.file.to_string(),
+            line: locate::line_of_path(self.text, path),
+            key: locate::render(path),
+            message,
+        }
+    }
+
+    fn error(&mut self, path: &[Seg], message: impl Into<String>) {
+        let p = self.problem_at(path, message.into());
+        self.problems.push(p);
+    }
+
+    fn warn(&mut self, path: &[Seg], message: impl Into<String>) {
+        let p = self.problem_at(path, message.into());
+        self.warnings.push(p);
+    }
+
+    pub fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let server = self.server(&raw);
+        let limits = self.limits(&raw);
+        if raw.site.is_empty() {
+            self.error(&[Seg::Key("site")], "at least one [[site]] is needed");
+        }
+        let sites: Vec<Option<Site>> = raw
+            .site
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| self.site(i, s))
+            .collect();
+        self.cross_site_checks(&sites);
+        let sites: Option<Vec<Site>> = sites.into_iter().collect();
+        Some(Config {
+            file: self.file.to_string(),
+            server: server?,
+            limits: limits?,
+            log: LogSettings {
+                access: raw.log.access,
+                redact: raw.log.redact,
+            },
+            sites: sites?,
+            warnings: Vec::new(),
+        })
+    }
+
+    fn addrs(&mut self, key: &'static str, list: &[String]) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        for (i, a) in list.iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(addr) => out.push(addr),
+                Err(_) => self.error(
+                    &[Seg::Key("server"), Seg::Key(key), Seg::Index(i)],
+                    format!("`{a}` is not an IP:port listen address (e.g. \"0.0.0.0:443\" or \"[::]:443\")"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn server(&mut self, raw: &RawConfig) -> Option<Server> {
+        let s = &raw.server;
+        let before = self.problems.len();
+        let https = self.addrs("https", &s.https);
+        let http = self.addrs("http", &s.http);
+        if s.https.is_empty() {
+            self.error(
+                &[Seg::Key("server"), Seg::Key("https")],
+                "at least one HTTPS listen address is needed",
+            );
+        }
+        let admin = match &s.admin {
+            None => None,
+            Some(a) => match a.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.error(
+                        &[Seg::Key("server"), Seg::Key("admin")],
+                        format!("`{a}` is not an IP:port listen address (e.g. \"127.0.0.1:9090\")"),
+                    );
+                    None
+                }
+            },
+        };
+        let hsts = if s.hsts.is_empty() {
+            None
+        } else {
+            match HeaderValue::from_str(&s.hsts) {
+                Ok(v) if s.hsts.starts_with("max-age=") => Some(v),
+                _ => {
+                    self.error(
+                        &[Seg::Key("server"), Seg::Key("hsts")],
+                        "must be a Strict-Transport-Security value such as \"max-age=31536000\", or \"\" to send none",
+                    );
+                    None
+                }
+            }
+        };
+        if s.storage.is_empty() {
+            self.error(
+                &[Seg::Key("server"), Seg::Key("storage")],
+                "must name a folder",
+            );
+        }
+        let public_https_port = s
+            .public_https_port
+            .or_else(|| https.first().map(|a| a.port()))
+            .unwrap_or(443);
+        (self.problems.len() == before).then(|| Server {
+            https,
+            http,
+            admin,
+            public_https_port,
+            storage: PathBuf::from(&s.storage),
+            hsts,
+        })
+    }
+
+    fn limits(&mut self, raw: &RawConfig) -> Option<Limits> {
+        let l = &raw.limits;
+        let key = |k| [Seg::Key("limits"), Seg::Key(k)];
+        let before = self.problems.len();
+        for (name, d) in [
+            ("handshake_timeout", l.handshake_timeout),
+            ("header_read_timeout", l.header_read_timeout),
+            ("idle_timeout", l.idle_timeout),
+        ] {
+            if d.is_zero() {
+                self.error(
+                    &key(name),
+                    "must be greater than zero (every wait needs a bound)",
+                );
+            }
+        }
+        if l.max_header_bytes < 8192 {
+            self.error(
+                &key("max_header_bytes"),
+                "must be at least 8192 (browsers send large cookies)",
+            );
+        }
+        if l.max_connections == 0 {
+            self.error(&key("max_connections"), "must be at least 1");
+        }
+        if l.max_query_bytes == 0 {
+            self.error(&key("max_query_bytes"), "must be at least 1");
+        }
+        (self.problems.len() == before).then(|| Limits {
+            handshake_timeout: l.handshake_timeout,
+            header_read_timeout: l.header_read_timeout,
+            idle_timeout: l.idle_timeout,
+            shutdown_grace: l.shutdown_grace,
+            max_header_bytes: l.max_header_bytes,
+            max_connections: l.max_connections,
+            max_query_bytes: l.max_query_bytes,
+            max_body_bytes: l.max_body_bytes,
+        })
+    }
+
+    fn site(&mut self, i: usize, raw: RawSite) -> Option<Site> {
+        let before = self.problems.len();
+        let at = |k: &'static str| vec![Seg::Key("site"), Seg::Index(i), Seg::Key(k)];
+        let at2 = |k: &'static str, k2: &'static str| {
+            vec![Seg::Key("site"), Seg::Index(i), Seg::Key(k), Seg::Key(k2)]
+        };
+
+        let hostnames = self.hostnames(&at("hostnames"), &raw.hostnames);
+        let name = raw.name.clone().unwrap_or_else(|| {
+            hostnames
+                .first()
+                .cloned()
+                .unwrap_or_else(|| format!("site{i}"))
+        });
+        let upstream = self.upstream_url(&at("upstream"), &raw.upstream);
+        let callback_up = raw
+            .callback
+            .upstream
+            .as_ref()
+            .map(|u| self.upstream_url(&at2("callback", "upstream"), u));
+        let authorize_up = raw
+            .authorize
+            .upstream
+            .as_ref()
+            .map(|u| self.upstream_url(&at2("authorize", "upstream"), u));
+        let token_up = raw
+            .token
+            .upstream
+            .as_ref()
+            .map(|u| self.upstream_url(&at2("token", "upstream"), u));
+
+        let tls = match raw.tls.source.as_str() {
+            "self-signed" => {
+                for (k, v) in [("cert", &raw.tls.cert), ("key", &raw.tls.key)] {
+                    if v.is_some() {
+                        self.error(&at2("tls", k), "only used with source = \"files\"");
+                    }
+                }
+                Some(TlsSource::SelfSigned)
+            }
+            "files" => match (&raw.tls.cert, &raw.tls.key) {
+                (Some(cert), Some(key)) => Some(TlsSource::Files {
+                    cert: cert.into(),
+                    key: key.into(),
+                    reload_interval: raw.tls.reload_interval,
+                }),
+                (cert, _) => {
+                    let missing = if cert.is_none() { "cert" } else { "key" };
+                    self.error(
+                        &at2("tls", "source"),
+                        format!("source = \"files\" needs `{missing}` (a PEM file path)"),
+                    );
+                    None
+                }
+            },
+            other => {
+                self.error(
+                    &at2("tls", "source"),
+                    format!(
+                        "unknown certificate source `{other}`; use \"self-signed\" or \"files\""
+                    ),
+                );
+                None
+            }
+        };
+        if raw.tls.reload_interval.is_zero() {
+            self.error(&at2("tls", "reload_interval"), "must be greater than zero");
+        }
+
+        let callback_mode = self.mode(&at2("callback", "mode"), &raw.callback.mode);
+        let callback_status = self.redirect_status(&at2("callback", "status"), raw.callback.status);
+        let authorize_mode = self.mode(&at2("authorize", "mode"), &raw.authorize.mode);
+        let authorize_status =
+            self.redirect_status(&at2("authorize", "status"), raw.authorize.status);
+        self.path(&at2("callback", "path"), &raw.callback.path);
+        for (j, p) in raw.authorize.paths.iter().enumerate() {
+            let mut key = at2("authorize", "paths");
+            key.push(Seg::Index(j));
+            self.path(&key, p);
+        }
+        self.path(&at2("token", "path_prefix"), &raw.token.path_prefix);
+        if !raw.token.path_prefix.ends_with('/') {
+            self.error(
+                &at2("token", "path_prefix"),
+                "must end with `/` (the code follows it)",
+            );
+        }
+        let mut seen = HashSet::new();
+        for p in std::iter::once(&raw.callback.path).chain(&raw.authorize.paths) {
+            if !seen.insert(p.as_str()) {
+                self.error(&at("authorize"), format!("path `{p}` is routed twice"));
+            }
+        }
+        let mut methods = Vec::new();
+        for (j, m) in raw.token.methods.iter().enumerate() {
+            match m.to_ascii_uppercase().as_str() {
+                "POST" => methods.push(Method::POST),
+                "GET" => methods.push(Method::GET),
+                _ => {
+                    let mut key = at2("token", "methods");
+                    key.push(Seg::Index(j));
+                    self.error(
+                        &key,
+                        format!("`{m}`: the token route takes \"POST\" and/or \"GET\""),
+                    );
+                }
+            }
+        }
+        if raw.token.methods.is_empty() {
+            self.error(
+                &at2("token", "methods"),
+                "needs at least one method (\"POST\")",
+            );
+        }
+        if raw.response_timeout.is_zero() {
+            self.error(&at("response_timeout"), "must be greater than zero");
+        }
+        if raw.connect_timeout.is_zero() {
+            self.error(&at("connect_timeout"), "must be greater than zero");
+        }
+        if let (Some(c), Some(a)) = (callback_mode, authorize_mode) {
+            if c != a {
+                self.warn(
+                    &at2("authorize", "mode"),
+                    format!(
+                        "authorize is {} while the callback is {}: the broker's cookies would land on two domains",
+                        mode_word(a),
+                        mode_word(c)
+                    ),
+                );
+            }
+        }
+
+        if self.problems.len() != before {
+            return None;
+        }
+        let upstream = upstream?;
+        if upstream.scheme() == "http" {
+            self.warn(
+                &at("upstream"),
+                "plain http:// upstream: tokens and codes cross the network unencrypted",
+            );
+        }
+        let sub = |u: Option<Option<Url>>| u.flatten().unwrap_or_else(|| upstream.clone());
+        Some(Site {
+            name,
+            hostnames,
+            default: raw.default,
+            upstream_ca_file: raw.upstream_ca_file.map(PathBuf::from),
+            connect_timeout: raw.connect_timeout,
+            response_timeout: raw.response_timeout,
+            tls: tls?,
+            callback: Callback {
+                path: raw.callback.path,
+                mode: callback_mode?,
+                status: callback_status?,
+                form_post: raw.callback.form_post,
+                fragment_page: raw.callback.fragment_page,
+                upstream: sub(callback_up),
+            },
+            authorize: Authorize {
+                paths: raw.authorize.paths,
+                mode: authorize_mode?,
+                status: authorize_status?,
+                upstream: sub(authorize_up),
+            },
+            token: Token {
+                path_prefix: raw.token.path_prefix,
+                methods,
+                upstream: sub(token_up),
+            },
+            upstream,
+        })
+    }
+
+    fn hostnames(&mut self, key: &[Seg], list: &[String]) -> Vec<String> {
+        if list.is_empty() {
+            self.error(key, "at least one hostname is needed");
+        }
+        let mut out = Vec::new();
+        for (j, h) in list.iter().enumerate() {
+            let lower = h.trim_end_matches('.').to_ascii_lowercase();
+            let bare = lower.strip_prefix("*.").unwrap_or(&lower);
+            let valid = rustls::pki_types::DnsName::try_from(bare).is_ok()
+                && bare.parse::<std::net::IpAddr>().is_err()
+                && !bare.contains('*');
+            if valid {
+                out.push(lower);
+            } else {
+                let mut k = key.to_vec();
+                k.push(Seg::Index(j));
+                self.error(&k, format!("`{h}` is not a DNS hostname (IP addresses and bare wildcards are not allowed)"));
+            }
+        }
+        out
+    }
+
+    fn upstream_url(&mut self, key: &[Seg], s: &str) -> Option<Url> {
+        let url = match Url::parse(s) {
+            Ok(u) => u,
+            Err(e) => {
+                self.error(key, format!("`{s}` is not a URL: {e}"));
+                return None;
+            }
+        };
+        let problem = if !matches!(url.scheme(), "https" | "http") {
+            Some("must be an https:// (or http://) URL")
+        } else if url.host_str().is_none() {
+            Some("needs a host")
+        } else if url.query().is_some() || url.fragment().is_some() {
+            Some("must not have a query or fragment")
+        } else if !url.username().is_empty() || url.password().is_some() {
+            Some("must not carry credentials")
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            self.error(key, format!("`{s}` {p}"));
+            return None;
+        }
+        // A base path is kept without its trailing slash: routes append their own path.
+        let mut url = url;
+        let trimmed = url.path().trim_end_matches('/').to_string();
+        url.set_path(&trimmed);
+        Some(url)
+    }
+
+    fn mode(&mut self, key: &[Seg], s: &str) -> Option<Mode> {
+        match s {
+            "redirect" => Some(Mode::Redirect),
+            "proxy" => Some(Mode::Proxy),
+            _ => {
+                self.error(key, format!("`{s}`: use \"redirect\" or \"proxy\""));
+                None
+            }
+        }
+    }
+
+    fn redirect_status(&mut self, key: &[Seg], code: u16) -> Option<StatusCode> {
+        match code {
+            302 | 303 | 307 => StatusCode::from_u16(code).ok(),
+            _ => {
+                self.error(key, format!("{code}: use 302, 303 or 307"));
+                None
+            }
+        }
+    }
+
+    fn path(&mut self, key: &[Seg], p: &str) {
+        if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+            self.error(
+                key,
+                format!("`{p}` must be an absolute path without query or fragment"),
+            );
+        }
+    }
+
+    fn cross_site_checks(&mut self, sites: &[Option<Site>]) {
+        let mut seen = HashSet::new();
+        let mut defaults = 0;
+        for (i, site) in sites.iter().enumerate() {
+            let Some(site) = site else { continue };
+            for (j, h) in site.hostnames.iter().enumerate() {
+                if !seen.insert(h.clone()) {
+                    self.error(
+                        &[
+                            Seg::Key("site"),
+                            Seg::Index(i),
+                            Seg::Key("hostnames"),
+                            Seg::Index(j),
+                        ],
+                        format!("`{h}` belongs to more than one site"),
+                    );
+                }
+            }
+            if site.default {
+                defaults += 1;
+                if defaults > 1 {
+                    self.error(
+                        &[Seg::Key("site"), Seg::Index(i), Seg::Key("default")],
+                        "only one site may be the default",
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn mode_word(m: Mode) -> &'static str {
+    match m {
+        Mode::Redirect => "redirected",
+        Mode::Proxy => "proxied",
+    }
+}

@@ -1,0 +1,411 @@
+//! The routes: callback relay, authorize fronting, token proxy, health, and the plain-HTTP
+//! redirect. [`Relay::handle`] is a plain async function from request to response, so tests can
+//! call it without sockets; `server` feeds it from real connections.
+
+mod body;
+mod proxy;
+mod redirect;
+mod respond;
+mod upstream;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Method, Request, Response, StatusCode, header};
+
+pub use body::RelayBody;
+pub use upstream::{UpstreamClient, UpstreamError};
+
+use crate::config::{Config, Mode, Site};
+use crate::health;
+use crate::tls::CertStore;
+pub use respond::with_allow as method_not_allowed;
+use respond::{plain, with_allow};
+
+/// Where a request came from; filled in by the server for every connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// True on the HTTPS listeners.
+    pub https: bool,
+    /// The site chosen by SNI, when the client sent one.
+    pub sni_site: Option<usize>,
+}
+
+/// Which route answered; the access log's `route` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteName {
+    Callback,
+    Authorize,
+    Token,
+    Healthz,
+    Readyz,
+    HttpsRedirect,
+    AcmeChallenge,
+    None,
+}
+
+impl RouteName {
+    /// The label used in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteName::Callback => "callback",
+            RouteName::Authorize => "authorize",
+            RouteName::Token => "token",
+            RouteName::Healthz => "healthz",
+            RouteName::Readyz => "readyz",
+            RouteName::HttpsRedirect => "https_redirect",
+            RouteName::AcmeChallenge => "acme_challenge",
+            RouteName::None => "-",
+        }
+    }
+}
+
+/// What the access log needs to know about how a request went upstream.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UpstreamOutcome {
+    pub status: Option<StatusCode>,
+    pub latency_ms: Option<f64>,
+}
+
+/// A site compiled for request time: precomputed redirect targets and an upstream client.
+struct SiteRoutes {
+    site: Site,
+    /// `{callback upstream}{callback path}`, the redirect target without query.
+    callback_target: String,
+    /// One target per authorize path, in the same order as `site.authorize.paths`.
+    authorize_targets: Vec<String>,
+    client: UpstreamClient,
+    /// The `Allow` value of the callback route.
+    callback_allow: &'static str,
+    token_allow: http::HeaderValue,
+}
+
+/// The request router and its shared state.
+pub struct Relay {
+    sites: Vec<SiteRoutes>,
+    default_site: Option<usize>,
+    config: Arc<Config>,
+    store: Arc<CertStore>,
+}
+
+impl Relay {
+    /// Compiles the routes of every site; fails when an upstream CA file cannot be read.
+    pub fn new(config: Arc<Config>, store: Arc<CertStore>) -> Result<Relay, UpstreamError> {
+        let mut sites = Vec::new();
+        for site in &config.sites {
+            let target = |base: &url::Url, path: &str| {
+                format!("{}{path}", base.as_str().trim_end_matches('/'))
+            };
+            let token_allow = site
+                .token
+                .methods
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            sites.push(SiteRoutes {
+                callback_target: target(&site.callback.upstream, &site.callback.path),
+                authorize_targets: site
+                    .authorize
+                    .paths
+                    .iter()
+                    .map(|p| target(&site.authorize.upstream, p))
+                    .collect(),
+                client: UpstreamClient::new(site)?,
+                callback_allow: if site.callback.form_post {
+                    "GET, HEAD, POST"
+                } else {
+                    "GET, HEAD"
+                },
+                token_allow: http::HeaderValue::from_str(&token_allow)
+                    .expect("method names are valid header text"),
+                site: site.clone(),
+            });
+        }
+        let default_site = config.sites.iter().position(|s| s.default);
+        Ok(Relay {
+            sites,
+            default_site,
+            config,
+            store,
+        })
+    }
+
+    /// The configuration this relay serves.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Answers one request. Never fails: every problem becomes a short, specific response.
+    pub async fn handle<B>(&self, req: Request<B>, conn: &ConnInfo) -> Response<RelayBody>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let mut upstream = UpstreamOutcome::default();
+        let (route, mut resp) = self.route(req, conn, &mut upstream).await;
+        if conn.https {
+            let h = resp.headers_mut();
+            h.insert(
+                header::REFERRER_POLICY,
+                http::HeaderValue::from_static("no-referrer"),
+            );
+            if let Some(hsts) = &self.config.server.hsts {
+                h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+            }
+        }
+        if self.config.log.access {
+            access_log(&method, route, resp.status(), started, upstream);
+        }
+        resp
+    }
+
+    async fn route<B>(
+        &self,
+        req: Request<B>,
+        conn: &ConnInfo,
+        upstream: &mut UpstreamOutcome,
+    ) -> (RouteName, Response<RelayBody>)
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if let Some(r) = health::answer(req.uri().path(), req.method(), &self.store) {
+            return r;
+        }
+        if !conn.https && req.uri().path().starts_with("/.well-known/acme-challenge/") {
+            return (
+                RouteName::AcmeChallenge,
+                plain(StatusCode::NOT_FOUND, "no such challenge\n"),
+            );
+        }
+        let Some(host) = request_host(&req) else {
+            return (
+                RouteName::None,
+                plain(StatusCode::BAD_REQUEST, "missing or invalid Host header\n"),
+            );
+        };
+        let Some((site_ix, by_name)) = self.site_for_host(&host, conn) else {
+            return (
+                RouteName::None,
+                plain(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "this relay does not serve that host\n",
+                ),
+            );
+        };
+        if !conn.https {
+            // Only configured names are redirect targets, never an arbitrary Host or IP.
+            if !by_name {
+                return (
+                    RouteName::None,
+                    plain(
+                        StatusCode::MISDIRECTED_REQUEST,
+                        "this relay does not serve that host\n",
+                    ),
+                );
+            }
+            return (
+                RouteName::HttpsRedirect,
+                redirect::to_https(&req, &host, self.config.server.public_https_port),
+            );
+        }
+        if req
+            .uri()
+            .query()
+            .is_some_and(|q| q.len() > self.config.limits.max_query_bytes)
+        {
+            return (
+                RouteName::None,
+                plain(StatusCode::URI_TOO_LONG, "query string too long\n"),
+            );
+        }
+        let routes = &self.sites[site_ix];
+        let (route, action) = decide(&req, routes);
+        let resp = match action {
+            Action::Respond(r) => r,
+            Action::Forward { base, token } => {
+                self.forward(req, routes, base, &host, conn, upstream, token)
+                    .await
+            }
+        };
+        (route, resp)
+    }
+
+    /// The site a request's Host names, checked against the SNI site of its connection.
+    /// Returns the site and whether it was found by name (rather than as the default for an IP).
+    fn site_for_host(&self, host: &str, conn: &ConnInfo) -> Option<(usize, bool)> {
+        let by_name = self
+            .sites
+            .iter()
+            .position(|s| s.site.hostnames.iter().any(|h| host_matches(h, host)));
+        let (site, named) = match by_name {
+            Some(i) => (i, true),
+            // An IP literal (a load balancer's probe, a benchmark) reaches the default site.
+            None if host.parse::<IpAddr>().is_ok() || host.starts_with('[') => {
+                (self.default_site?, false)
+            }
+            None => return None,
+        };
+        match conn.sni_site {
+            Some(sni) if sni != site => None,
+            _ => Some((site, named)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward<B>(
+        &self,
+        req: Request<B>,
+        routes: &SiteRoutes,
+        base: &url::Url,
+        host: &str,
+        conn: &ConnInfo,
+        outcome: &mut UpstreamOutcome,
+        token: bool,
+    ) -> Response<RelayBody>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let ctx = proxy::Forward {
+            client: &routes.client,
+            site: &routes.site,
+            base,
+            host,
+            conn,
+            limits: &self.config.limits,
+            rewrite: !token,
+            public_https_port: self.config.server.public_https_port,
+        };
+        let mut resp = ctx.send(req, outcome).await;
+        if token {
+            resp.headers_mut().insert(
+                header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-store"),
+            );
+        }
+        resp
+    }
+}
+
+/// What a request on a site's HTTPS listener gets: an answer now, or a trip upstream.
+enum Action<'a> {
+    Respond(Response<RelayBody>),
+    Forward { base: &'a url::Url, token: bool },
+}
+
+/// Picks the route and what to do, from the path and method alone.
+fn decide<'a, B>(req: &Request<B>, routes: &'a SiteRoutes) -> (RouteName, Action<'a>) {
+    let site = &routes.site;
+    let (path, method) = (req.uri().path(), req.method());
+    let get = method == Method::GET || method == Method::HEAD;
+    if path == site.callback.path {
+        let cb = &site.callback;
+        let post = method == Method::POST && cb.form_post;
+        let action = match cb.mode {
+            Mode::Redirect if get => Action::Respond(redirect::callback_get(req, routes)),
+            Mode::Redirect if post => Action::Respond(redirect::callback_form_post(req, routes)),
+            Mode::Proxy if get => Action::Forward {
+                base: &cb.upstream,
+                token: false,
+            },
+            Mode::Proxy if post => match redirect::check_form(req) {
+                Ok(()) => Action::Forward {
+                    base: &cb.upstream,
+                    token: false,
+                },
+                Err(r) => Action::Respond(r),
+            },
+            _ => Action::Respond(with_allow(routes.callback_allow)),
+        };
+        return (RouteName::Callback, action);
+    }
+    if let Some(ix) = site.authorize.paths.iter().position(|p| p == path) {
+        let az = &site.authorize;
+        let action = match az.mode {
+            Mode::Redirect if get => Action::Respond(redirect::to_upstream(
+                &routes.authorize_targets[ix],
+                req.uri().query(),
+                az.status,
+            )),
+            Mode::Proxy if get => Action::Forward {
+                base: &az.upstream,
+                token: false,
+            },
+            _ => Action::Respond(with_allow("GET, HEAD")),
+        };
+        return (RouteName::Authorize, action);
+    }
+    if let Some(code) = path.strip_prefix(site.token.path_prefix.as_str()) {
+        if !code.is_empty() && !code.contains('/') {
+            let action = if site.token.methods.contains(method) {
+                Action::Forward {
+                    base: &site.token.upstream,
+                    token: true,
+                }
+            } else {
+                Action::Respond(respond::with_allow_value(routes.token_allow.clone()))
+            };
+            return (RouteName::Token, action);
+        }
+    }
+    (
+        RouteName::None,
+        Action::Respond(plain(StatusCode::NOT_FOUND, "not found\n")),
+    )
+}
+
+/// The request's host without port, lower-cased: the URI authority (HTTP/2) or `Host`.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => req.headers().get(header::HOST)?.to_str().ok()?,
+    };
+    let authority: http::uri::Authority = raw.parse().ok()?;
+    let host = authority.host().trim_end_matches('.');
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// Whether a configured hostname (maybe `*.example.com`) matches a request host.
+fn host_matches(configured: &str, host: &str) -> bool {
+    match configured.strip_prefix("*.") {
+        Some(parent) => host.split_once('.').is_some_and(|(_, rest)| rest == parent),
+        None => configured == host,
+    }
+}
+
+/// One access-log line. Never carries the path's code, the query, or any header value.
+fn access_log(
+    method: &Method,
+    route: RouteName,
+    status: StatusCode,
+    started: Instant,
+    up: UpstreamOutcome,
+) {
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    tracing::info!(
+        target: "access",
+        method = %method,
+        route = route.as_str(),
+        status = status.as_u16(),
+        latency_ms = format_args!("{latency_ms:.3}"),
+        upstream_status = up.status.map(|s| s.as_u16()),
+        upstream_ms = up.latency_ms.map(|l| format!("{l:.3}")),
+    );
+}
+
+impl Relay {
+    /// The admin listener: health only (metrics join it later), nothing relayed.
+    pub fn handle_admin<B>(&self, req: Request<B>, _conn: &ConnInfo) -> Response<RelayBody> {
+        match health::answer(req.uri().path(), req.method(), &self.store) {
+            Some((_, r)) => r,
+            None => plain(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}

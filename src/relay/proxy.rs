@@ -1,0 +1,254 @@
+//! Forwarding to the upstream: the token exchange and the authorize/callback routes in `proxy`
+//! mode. The request body is read whole under a size limit (so nothing is sent upstream before
+//! it is complete), sent once and never retried, and the upstream's answer is streamed back with
+//! hop-by-hop headers removed and, for browser routes, `Location` and cookie domains rewritten.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+
+use super::respond::plain;
+use super::{ConnInfo, RelayBody, UpstreamClient, UpstreamOutcome};
+use crate::config::{Limits, Site};
+
+/// Everything one forwarded request needs.
+pub struct Forward<'a> {
+    pub client: &'a UpstreamClient,
+    pub site: &'a Site,
+    pub base: &'a url::Url,
+    /// The request's host (no port), for `X-Forwarded-Host` and rewriting.
+    pub host: &'a str,
+    pub conn: &'a ConnInfo,
+    pub limits: &'a Limits,
+    /// Rewrite `Location` and `Set-Cookie` domains to the relay's own origin.
+    pub rewrite: bool,
+    pub public_https_port: u16,
+}
+
+impl Forward<'_> {
+    /// Sends the request upstream once and answers with the upstream's response.
+    pub async fn send<B>(
+        &self,
+        req: Request<B>,
+        outcome: &mut UpstreamOutcome,
+    ) -> Response<RelayBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, body) = req.into_parts();
+        let max = self.limits.max_body_bytes;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > max) {
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+        }
+        let read = Limited::new(body, max as usize).collect();
+        let body = match tokio::time::timeout(self.limits.header_read_timeout, read).await {
+            Err(_) => {
+                return plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body not received in time\n",
+                );
+            }
+            Ok(Err(e)) if e.is::<LengthLimitError>() => {
+                return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+            }
+            Ok(Err(_)) => {
+                return plain(StatusCode::BAD_REQUEST, "request body could not be read\n");
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        let uri = format!("{}{pq}", self.base.as_str().trim_end_matches('/'));
+        let mut up = Request::new(Full::new(body));
+        *up.method_mut() = parts.method;
+        *up.uri_mut() = match uri.parse() {
+            Ok(u) => u,
+            Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request target\n"),
+        };
+        let headers = up.headers_mut();
+        *headers = parts.headers;
+        strip_hop_by_hop(headers);
+        headers.remove(header::HOST);
+        let client_ip = HeaderValue::try_from(self.conn.remote.ip().to_string());
+        headers.insert(
+            X_FORWARDED_FOR,
+            client_ip.unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        );
+        headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if self.conn.https { "https" } else { "http" }),
+        );
+        if let Ok(h) = HeaderValue::from_str(self.host) {
+            headers.insert(X_FORWARDED_HOST, h);
+        }
+
+        let started = Instant::now();
+        let result =
+            tokio::time::timeout(self.client.response_timeout, self.client.inner.request(up)).await;
+        outcome.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+        let resp = match result {
+            Err(_) => {
+                tracing::warn!(site = %self.site.name, "upstream did not answer within {:?}", self.client.response_timeout);
+                return plain(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream did not answer in time\n",
+                );
+            }
+            Ok(Err(e)) => {
+                let kind = if e.is_connect() { "connect" } else { "request" };
+                tracing::warn!(site = %self.site.name, kind, error = %chain(&e), "upstream request failed");
+                return plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n");
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        outcome.status = Some(resp.status());
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if self.rewrite {
+            self.rewrite_headers(&mut parts.headers);
+        }
+        Response::from_parts(
+            parts,
+            RelayBody::upstream(body, self.client.response_timeout),
+        )
+    }
+
+    /// Points upstream-origin `Location`s at the relay and cookie domains at the relay's host.
+    fn rewrite_headers(&self, headers: &mut HeaderMap) {
+        let upstream_origin = self.base.origin().ascii_serialization();
+        let relay_origin = if self.public_https_port == 443 {
+            format!("https://{}", self.host)
+        } else {
+            format!("https://{}:{}", self.host, self.public_https_port)
+        };
+        if let Some(loc) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
+            if let Some(rest) = loc.strip_prefix(upstream_origin.as_str()) {
+                if rest.is_empty() || rest.starts_with(['/', '?', '#']) {
+                    if let Ok(v) = HeaderValue::try_from(format!("{relay_origin}{rest}")) {
+                        headers.insert(header::LOCATION, v);
+                    }
+                }
+            }
+        }
+        let cookies: Vec<HeaderValue> = headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|s| rewrite_cookie_domain(s, self.host))
+                    .unwrap_or_else(|| v.clone())
+            })
+            .collect();
+        if !cookies.is_empty() {
+            headers.remove(header::SET_COOKIE);
+            for c in cookies {
+                headers.append(header::SET_COOKIE, c);
+            }
+        }
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes the headers that belong to one hop (RFC 9110 section 7.6.1), including any the
+/// `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(n);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// Replaces the `Domain` attribute of a `Set-Cookie` value, keeping every other byte as sent.
+/// Only the attribute list is touched (split on `;`), so attributes a cookie library might not
+/// know (`Partitioned`, `Priority`) survive; `None` when there is no `Domain` to rewrite.
+fn rewrite_cookie_domain(cookie: &str, host: &str) -> Option<HeaderValue> {
+    let mut changed = false;
+    let parts: Vec<String> = cookie
+        .split(';')
+        .enumerate()
+        .map(|(i, part)| {
+            let is_domain = i > 0
+                && part
+                    .trim_start()
+                    .get(..7)
+                    .is_some_and(|p| p.eq_ignore_ascii_case("domain="));
+            if is_domain {
+                changed = true;
+                format!(" Domain={host}")
+            } else {
+                part.to_string()
+            }
+        })
+        .collect();
+    changed
+        .then(|| HeaderValue::try_from(parts.join(";")).ok())
+        .flatten()
+}
+
+/// An error and its sources on one line (no request data is in them).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_domain_is_rewritten_and_the_rest_kept() {
+        let v = rewrite_cookie_domain(
+            "sid=a%3Db; Path=/; Domain=.aurinko.io; Secure; Partitioned",
+            "auth.example.com",
+        );
+        assert_eq!(
+            v.unwrap(),
+            "sid=a%3Db; Path=/; Domain=auth.example.com; Secure; Partitioned"
+        );
+        assert!(
+            rewrite_cookie_domain("domain=x; Path=/", "h").is_none(),
+            "a cookie named domain is not an attribute"
+        );
+    }
+}

@@ -1,0 +1,146 @@
+//! Redirect routes: the callback relayed to the upstream (query, form_post and fragment modes),
+//! the authorize endpoints in redirect mode, and the plain-HTTP upgrade to HTTPS. The query is
+//! copied byte for byte: never decoded, never re-encoded.
+
+use base64::Engine;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+
+use super::respond::{plain, redirect};
+use super::{RelayBody, SiteRoutes};
+
+/// `{target}?{raw query}` (or just `{target}` without a query) as a redirect.
+pub fn to_upstream(target: &str, query: Option<&str>, status: StatusCode) -> Response<RelayBody> {
+    let location = match query {
+        Some(q) => {
+            let mut s = String::with_capacity(target.len() + 1 + q.len());
+            s.push_str(target);
+            s.push('?');
+            s.push_str(q);
+            s
+        }
+        None => target.to_string(),
+    };
+    match HeaderValue::try_from(location) {
+        Ok(v) => redirect(status, v),
+        Err(_) => plain(
+            StatusCode::BAD_REQUEST,
+            "query string not allowed in a redirect\n",
+        ),
+    }
+}
+
+/// `GET` on the callback: relay the query, or serve the fragment page when there is none.
+pub fn callback_get<B>(req: &Request<B>, routes: &SiteRoutes) -> Response<RelayBody> {
+    let cb = &routes.site.callback;
+    match req.uri().query() {
+        Some(q) if !q.is_empty() => to_upstream(&routes.callback_target, Some(q), cb.status),
+        _ if cb.fragment_page => fragment_page(&routes.callback_target),
+        _ => to_upstream(&routes.callback_target, None, cb.status),
+    }
+}
+
+/// Checks that a POSTed callback is a form (Entra's `response_mode=form_post`).
+pub fn check_form<B>(req: &Request<B>) -> Result<(), Response<RelayBody>> {
+    let is_form = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            mime.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if is_form {
+        Ok(())
+    } else {
+        Err(plain(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected application/x-www-form-urlencoded\n",
+        ))
+    }
+}
+
+/// `POST` on the callback: 307 so the browser re-posts the identical body to the upstream.
+pub fn callback_form_post<B>(req: &Request<B>, routes: &SiteRoutes) -> Response<RelayBody> {
+    match check_form(req) {
+        Ok(()) => to_upstream(
+            &routes.callback_target,
+            req.uri().query(),
+            StatusCode::TEMPORARY_REDIRECT,
+        ),
+        Err(r) => r,
+    }
+}
+
+/// A page that moves `location.hash` into the query and navigates to the (fixed) upstream
+/// callback. The target is a constant of the configuration; the fragment can only ever become
+/// the query of that URL.
+fn fragment_page(target: &str) -> Response<RelayBody> {
+    let mut nonce = [0u8; 18];
+    if crate::tls::provider()
+        .secure_random
+        .fill(&mut nonce)
+        .is_err()
+    {
+        return plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no randomness available\n",
+        );
+    }
+    let nonce = base64::engine::general_purpose::STANDARD.encode(nonce);
+    // JSON string syntax is valid JavaScript; `<` is escaped so no `</script>` can appear.
+    let target_js = serde_json_string(target);
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta name=\"referrer\" content=\"no-referrer\">\
+<title>Signing in</title></head><body><noscript>JavaScript is needed to finish signing in.</noscript>\
+<script nonce=\"{nonce}\">(function(){{var f=window.location.hash.slice(1);\
+window.location.replace({target_js}+(f?\"?\"+f:\"\"));}})();</script></body></html>\n"
+    );
+    let csp = format!(
+        "default-src 'none'; script-src 'nonce-{nonce}'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    );
+    let mut r = Response::new(RelayBody::full(html));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::try_from(csp).expect("nonce is base64"),
+    );
+    r
+}
+
+/// `s` as a JavaScript string literal safe inside a `<script>` element.
+fn serde_json_string(s: &str) -> String {
+    serde_json::to_string(s)
+        .expect("a str always serializes")
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+}
+
+/// Plain HTTP: `308` to the same path and query on HTTPS for a configured host.
+pub fn to_https<B>(req: &Request<B>, host: &str, port: u16) -> Response<RelayBody> {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    let location = if port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{port}{pq}")
+    };
+    match HeaderValue::try_from(location) {
+        Ok(v) => redirect(StatusCode::PERMANENT_REDIRECT, v),
+        Err(_) => plain(StatusCode::BAD_REQUEST, "bad request target\n"),
+    }
+}

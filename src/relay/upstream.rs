@@ -1,0 +1,84 @@
+//! The client toward the upstream broker: hyper-util's pooled client over hyper-rustls (web PKI
+//! roots plus an optional extra CA), HTTP/2 when the upstream offers it, keep-alive, and a
+//! connect timeout. One per site, since sites may trust different CAs.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use crate::config::Site;
+
+/// Why an upstream client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{path}: cannot read the upstream CA file: {source}")]
+    CaRead {
+        path: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{path}: no usable CA certificate in the upstream CA file")]
+    CaEmpty { path: String },
+}
+
+/// A pooled HTTP(S) client for one site's upstream.
+#[derive(Clone, Debug)]
+pub struct UpstreamClient {
+    pub(super) inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pub(super) response_timeout: Duration,
+}
+
+impl UpstreamClient {
+    /// Builds the client for `site`: its CA file, connect and response timeouts.
+    pub fn new(site: &Site) -> Result<UpstreamClient, UpstreamError> {
+        let mut roots = RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        if let Some(path) = &site.upstream_ca_file {
+            let shown = path.display().to_string();
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect())
+                .map_err(|source| UpstreamError::CaRead {
+                    path: shown.clone(),
+                    source,
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(UpstreamError::CaEmpty { path: shown });
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("aws-lc-rs supports the default versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(site.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let inner = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(50))
+            .build(connector);
+        Ok(UpstreamClient {
+            inner,
+            response_timeout: site.response_timeout,
+        })
+    }
+}

@@ -1,0 +1,216 @@
+//! Per-connection deadlines that hyper does not offer on its own: an idle keep-alive timeout and
+//! a separate, shorter bound on receiving a request's headers once its first byte has arrived
+//! (slowloris). A connection with a request in flight has no deadline here; upstream timeouts
+//! bound that phase.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::config::Limits;
+use crate::relay::RelayBody;
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Milliseconds since the process epoch (never 0), as a cheap atomic timestamp.
+fn now_ms() -> u64 {
+    Instant::now()
+        .saturating_duration_since(epoch())
+        .as_millis() as u64
+        + 1
+}
+
+fn at_ms(ms: u64) -> Instant {
+    epoch() + Duration::from_millis(ms.saturating_sub(1))
+}
+
+/// The state of one connection as its deadlines see it.
+#[derive(Debug)]
+pub struct Activity {
+    /// Requests whose responses are not finished.
+    active: AtomicU32,
+    /// When the connection last became idle.
+    idle_since: AtomicU64,
+    /// When the first byte of the next request arrived (0: none yet).
+    first_byte: AtomicU64,
+    /// Wakes the watchdog when a deadline moves earlier.
+    changed: Notify,
+}
+
+impl Activity {
+    /// A fresh connection: its first request's headers are already due.
+    pub fn new() -> Arc<Activity> {
+        let now = now_ms();
+        Arc::new(Activity {
+            active: AtomicU32::new(0),
+            idle_since: AtomicU64::new(now),
+            first_byte: AtomicU64::new(now),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Marks a request in flight until the returned guard (kept in the response body) drops.
+    pub fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self.clone())
+    }
+
+    fn on_bytes_read(&self) {
+        if self.active.load(Ordering::Acquire) == 0 && self.first_byte.load(Ordering::Acquire) == 0
+        {
+            self.first_byte.store(now_ms(), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    /// The instant the connection must close if nothing changes, or `None` while busy.
+    fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let first = self.first_byte.load(Ordering::Acquire);
+        Some(if first != 0 {
+            at_ms(first) + limits.header_read_timeout
+        } else {
+            at_ms(self.idle_since.load(Ordering::Acquire)) + limits.idle_timeout
+        })
+    }
+
+    /// Runs the connection until it ends or misses a deadline (then it is dropped: closed).
+    pub async fn drive<F: Future>(&self, conn: F, limits: &Limits) {
+        let mut conn = std::pin::pin!(conn);
+        loop {
+            let deadline = self.deadline(limits);
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut conn => return,
+                _ = self.changed.notified() => {}
+                _ = sleep => {
+                    if self.deadline(limits).is_some_and(|d| d <= Instant::now()) {
+                        tracing::debug!("connection closed: idle or header-read deadline passed");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Held by a response body; dropping it makes the connection idle again.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<Activity>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let a = &self.0;
+        if a.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            a.first_byte.store(0, Ordering::Release);
+            a.idle_since.store(now_ms(), Ordering::Release);
+            a.changed.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its connection marked busy until it is finished or dropped.
+#[derive(Debug)]
+pub struct TrackedBody {
+    inner: RelayBody,
+    _guard: ActiveGuard,
+}
+
+impl TrackedBody {
+    pub fn new(inner: RelayBody, guard: ActiveGuard) -> Self {
+        TrackedBody {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = <RelayBody as Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Transport wrapper that tells [`Activity`] when bytes arrive.
+pub struct ActivityIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> ActivityIo<T> {
+    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+        ActivityIo { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.on_bytes_read();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

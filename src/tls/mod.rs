@@ -1,0 +1,203 @@
+//! TLS termination: one rustls configuration for every site, a certificate store whose entries
+//! can be swapped at any time without a restart, the handshake (SNI check with a deadline), and
+//! the certificate sources (`files`, `self-signed`).
+
+mod accept;
+mod sources;
+mod store;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::ServerConfig;
+use rustls::sign::CertifiedKey;
+
+pub use accept::{Handshake, HandshakeError, accept};
+pub use sources::{load_site_certificates, spawn_file_watchers};
+pub use store::{CertStore, Slot};
+
+/// Why a certificate could not be loaded or made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot write: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: no PEM certificate found")]
+    NoCertificate { what: String },
+    #[error("{what}: no usable PEM private key found (PKCS#8, PKCS#1 or SEC1)")]
+    NoKey { what: String },
+    #[error("{what}: {source}")]
+    Pem {
+        what: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{what}: {source}")]
+    Rustls {
+        what: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{what}: the certificate cannot be parsed: {detail}")]
+    X509 { what: String, detail: String },
+    #[error("cannot generate a self-signed certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// The crypto provider used everywhere (aws-lc-rs), installed once as the process default so
+/// that every rustls user in the process (upstream client, ACME client) agrees.
+pub fn provider() -> Arc<CryptoProvider> {
+    if let Some(p) = CryptoProvider::get_default() {
+        return p.clone();
+    }
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    CryptoProvider::get_default()
+        .expect("a provider was just installed")
+        .clone()
+}
+
+/// ALPN identifiers we serve, in preference order.
+pub const ALPN_H2: &[u8] = b"h2";
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// The one server configuration: TLS 1.3 and 1.2, ALPN h2 and http/1.1, certificates from the
+/// store picked by SNI at handshake time.
+pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("aws-lc-rs supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    // One ticket is enough for a browser to resume; the default of two doubles the work.
+    config.send_tls13_tickets = 1;
+    Arc::new(config)
+}
+
+/// A certificate chain with its signing key and the facts readiness and `check` need.
+#[derive(Debug)]
+pub struct LoadedCert {
+    pub key: Arc<CertifiedKey>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Hex serial number of the leaf.
+    pub serial: String,
+    /// Issuer distinguished name of the leaf.
+    pub issuer: String,
+    /// DNS names in the leaf's subjectAltName.
+    pub dns_names: Vec<String>,
+}
+
+impl LoadedCert {
+    /// Parses a PEM chain and key; `what` names the source in errors (a path, a site).
+    pub fn from_pem(what: &str, chain_pem: &[u8], key_pem: &[u8]) -> Result<LoadedCert, TlsError> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|source| TlsError::Pem {
+                what: what.into(),
+                source,
+            })?;
+        if chain.is_empty() {
+            return Err(TlsError::NoCertificate { what: what.into() });
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey { what: what.into() },
+            source => TlsError::Pem {
+                what: what.into(),
+                source,
+            },
+        })?;
+        Self::from_der(what, chain, key)
+    }
+
+    /// Builds from DER, checking that the key belongs to the leaf.
+    pub fn from_der(
+        what: &str,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<LoadedCert, TlsError> {
+        let rustls_err = |source| TlsError::Rustls {
+            what: what.into(),
+            source,
+        };
+        let signer = provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(rustls_err)?;
+        let certified = CertifiedKey::new(chain, signer);
+        certified.keys_match().map_err(rustls_err)?;
+        let (not_before, not_after, serial, issuer, dns_names) =
+            leaf_facts(what, &certified.cert[0])?;
+        Ok(LoadedCert {
+            key: Arc::new(certified),
+            not_before,
+            not_after,
+            serial,
+            issuer,
+            dns_names,
+        })
+    }
+
+    /// True when `now` lies inside the validity period.
+    pub fn valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+
+    /// True when the leaf names `host` (exactly or through a one-label wildcard).
+    pub fn covers(&self, host: &str) -> bool {
+        self.dns_names.iter().any(|n| {
+            n.eq_ignore_ascii_case(host)
+                || (n.starts_with("*.")
+                    && host
+                        .split_once('.')
+                        .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(&n[2..])))
+        })
+    }
+}
+
+type LeafFacts = (SystemTime, SystemTime, String, String, Vec<String>);
+
+fn leaf_facts(what: &str, der: &CertificateDer<'_>) -> Result<LeafFacts, TlsError> {
+    use x509_parser::prelude::*;
+    let x509_err = |detail: String| TlsError::X509 {
+        what: what.into(),
+        detail,
+    };
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| x509_err(e.to_string()))?;
+    let to_system = |t: ASN1Time| {
+        let secs = t.timestamp();
+        if secs >= 0 {
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64)
+        } else {
+            SystemTime::UNIX_EPOCH
+        }
+    };
+    let validity = cert.validity();
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(d) = n {
+                names.push(d.to_ascii_lowercase());
+            }
+        }
+    }
+    Ok((
+        to_system(validity.not_before),
+        to_system(validity.not_after),
+        cert.raw_serial_as_string().replace(':', ""),
+        cert.issuer().to_string(),
+        names,
+    ))
+}

@@ -1,0 +1,168 @@
+//! Certificate sources of this release: `files` (PEM on disk, re-read when it changes) and
+//! `self-signed` (made with rcgen for local use and kept in the store folder so a browser
+//! exception survives restarts).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{CertStore, LoadedCert, TlsError};
+use crate::config::{Config, Site, TlsSource};
+use crate::fsutil;
+
+/// A self-signed certificate is renewed when less than this is left.
+const SELF_SIGNED_MIN_LEFT: Duration = Duration::from_secs(30 * 24 * 3600);
+const SELF_SIGNED_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Loads (or makes) the certificate of every site whose source is local and installs it in the
+/// store. Errors name the site and the file.
+pub fn load_site_certificates(config: &Config, store: &CertStore) -> Result<(), TlsError> {
+    for (i, site) in config.sites.iter().enumerate() {
+        let cert = match &site.tls {
+            TlsSource::Files { cert, key, .. } => Arc::new(read_files(cert, key)?.0),
+            TlsSource::SelfSigned => Arc::new(self_signed(&config.server.storage, site)?),
+        };
+        for h in &site.hostnames {
+            if !cert.covers(h) {
+                tracing::warn!(site = %site.name, hostname = %h, "the certificate does not name this hostname; clients will reject it");
+            }
+        }
+        for slot in store.site_slots(i) {
+            slot.install(cert.clone());
+        }
+        tracing::info!(site = %site.name, serial = %cert.serial, issuer = %cert.issuer, "certificate loaded");
+    }
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Reads a PEM chain and key; returns the certificate and the raw bytes (to notice changes).
+fn read_files(cert: &Path, key: &Path) -> Result<(LoadedCert, Vec<u8>), TlsError> {
+    let chain = read(cert)?;
+    let key_pem = read(key)?;
+    let what = format!("{} + {}", cert.display(), key.display());
+    let loaded = LoadedCert::from_pem(&what, &chain, &key_pem)?;
+    let mut both = chain;
+    both.extend_from_slice(&key_pem);
+    Ok((loaded, both))
+}
+
+/// Starts one task per `files` site that re-reads the files every `reload_interval` and swaps
+/// the certificate when they changed and parse; a bad file is logged and the old one kept.
+pub fn spawn_file_watchers(config: &Config, store: &Arc<CertStore>, stop: CancellationToken) {
+    for (i, site) in config.sites.iter().enumerate() {
+        let TlsSource::Files {
+            cert,
+            key,
+            reload_interval,
+        } = &site.tls
+        else {
+            continue;
+        };
+        let (cert, key, every) = (cert.clone(), key.clone(), *reload_interval);
+        let (store, stop, name) = (store.clone(), stop.clone(), site.name.clone());
+        tokio::spawn(async move {
+            watch_files(i, &name, &cert, &key, every, &store, stop).await;
+        });
+    }
+}
+
+async fn watch_files(
+    site: usize,
+    name: &str,
+    cert: &PathBuf,
+    key: &PathBuf,
+    every: Duration,
+    store: &CertStore,
+    stop: CancellationToken,
+) {
+    let mut last = read_files(cert, key).map(|(_, bytes)| bytes).ok();
+    let mut last_error = String::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match read_files(cert, key) {
+            Ok((loaded, bytes)) => {
+                last_error.clear();
+                if last.as_deref() == Some(&bytes[..]) {
+                    continue;
+                }
+                last = Some(bytes);
+                let loaded = Arc::new(loaded);
+                for slot in store.site_slots(site) {
+                    slot.install(loaded.clone());
+                }
+                tracing::info!(site = %name, serial = %loaded.serial, "certificate files changed; new certificate in use");
+            }
+            Err(e) => {
+                // A rotation writes the two files one after the other: say it once, retry.
+                let msg = e.to_string();
+                if msg != last_error {
+                    tracing::warn!(site = %name, error = %msg, "certificate files unreadable; keeping the current certificate");
+                    last_error = msg;
+                }
+            }
+        }
+    }
+}
+
+/// The stored self-signed certificate of a site, or a new one when it is missing, unreadable,
+/// about to expire or does not name every hostname.
+fn self_signed(storage: &Path, site: &Site) -> Result<LoadedCert, TlsError> {
+    let dir = storage.join("self-signed");
+    let file_stem = sanitize(&site.name);
+    let cert_path = dir.join(format!("{file_stem}.crt"));
+    let key_path = dir.join(format!("{file_stem}.key"));
+    if let Ok((existing, _)) = read_files(&cert_path, &key_path) {
+        let fresh = existing.not_after > SystemTime::now() + SELF_SIGNED_MIN_LEFT;
+        if fresh && site.hostnames.iter().all(|h| existing.covers(h)) {
+            return Ok(existing);
+        }
+    }
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(site.hostnames.clone())?;
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("oauth-relay self-signed ({})", site.name),
+    );
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + SELF_SIGNED_LIFETIME;
+    let cert = params.self_signed(&key)?;
+    let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+    for (path, bytes) in [(&key_path, &key_pem), (&cert_path, &cert_pem)] {
+        fsutil::write_private(path, bytes.as_bytes()).map_err(|source| TlsError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    tracing::info!(site = %site.name, path = %cert_path.display(), "made a self-signed certificate (browsers will warn; local use only)");
+    LoadedCert::from_pem(
+        &cert_path.display().to_string(),
+        cert_pem.as_bytes(),
+        key_pem.as_bytes(),
+    )
+}
+
+/// A file name made of the site name's safe characters.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
