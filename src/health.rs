@@ -10,11 +10,7 @@ use crate::relay::{RelayBody, RouteName};
 use crate::tls::CertStore;
 
 /// The health answer for `path`, or `None` when `path` is not a health path.
-pub fn answer(
-    path: &str,
-    method: &Method,
-    store: &CertStore,
-) -> Option<(RouteName, Response<RelayBody>)> {
+pub fn answer(path: &str, method: &Method, store: &CertStore) -> Option<(RouteName, Response<RelayBody>)> {
     let route = match path {
         "/healthz" => RouteName::Healthz,
         "/readyz" => RouteName::Readyz,
@@ -30,14 +26,8 @@ pub fn answer(
     let mut r = Response::new(RelayBody::full(body));
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(
-        http::header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-store"),
-    );
+    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     Some((route, r))
 }
 

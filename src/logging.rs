@@ -17,10 +17,8 @@ pub enum LogFormat {
 /// Installs the global subscriber writing to stderr. Safe to call once per process.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_span_events(FmtSpan::NONE)
-        .with_writer(std::io::stderr);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_span_events(FmtSpan::NONE).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Pretty => builder.compact().try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -85,10 +85,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         Ok(n) => tracing::debug!(limit = n, "open-file limit raised"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
         let listeners = Listeners::bind(&config).await?;
         for l in &listeners.https {
@@ -109,10 +106,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
 /// Completes on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

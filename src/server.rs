@@ -69,12 +69,7 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindE
         } else {
             ""
         };
-        BindError {
-            addr,
-            what,
-            source,
-            hint,
-        }
+        BindError { addr, what, source, hint }
     })
 }
 
@@ -107,12 +102,7 @@ pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: Cancellation
         .chain(listeners.http.into_iter().map(|l| (l, Kind::Http)))
         .chain(listeners.admin.into_iter().map(|l| (l, Kind::Admin)));
     for (listener, kind) in all {
-        let (shared, stop, permits, graceful) = (
-            shared.clone(),
-            stop.clone(),
-            permits.clone(),
-            graceful.clone(),
-        );
+        let (shared, stop, permits, graceful) = (shared.clone(), stop.clone(), permits.clone(), graceful.clone());
         loops.spawn(accept_loop(listener, kind, shared, permits, graceful, stop));
     }
     // The loops return once `stop` fires; then in-flight requests get the grace period.
@@ -121,14 +111,8 @@ pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: Cancellation
     let Ok(graceful) = Arc::try_unwrap(graceful) else {
         return; // unreachable: every accept loop has ended and dropped its handle
     };
-    tracing::info!(
-        connections = graceful.count(),
-        "stopped accepting; draining for at most {grace:?}"
-    );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    tracing::info!(connections = graceful.count(), "stopped accepting; draining for at most {grace:?}");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("grace period over; closing the remaining connections");
     }
 }
@@ -177,20 +161,10 @@ async fn accept_error(e: io::Error) {
     }
 }
 
-async fn connection(
-    tcp: TcpStream,
-    remote: SocketAddr,
-    kind: Kind,
-    shared: &Arc<Shared>,
-    watcher: Watcher,
-) {
+async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc<Shared>, watcher: Watcher) {
     let limits = &shared.limits;
     if kind != Kind::Https {
-        let info = ConnInfo {
-            remote,
-            https: false,
-            sni_site: None,
-        };
+        let info = ConnInfo { remote, https: false, sni_site: None };
         return serve_http(tcp, info, kind == Kind::Admin, shared, watcher).await;
     }
     let hs = match tls::accept(tcp, &shared.store, &shared.tls, limits.handshake_timeout).await {
@@ -200,47 +174,27 @@ async fn connection(
             return;
         }
     };
-    let info = ConnInfo {
-        remote,
-        https: true,
-        sni_site: hs.sni.then_some(hs.site),
-    };
+    let info = ConnInfo { remote, https: true, sni_site: hs.sni.then_some(hs.site) };
     let activity = Activity::new();
     let io = TokioIo::new(ActivityIo::new(hs.stream, activity.clone()));
     let svc = service(shared.relay.clone(), info, activity.clone(), false);
     if hs.h2 {
         let mut b = http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new())
-            .max_header_list_size(limits.max_header_bytes as u32);
-        activity
-            .drive(watcher.watch(b.serve_connection(io, svc)), limits)
-            .await;
+        b.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+        activity.drive(watcher.watch(b.serve_connection(io, svc)), limits).await;
     } else {
-        activity
-            .drive(
-                watcher.watch(http1_builder(limits).serve_connection(io, svc)),
-                limits,
-            )
-            .await;
+        activity.drive(watcher.watch(http1_builder(limits).serve_connection(io, svc)), limits).await;
     }
 }
 
 fn http1_builder(limits: &Limits) -> http1::Builder {
     let mut b = http1::Builder::new();
     // TLS wants one flat write per response; the deadlines live in `activity`, not in hyper.
-    b.max_buf_size(limits.max_header_bytes)
-        .writev(false)
-        .half_close(false);
+    b.max_buf_size(limits.max_header_bytes).writev(false).half_close(false);
     b
 }
 
-async fn serve_http(
-    tcp: TcpStream,
-    info: ConnInfo,
-    admin: bool,
-    shared: &Arc<Shared>,
-    watcher: Watcher,
-) {
+async fn serve_http(tcp: TcpStream, info: ConnInfo, admin: bool, shared: &Arc<Shared>, watcher: Watcher) {
     let activity = Activity::new();
     let io = TokioIo::new(ActivityIo::new(tcp, activity.clone()));
     let svc = service(shared.relay.clone(), info, activity.clone(), admin);
@@ -265,11 +219,7 @@ fn service(
         let guard = activity.begin();
         let relay = relay.clone();
         async move {
-            let resp = if admin {
-                relay.handle_admin(req, &info)
-            } else {
-                relay.handle(req, &info).await
-            };
+            let resp = if admin { relay.handle_admin(req, &info) } else { relay.handle(req, &info).await };
             Ok(resp.map(|body| TrackedBody::new(body, guard)))
         }
     })

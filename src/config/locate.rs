@@ -29,11 +29,7 @@ pub fn render(path: &[Seg]) -> String {
 
 /// 1-based line number of a byte offset.
 pub fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
 }
 
 /// The line where `path` is written, or where its nearest written parent is (a missing key is
@@ -45,11 +41,8 @@ pub fn line_of_path(text: &str, path: &[Seg]) -> Option<usize> {
     let mut best = None;
     for seg in path {
         let found = match seg {
-            Seg::Key(name) => table.and_then(|t| {
-                t.iter()
-                    .find(|(k, _)| k.get_ref().as_ref() == *name)
-                    .map(|(k, v)| (k.span().start, v))
-            }),
+            Seg::Key(name) => table
+                .and_then(|t| t.iter().find(|(k, _)| k.get_ref().as_ref() == *name).map(|(k, v)| (k.span().start, v))),
             Seg::Index(i) => array.and_then(|a| a.get(*i)).map(|v| (v.span().start, v)),
         };
         let Some((offset, value)) = found else { break };
@@ -108,12 +101,10 @@ fn walk_value(value: &toml::Spanned<DeValue>, offset: usize, out: &mut String) {
 
 fn contains_deep(value: &toml::Spanned<DeValue>, offset: usize) -> bool {
     match value.get_ref() {
-        DeValue::Table(t) => t.iter().any(|(k, v)| {
-            k.span().contains(&offset) || v.span().contains(&offset) || contains_deep(v, offset)
-        }),
-        DeValue::Array(items) => items
-            .iter()
-            .any(|v| v.span().contains(&offset) || contains_deep(v, offset)),
+        DeValue::Table(t) => {
+            t.iter().any(|(k, v)| k.span().contains(&offset) || v.span().contains(&offset) || contains_deep(v, offset))
+        }
+        DeValue::Array(items) => items.iter().any(|v| v.span().contains(&offset) || contains_deep(v, offset)),
         _ => false,
     }
 }

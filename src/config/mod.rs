@@ -140,11 +140,7 @@ pub enum TlsSource {
     /// Generated at startup for the site's hostnames and kept in the store (local use).
     SelfSigned,
     /// PEM chain and key on disk, re-read when they change (cert-manager, certbot, ...).
-    Files {
-        cert: PathBuf,
-        key: PathBuf,
-        reload_interval: Duration,
-    },
+    Files { cert: PathBuf, key: PathBuf, reload_interval: Duration },
 }
 
 /// Redirect the browser to the upstream, or proxy the exchange through the relay.
@@ -186,10 +182,7 @@ impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
         Self::parse(&file, &text)
     }
 
@@ -202,9 +195,7 @@ impl Config {
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let offset = e.span().map(|s| s.start);
-            let key = offset
-                .and_then(|o| locate::path_at(text, o))
-                .unwrap_or_else(|| "(file)".into());
+            let key = offset.and_then(|o| locate::path_at(text, o)).unwrap_or_else(|| "(file)".into());
             ConfigError::Invalid(vec![Problem {
                 file: file.to_string(),
                 line: offset.map(|o| locate::line_of(text, o)),
@@ -212,12 +203,7 @@ impl Config {
                 message: e.message().trim().to_string(),
             }])
         })?;
-        let mut v = Validator {
-            file,
-            text,
-            problems: Vec::new(),
-            warnings: Vec::new(),
-        };
+        let mut v = Validator { file, text, problems: Vec::new(), warnings: Vec::new() };
         let config = v.config(raw);
         if v.problems.is_empty() {
             let mut config = config.expect("a config is built whenever there are no problems");
@@ -238,11 +224,7 @@ impl Site {
     /// The redirect URI to register with the identity provider (Entra) and the broker, for each
     /// hostname: `https://{host}[:port]{callback.path}`.
     pub fn redirect_uris(&self, public_https_port: u16) -> Vec<String> {
-        let port = if public_https_port == 443 {
-            String::new()
-        } else {
-            format!(":{public_https_port}")
-        };
+        let port = if public_https_port == 443 { String::new() } else { format!(":{public_https_port}") };
         self.hostnames
             .iter()
             .filter(|h| !h.starts_with("*."))

@@ -90,10 +90,7 @@ pub struct RawLog {
 
 impl Default for RawLog {
     fn default() -> Self {
-        Self {
-            access: true,
-            redact: true,
-        }
+        Self { access: true, redact: true }
     }
 }
 
@@ -145,12 +142,7 @@ pub struct RawTls {
 
 impl Default for RawTls {
     fn default() -> Self {
-        Self {
-            source: "self-signed".into(),
-            cert: None,
-            key: None,
-            reload_interval: Duration::from_secs(5),
-        }
+        Self { source: "self-signed".into(), cert: None, key: None, reload_interval: Duration::from_secs(5) }
     }
 }
 
@@ -215,10 +207,6 @@ pub struct RawToken {
 
 impl Default for RawToken {
     fn default() -> Self {
-        Self {
-            path_prefix: "/v1/auth/token/".into(),
-            methods: vec!["POST".into()],
-            upstream: None,
-        }
+        Self { path_prefix: "/v1/auth/token/".into(), methods: vec!["POST".into()], upstream: None }
     }
 }

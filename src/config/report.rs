@@ -9,41 +9,15 @@ use super::{Config, Mode, TlsSource};
 pub fn report(c: &Config) -> String {
     let mut out = String::new();
     let s = &c.server;
-    let list = |v: &[std::net::SocketAddr]| {
-        v.iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let list = |v: &[std::net::SocketAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
     let _ = writeln!(out, "{}: ok", c.file);
     let _ = writeln!(out, "\nserver");
     let _ = writeln!(out, "  https listeners     {}", list(&s.https));
-    let _ = writeln!(
-        out,
-        "  http listeners      {}",
-        if s.http.is_empty() {
-            "none".into()
-        } else {
-            list(&s.http)
-        }
-    );
-    let _ = writeln!(
-        out,
-        "  admin listener      {}",
-        s.admin
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "none".into())
-    );
+    let _ = writeln!(out, "  http listeners      {}", if s.http.is_empty() { "none".into() } else { list(&s.http) });
+    let _ = writeln!(out, "  admin listener      {}", s.admin.map(|a| a.to_string()).unwrap_or_else(|| "none".into()));
     let _ = writeln!(out, "  public https port   {}", s.public_https_port);
     let _ = writeln!(out, "  certificate store   {}", s.storage.display());
-    let _ = writeln!(
-        out,
-        "  hsts                {}",
-        s.hsts
-            .as_ref()
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("off")
-    );
+    let _ = writeln!(out, "  hsts                {}", s.hsts.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("off"));
     let l = &c.limits;
     let _ = writeln!(out, "\nlimits");
     let _ = writeln!(
@@ -57,12 +31,7 @@ pub fn report(c: &Config) -> String {
         l.max_header_bytes, l.max_query_bytes, l.max_body_bytes, l.max_connections
     );
     for site in &c.sites {
-        let _ = writeln!(
-            out,
-            "\nsite {}{}",
-            site.name,
-            if site.default { " (default)" } else { "" }
-        );
+        let _ = writeln!(out, "\nsite {}{}", site.name, if site.default { " (default)" } else { "" });
         let _ = writeln!(out, "  hostnames           {}", site.hostnames.join(", "));
         let _ = writeln!(out, "  upstream            {}", site.upstream);
         let tls = match &site.tls {
@@ -73,11 +42,7 @@ pub fn report(c: &Config) -> String {
         };
         let _ = writeln!(out, "  certificate         {tls}");
         let mode = |m: Mode| {
-            if m == Mode::Redirect {
-                "redirect"
-            } else {
-                "proxy"
-            }
+            if m == Mode::Redirect { "redirect" } else { "proxy" }
         };
         let _ = writeln!(
             out,
@@ -105,10 +70,7 @@ pub fn report(c: &Config) -> String {
             site.token.upstream.as_str().trim_end_matches('/'),
             site.token.path_prefix
         );
-        let _ = writeln!(
-            out,
-            "  redirect URI to register in the Entra app registration and the broker's portal:"
-        );
+        let _ = writeln!(out, "  redirect URI to register in the Entra app registration and the broker's portal:");
         for uri in site.redirect_uris(s.public_https_port) {
             let _ = writeln!(out, "    {uri}");
         }

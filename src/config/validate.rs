@@ -46,22 +46,14 @@ impl Validator<'_> {
         if raw.site.is_empty() {
             self.error(&[Seg::Key("site")], "at least one [[site]] is needed");
         }
-        let sites: Vec<Option<Site>> = raw
-            .site
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| self.site(i, s))
-            .collect();
+        let sites: Vec<Option<Site>> = raw.site.into_iter().enumerate().map(|(i, s)| self.site(i, s)).collect();
         self.cross_site_checks(&sites);
         let sites: Option<Vec<Site>> = sites.into_iter().collect();
         Some(Config {
             file: self.file.to_string(),
             server: server?,
             limits: limits?,
-            log: LogSettings {
-                access: raw.log.access,
-                redact: raw.log.redact,
-            },
+            log: LogSettings { access: raw.log.access, redact: raw.log.redact },
             sites: sites?,
             warnings: Vec::new(),
         })
@@ -87,10 +79,7 @@ impl Validator<'_> {
         let https = self.addrs("https", &s.https);
         let http = self.addrs("http", &s.http);
         if s.https.is_empty() {
-            self.error(
-                &[Seg::Key("server"), Seg::Key("https")],
-                "at least one HTTPS listen address is needed",
-            );
+            self.error(&[Seg::Key("server"), Seg::Key("https")], "at least one HTTPS listen address is needed");
         }
         let admin = match &s.admin {
             None => None,
@@ -120,15 +109,9 @@ impl Validator<'_> {
             }
         };
         if s.storage.is_empty() {
-            self.error(
-                &[Seg::Key("server"), Seg::Key("storage")],
-                "must name a folder",
-            );
+            self.error(&[Seg::Key("server"), Seg::Key("storage")], "must name a folder");
         }
-        let public_https_port = s
-            .public_https_port
-            .or_else(|| https.first().map(|a| a.port()))
-            .unwrap_or(443);
+        let public_https_port = s.public_https_port.or_else(|| https.first().map(|a| a.port())).unwrap_or(443);
         (self.problems.len() == before).then(|| Server {
             https,
             http,
@@ -149,17 +132,11 @@ impl Validator<'_> {
             ("idle_timeout", l.idle_timeout),
         ] {
             if d.is_zero() {
-                self.error(
-                    &key(name),
-                    "must be greater than zero (every wait needs a bound)",
-                );
+                self.error(&key(name), "must be greater than zero (every wait needs a bound)");
             }
         }
         if l.max_header_bytes < 8192 {
-            self.error(
-                &key("max_header_bytes"),
-                "must be at least 8192 (browsers send large cookies)",
-            );
+            self.error(&key("max_header_bytes"), "must be at least 8192 (browsers send large cookies)");
         }
         if l.max_connections == 0 {
             self.error(&key("max_connections"), "must be at least 1");
@@ -167,7 +144,7 @@ impl Validator<'_> {
         if l.max_query_bytes == 0 {
             self.error(&key("max_query_bytes"), "must be at least 1");
         }
-        (self.problems.len() == before).then(|| Limits {
+        (self.problems.len() == before).then_some(Limits {
             handshake_timeout: l.handshake_timeout,
             header_read_timeout: l.header_read_timeout,
             idle_timeout: l.idle_timeout,
@@ -182,33 +159,14 @@ impl Validator<'_> {
     fn site(&mut self, i: usize, raw: RawSite) -> Option<Site> {
         let before = self.problems.len();
         let at = |k: &'static str| vec![Seg::Key("site"), Seg::Index(i), Seg::Key(k)];
-        let at2 = |k: &'static str, k2: &'static str| {
-            vec![Seg::Key("site"), Seg::Index(i), Seg::Key(k), Seg::Key(k2)]
-        };
+        let at2 = |k: &'static str, k2: &'static str| vec![Seg::Key("site"), Seg::Index(i), Seg::Key(k), Seg::Key(k2)];
 
         let hostnames = self.hostnames(&at("hostnames"), &raw.hostnames);
-        let name = raw.name.clone().unwrap_or_else(|| {
-            hostnames
-                .first()
-                .cloned()
-                .unwrap_or_else(|| format!("site{i}"))
-        });
+        let name = raw.name.clone().unwrap_or_else(|| hostnames.first().cloned().unwrap_or_else(|| format!("site{i}")));
         let upstream = self.upstream_url(&at("upstream"), &raw.upstream);
-        let callback_up = raw
-            .callback
-            .upstream
-            .as_ref()
-            .map(|u| self.upstream_url(&at2("callback", "upstream"), u));
-        let authorize_up = raw
-            .authorize
-            .upstream
-            .as_ref()
-            .map(|u| self.upstream_url(&at2("authorize", "upstream"), u));
-        let token_up = raw
-            .token
-            .upstream
-            .as_ref()
-            .map(|u| self.upstream_url(&at2("token", "upstream"), u));
+        let callback_up = raw.callback.upstream.as_ref().map(|u| self.upstream_url(&at2("callback", "upstream"), u));
+        let authorize_up = raw.authorize.upstream.as_ref().map(|u| self.upstream_url(&at2("authorize", "upstream"), u));
+        let token_up = raw.token.upstream.as_ref().map(|u| self.upstream_url(&at2("token", "upstream"), u));
 
         let tls = match raw.tls.source.as_str() {
             "self-signed" => {
@@ -237,9 +195,7 @@ impl Validator<'_> {
             other => {
                 self.error(
                     &at2("tls", "source"),
-                    format!(
-                        "unknown certificate source `{other}`; use \"self-signed\" or \"files\""
-                    ),
+                    format!("unknown certificate source `{other}`; use \"self-signed\" or \"files\""),
                 );
                 None
             }
@@ -251,8 +207,7 @@ impl Validator<'_> {
         let callback_mode = self.mode(&at2("callback", "mode"), &raw.callback.mode);
         let callback_status = self.redirect_status(&at2("callback", "status"), raw.callback.status);
         let authorize_mode = self.mode(&at2("authorize", "mode"), &raw.authorize.mode);
-        let authorize_status =
-            self.redirect_status(&at2("authorize", "status"), raw.authorize.status);
+        let authorize_status = self.redirect_status(&at2("authorize", "status"), raw.authorize.status);
         self.path(&at2("callback", "path"), &raw.callback.path);
         for (j, p) in raw.authorize.paths.iter().enumerate() {
             let mut key = at2("authorize", "paths");
@@ -261,10 +216,7 @@ impl Validator<'_> {
         }
         self.path(&at2("token", "path_prefix"), &raw.token.path_prefix);
         if !raw.token.path_prefix.ends_with('/') {
-            self.error(
-                &at2("token", "path_prefix"),
-                "must end with `/` (the code follows it)",
-            );
+            self.error(&at2("token", "path_prefix"), "must end with `/` (the code follows it)");
         }
         let mut seen = HashSet::new();
         for p in std::iter::once(&raw.callback.path).chain(&raw.authorize.paths) {
@@ -280,18 +232,12 @@ impl Validator<'_> {
                 _ => {
                     let mut key = at2("token", "methods");
                     key.push(Seg::Index(j));
-                    self.error(
-                        &key,
-                        format!("`{m}`: the token route takes \"POST\" and/or \"GET\""),
-                    );
+                    self.error(&key, format!("`{m}`: the token route takes \"POST\" and/or \"GET\""));
                 }
             }
         }
         if raw.token.methods.is_empty() {
-            self.error(
-                &at2("token", "methods"),
-                "needs at least one method (\"POST\")",
-            );
+            self.error(&at2("token", "methods"), "needs at least one method (\"POST\")");
         }
         if raw.response_timeout.is_zero() {
             self.error(&at("response_timeout"), "must be greater than zero");
@@ -317,10 +263,7 @@ impl Validator<'_> {
         }
         let upstream = upstream?;
         if upstream.scheme() == "http" {
-            self.warn(
-                &at("upstream"),
-                "plain http:// upstream: tokens and codes cross the network unencrypted",
-            );
+            self.warn(&at("upstream"), "plain http:// upstream: tokens and codes cross the network unencrypted");
         }
         let sub = |u: Option<Option<Url>>| u.flatten().unwrap_or_else(|| upstream.clone());
         Some(Site {
@@ -345,11 +288,7 @@ impl Validator<'_> {
                 status: authorize_status?,
                 upstream: sub(authorize_up),
             },
-            token: Token {
-                path_prefix: raw.token.path_prefix,
-                methods,
-                upstream: sub(token_up),
-            },
+            token: Token { path_prefix: raw.token.path_prefix, methods, upstream: sub(token_up) },
             upstream,
         })
     }
@@ -370,7 +309,10 @@ impl Validator<'_> {
             } else {
                 let mut k = key.to_vec();
                 k.push(Seg::Index(j));
-                self.error(&k, format!("`{h}` is not a DNS hostname (IP addresses and bare wildcards are not allowed)"));
+                self.error(
+                    &k,
+                    format!("`{h}` is not a DNS hostname (IP addresses and bare wildcards are not allowed)"),
+                );
             }
         }
         out
@@ -429,10 +371,7 @@ impl Validator<'_> {
 
     fn path(&mut self, key: &[Seg], p: &str) {
         if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
-            self.error(
-                key,
-                format!("`{p}` must be an absolute path without query or fragment"),
-            );
+            self.error(key, format!("`{p}` must be an absolute path without query or fragment"));
         }
     }
 
@@ -444,12 +383,7 @@ impl Validator<'_> {
             for (j, h) in site.hostnames.iter().enumerate() {
                 if !seen.insert(h.clone()) {
                     self.error(
-                        &[
-                            Seg::Key("site"),
-                            Seg::Index(i),
-                            Seg::Key("hostnames"),
-                            Seg::Index(j),
-                        ],
+                        &[Seg::Key("site"), Seg::Index(i), Seg::Key("hostnames"), Seg::Index(j)],
                         format!("`{h}` belongs to more than one site"),
                     );
                 }

@@ -23,11 +23,7 @@ pub enum RelayBody {
     /// A small body held in memory (pages, errors, health).
     Full(Option<Bytes>),
     /// An upstream response body, streamed; a silence longer than `idle` ends it.
-    Upstream {
-        body: Incoming,
-        idle: Duration,
-        timer: Option<Pin<Box<Sleep>>>,
-    },
+    Upstream { body: Incoming, idle: Duration, timer: Option<Pin<Box<Sleep>>> },
 }
 
 impl RelayBody {
@@ -38,11 +34,7 @@ impl RelayBody {
 
     /// An upstream body that fails when the upstream stays silent for `idle`.
     pub fn upstream(body: Incoming, idle: Duration) -> Self {
-        RelayBody::Upstream {
-            body,
-            idle,
-            timer: None,
-        }
+        RelayBody::Upstream { body, idle, timer: None }
     }
 }
 
@@ -55,10 +47,7 @@ impl Body for RelayBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RelayBody::Empty => Poll::Ready(None),
             RelayBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),

@@ -96,42 +96,19 @@ impl Relay {
     pub fn new(config: Arc<Config>, store: Arc<CertStore>) -> Result<Relay, UpstreamError> {
         let mut sites = Vec::new();
         for site in &config.sites {
-            let target = |base: &url::Url, path: &str| {
-                format!("{}{path}", base.as_str().trim_end_matches('/'))
-            };
-            let token_allow = site
-                .token
-                .methods
-                .iter()
-                .map(Method::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
+            let target = |base: &url::Url, path: &str| format!("{}{path}", base.as_str().trim_end_matches('/'));
+            let token_allow = site.token.methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
             sites.push(SiteRoutes {
                 callback_target: target(&site.callback.upstream, &site.callback.path),
-                authorize_targets: site
-                    .authorize
-                    .paths
-                    .iter()
-                    .map(|p| target(&site.authorize.upstream, p))
-                    .collect(),
+                authorize_targets: site.authorize.paths.iter().map(|p| target(&site.authorize.upstream, p)).collect(),
                 client: UpstreamClient::new(site)?,
-                callback_allow: if site.callback.form_post {
-                    "GET, HEAD, POST"
-                } else {
-                    "GET, HEAD"
-                },
-                token_allow: http::HeaderValue::from_str(&token_allow)
-                    .expect("method names are valid header text"),
+                callback_allow: if site.callback.form_post { "GET, HEAD, POST" } else { "GET, HEAD" },
+                token_allow: http::HeaderValue::from_str(&token_allow).expect("method names are valid header text"),
                 site: site.clone(),
             });
         }
         let default_site = config.sites.iter().position(|s| s.default);
-        Ok(Relay {
-            sites,
-            default_site,
-            config,
-            store,
-        })
+        Ok(Relay { sites, default_site, config, store })
     }
 
     /// The configuration this relay serves.
@@ -151,10 +128,7 @@ impl Relay {
         let (route, mut resp) = self.route(req, conn, &mut upstream).await;
         if conn.https {
             let h = resp.headers_mut();
-            h.insert(
-                header::REFERRER_POLICY,
-                http::HeaderValue::from_static("no-referrer"),
-            );
+            h.insert(header::REFERRER_POLICY, http::HeaderValue::from_static("no-referrer"));
             if let Some(hsts) = &self.config.server.hsts {
                 h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
             }
@@ -179,60 +153,32 @@ impl Relay {
             return r;
         }
         if !conn.https && req.uri().path().starts_with("/.well-known/acme-challenge/") {
-            return (
-                RouteName::AcmeChallenge,
-                plain(StatusCode::NOT_FOUND, "no such challenge\n"),
-            );
+            return (RouteName::AcmeChallenge, plain(StatusCode::NOT_FOUND, "no such challenge\n"));
         }
         let Some(host) = request_host(&req) else {
-            return (
-                RouteName::None,
-                plain(StatusCode::BAD_REQUEST, "missing or invalid Host header\n"),
-            );
+            return (RouteName::None, plain(StatusCode::BAD_REQUEST, "missing or invalid Host header\n"));
         };
         let Some((site_ix, by_name)) = self.site_for_host(&host, conn) else {
-            return (
-                RouteName::None,
-                plain(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    "this relay does not serve that host\n",
-                ),
-            );
+            return (RouteName::None, plain(StatusCode::MISDIRECTED_REQUEST, "this relay does not serve that host\n"));
         };
         if !conn.https {
             // Only configured names are redirect targets, never an arbitrary Host or IP.
             if !by_name {
                 return (
                     RouteName::None,
-                    plain(
-                        StatusCode::MISDIRECTED_REQUEST,
-                        "this relay does not serve that host\n",
-                    ),
+                    plain(StatusCode::MISDIRECTED_REQUEST, "this relay does not serve that host\n"),
                 );
             }
-            return (
-                RouteName::HttpsRedirect,
-                redirect::to_https(&req, &host, self.config.server.public_https_port),
-            );
+            return (RouteName::HttpsRedirect, redirect::to_https(&req, &host, self.config.server.public_https_port));
         }
-        if req
-            .uri()
-            .query()
-            .is_some_and(|q| q.len() > self.config.limits.max_query_bytes)
-        {
-            return (
-                RouteName::None,
-                plain(StatusCode::URI_TOO_LONG, "query string too long\n"),
-            );
+        if req.uri().query().is_some_and(|q| q.len() > self.config.limits.max_query_bytes) {
+            return (RouteName::None, plain(StatusCode::URI_TOO_LONG, "query string too long\n"));
         }
         let routes = &self.sites[site_ix];
         let (route, action) = decide(&req, routes);
         let resp = match action {
             Action::Respond(r) => r,
-            Action::Forward { base, token } => {
-                self.forward(req, routes, base, &host, conn, upstream, token)
-                    .await
-            }
+            Action::Forward { base, token } => self.forward(req, routes, base, &host, conn, upstream, token).await,
         };
         (route, resp)
     }
@@ -240,16 +186,11 @@ impl Relay {
     /// The site a request's Host names, checked against the SNI site of its connection.
     /// Returns the site and whether it was found by name (rather than as the default for an IP).
     fn site_for_host(&self, host: &str, conn: &ConnInfo) -> Option<(usize, bool)> {
-        let by_name = self
-            .sites
-            .iter()
-            .position(|s| s.site.hostnames.iter().any(|h| host_matches(h, host)));
+        let by_name = self.sites.iter().position(|s| s.site.hostnames.iter().any(|h| host_matches(h, host)));
         let (site, named) = match by_name {
             Some(i) => (i, true),
             // An IP literal (a load balancer's probe, a benchmark) reaches the default site.
-            None if host.parse::<IpAddr>().is_ok() || host.starts_with('[') => {
-                (self.default_site?, false)
-            }
+            None if host.parse::<IpAddr>().is_ok() || host.starts_with('[') => (self.default_site?, false),
             None => return None,
         };
         match conn.sni_site {
@@ -285,10 +226,7 @@ impl Relay {
         };
         let mut resp = ctx.send(req, outcome).await;
         if token {
-            resp.headers_mut().insert(
-                header::CACHE_CONTROL,
-                http::HeaderValue::from_static("no-store"),
-            );
+            resp.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
         }
         resp
     }
@@ -311,17 +249,9 @@ fn decide<'a, B>(req: &Request<B>, routes: &'a SiteRoutes) -> (RouteName, Action
         let action = match cb.mode {
             Mode::Redirect if get => Action::Respond(redirect::callback_get(req, routes)),
             Mode::Redirect if post => Action::Respond(redirect::callback_form_post(req, routes)),
-            Mode::Proxy if get => Action::Forward {
-                base: &cb.upstream,
-                token: false,
-            },
-            Mode::Proxy if post => match redirect::check_form(req) {
-                Ok(()) => Action::Forward {
-                    base: &cb.upstream,
-                    token: false,
-                },
-                Err(r) => Action::Respond(r),
-            },
+            Mode::Proxy if get => Action::Forward { base: &cb.upstream, token: false },
+            Mode::Proxy if post && redirect::is_form(req) => Action::Forward { base: &cb.upstream, token: false },
+            Mode::Proxy if post => Action::Respond(redirect::not_a_form()),
             _ => Action::Respond(with_allow(routes.callback_allow)),
         };
         return (RouteName::Callback, action);
@@ -329,15 +259,10 @@ fn decide<'a, B>(req: &Request<B>, routes: &'a SiteRoutes) -> (RouteName, Action
     if let Some(ix) = site.authorize.paths.iter().position(|p| p == path) {
         let az = &site.authorize;
         let action = match az.mode {
-            Mode::Redirect if get => Action::Respond(redirect::to_upstream(
-                &routes.authorize_targets[ix],
-                req.uri().query(),
-                az.status,
-            )),
-            Mode::Proxy if get => Action::Forward {
-                base: &az.upstream,
-                token: false,
-            },
+            Mode::Redirect if get => {
+                Action::Respond(redirect::to_upstream(&routes.authorize_targets[ix], req.uri().query(), az.status))
+            }
+            Mode::Proxy if get => Action::Forward { base: &az.upstream, token: false },
             _ => Action::Respond(with_allow("GET, HEAD")),
         };
         return (RouteName::Authorize, action);
@@ -345,20 +270,14 @@ fn decide<'a, B>(req: &Request<B>, routes: &'a SiteRoutes) -> (RouteName, Action
     if let Some(code) = path.strip_prefix(site.token.path_prefix.as_str()) {
         if !code.is_empty() && !code.contains('/') {
             let action = if site.token.methods.contains(method) {
-                Action::Forward {
-                    base: &site.token.upstream,
-                    token: true,
-                }
+                Action::Forward { base: &site.token.upstream, token: true }
             } else {
                 Action::Respond(respond::with_allow_value(routes.token_allow.clone()))
             };
             return (RouteName::Token, action);
         }
     }
-    (
-        RouteName::None,
-        Action::Respond(plain(StatusCode::NOT_FOUND, "not found\n")),
-    )
+    (RouteName::None, Action::Respond(plain(StatusCode::NOT_FOUND, "not found\n")))
 }
 
 /// The request's host without port, lower-cased: the URI authority (HTTP/2) or `Host`.
@@ -381,13 +300,7 @@ fn host_matches(configured: &str, host: &str) -> bool {
 }
 
 /// One access-log line. Never carries the path's code, the query, or any header value.
-fn access_log(
-    method: &Method,
-    route: RouteName,
-    status: StatusCode,
-    started: Instant,
-    up: UpstreamOutcome,
-) {
+fn access_log(method: &Method, route: RouteName, status: StatusCode, started: Instant, up: UpstreamOutcome) {
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     tracing::info!(
         target: "access",

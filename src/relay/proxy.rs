@@ -30,31 +30,21 @@ pub struct Forward<'a> {
 
 impl Forward<'_> {
     /// Sends the request upstream once and answers with the upstream's response.
-    pub async fn send<B>(
-        &self,
-        req: Request<B>,
-        outcome: &mut UpstreamOutcome,
-    ) -> Response<RelayBody>
+    pub async fn send<B>(&self, req: Request<B>, outcome: &mut UpstreamOutcome) -> Response<RelayBody>
     where
         B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (parts, body) = req.into_parts();
         let max = self.limits.max_body_bytes;
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|len| len > max) {
             return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
         }
         let read = Limited::new(body, max as usize).collect();
         let body = match tokio::time::timeout(self.limits.header_read_timeout, read).await {
             Err(_) => {
-                return plain(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request body not received in time\n",
-                );
+                return plain(StatusCode::REQUEST_TIMEOUT, "request body not received in time\n");
             }
             Ok(Err(e)) if e.is::<LengthLimitError>() => {
                 return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
@@ -65,11 +55,7 @@ impl Forward<'_> {
             Ok(Ok(collected)) => collected.to_bytes(),
         };
 
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/");
+        let pq = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
         let uri = format!("{}{pq}", self.base.as_str().trim_end_matches('/'));
         let mut up = Request::new(Full::new(body));
         *up.method_mut() = parts.method;
@@ -82,29 +68,19 @@ impl Forward<'_> {
         strip_hop_by_hop(headers);
         headers.remove(header::HOST);
         let client_ip = HeaderValue::try_from(self.conn.remote.ip().to_string());
-        headers.insert(
-            X_FORWARDED_FOR,
-            client_ip.unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-        );
-        headers.insert(
-            X_FORWARDED_PROTO,
-            HeaderValue::from_static(if self.conn.https { "https" } else { "http" }),
-        );
+        headers.insert(X_FORWARDED_FOR, client_ip.unwrap_or_else(|_| HeaderValue::from_static("unknown")));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if self.conn.https { "https" } else { "http" }));
         if let Ok(h) = HeaderValue::from_str(self.host) {
             headers.insert(X_FORWARDED_HOST, h);
         }
 
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(self.client.response_timeout, self.client.inner.request(up)).await;
+        let result = tokio::time::timeout(self.client.response_timeout, self.client.inner.request(up)).await;
         outcome.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         let resp = match result {
             Err(_) => {
                 tracing::warn!(site = %self.site.name, "upstream did not answer within {:?}", self.client.response_timeout);
-                return plain(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream did not answer in time\n",
-                );
+                return plain(StatusCode::GATEWAY_TIMEOUT, "upstream did not answer in time\n");
             }
             Ok(Err(e)) => {
                 let kind = if e.is_connect() { "connect" } else { "request" };
@@ -119,10 +95,7 @@ impl Forward<'_> {
         if self.rewrite {
             self.rewrite_headers(&mut parts.headers);
         }
-        Response::from_parts(
-            parts,
-            RelayBody::upstream(body, self.client.response_timeout),
-        )
+        Response::from_parts(parts, RelayBody::upstream(body, self.client.response_timeout))
     }
 
     /// Points upstream-origin `Location`s at the relay and cookie domains at the relay's host.
@@ -145,12 +118,7 @@ impl Forward<'_> {
         let cookies: Vec<HeaderValue> = headers
             .get_all(header::SET_COOKIE)
             .iter()
-            .map(|v| {
-                v.to_str()
-                    .ok()
-                    .and_then(|s| rewrite_cookie_domain(s, self.host))
-                    .unwrap_or_else(|| v.clone())
-            })
+            .map(|v| v.to_str().ok().and_then(|s| rewrite_cookie_domain(s, self.host)).unwrap_or_else(|| v.clone()))
             .collect();
         if !cookies.is_empty() {
             headers.remove(header::SET_COOKIE);
@@ -202,11 +170,7 @@ fn rewrite_cookie_domain(cookie: &str, host: &str) -> Option<HeaderValue> {
         .split(';')
         .enumerate()
         .map(|(i, part)| {
-            let is_domain = i > 0
-                && part
-                    .trim_start()
-                    .get(..7)
-                    .is_some_and(|p| p.eq_ignore_ascii_case("domain="));
+            let is_domain = i > 0 && part.trim_start().get(..7).is_some_and(|p| p.eq_ignore_ascii_case("domain="));
             if is_domain {
                 changed = true;
                 format!(" Domain={host}")
@@ -215,9 +179,7 @@ fn rewrite_cookie_domain(cookie: &str, host: &str) -> Option<HeaderValue> {
             }
         })
         .collect();
-    changed
-        .then(|| HeaderValue::try_from(parts.join(";")).ok())
-        .flatten()
+    changed.then(|| HeaderValue::try_from(parts.join(";")).ok()).flatten()
 }
 
 /// An error and its sources on one line (no request data is in them).
@@ -238,17 +200,8 @@ mod tests {
 
     #[test]
     fn cookie_domain_is_rewritten_and_the_rest_kept() {
-        let v = rewrite_cookie_domain(
-            "sid=a%3Db; Path=/; Domain=.aurinko.io; Secure; Partitioned",
-            "auth.example.com",
-        );
-        assert_eq!(
-            v.unwrap(),
-            "sid=a%3Db; Path=/; Domain=auth.example.com; Secure; Partitioned"
-        );
-        assert!(
-            rewrite_cookie_domain("domain=x; Path=/", "h").is_none(),
-            "a cookie named domain is not an attribute"
-        );
+        let v = rewrite_cookie_domain("sid=a%3Db; Path=/; Domain=.aurinko.io; Secure; Partitioned", "auth.example.com");
+        assert_eq!(v.unwrap(), "sid=a%3Db; Path=/; Domain=auth.example.com; Secure; Partitioned");
+        assert!(rewrite_cookie_domain("domain=x; Path=/", "h").is_none(), "a cookie named domain is not an attribute");
     }
 }

@@ -22,10 +22,7 @@ pub fn to_upstream(target: &str, query: Option<&str>, status: StatusCode) -> Res
     };
     match HeaderValue::try_from(location) {
         Ok(v) => redirect(status, v),
-        Err(_) => plain(
-            StatusCode::BAD_REQUEST,
-            "query string not allowed in a redirect\n",
-        ),
+        Err(_) => plain(StatusCode::BAD_REQUEST, "query string not allowed in a redirect\n"),
     }
 }
 
@@ -39,36 +36,26 @@ pub fn callback_get<B>(req: &Request<B>, routes: &SiteRoutes) -> Response<RelayB
     }
 }
 
-/// Checks that a POSTed callback is a form (Entra's `response_mode=form_post`).
-pub fn check_form<B>(req: &Request<B>) -> Result<(), Response<RelayBody>> {
-    let is_form = req
-        .headers()
+/// Whether a POSTed callback is a form (Entra's `response_mode=form_post`).
+pub fn is_form<B>(req: &Request<B>) -> bool {
+    req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| {
-            mime.trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        });
-    if is_form {
-        Ok(())
-    } else {
-        Err(plain(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "expected application/x-www-form-urlencoded\n",
-        ))
-    }
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+}
+
+/// `415` for a POSTed callback that is not a form.
+pub fn not_a_form() -> Response<RelayBody> {
+    plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, "expected application/x-www-form-urlencoded\n")
 }
 
 /// `POST` on the callback: 307 so the browser re-posts the identical body to the upstream.
 pub fn callback_form_post<B>(req: &Request<B>, routes: &SiteRoutes) -> Response<RelayBody> {
-    match check_form(req) {
-        Ok(()) => to_upstream(
-            &routes.callback_target,
-            req.uri().query(),
-            StatusCode::TEMPORARY_REDIRECT,
-        ),
-        Err(r) => r,
+    if is_form(req) {
+        to_upstream(&routes.callback_target, req.uri().query(), StatusCode::TEMPORARY_REDIRECT)
+    } else {
+        not_a_form()
     }
 }
 
@@ -77,15 +64,8 @@ pub fn callback_form_post<B>(req: &Request<B>, routes: &SiteRoutes) -> Response<
 /// the query of that URL.
 fn fragment_page(target: &str) -> Response<RelayBody> {
     let mut nonce = [0u8; 18];
-    if crate::tls::provider()
-        .secure_random
-        .fill(&mut nonce)
-        .is_err()
-    {
-        return plain(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "no randomness available\n",
-        );
+    if crate::tls::provider().secure_random.fill(&mut nonce).is_err() {
+        return plain(StatusCode::INTERNAL_SERVER_ERROR, "no randomness available\n");
     }
     let nonce = base64::engine::general_purpose::STANDARD.encode(nonce);
     // JSON string syntax is valid JavaScript; `<` is escaped so no `</script>` can appear.
@@ -101,20 +81,11 @@ window.location.replace({target_js}+(f?\"?\"+f:\"\"));}})();</script></body></ht
     );
     let mut r = Response::new(RelayBody::full(html));
     let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::try_from(csp).expect("nonce is base64"),
-    );
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::try_from(csp).expect("nonce is base64"));
     r
 }
 
@@ -129,16 +100,8 @@ fn serde_json_string(s: &str) -> String {
 
 /// Plain HTTP: `308` to the same path and query on HTTPS for a configured host.
 pub fn to_https<B>(req: &Request<B>, host: &str, port: u16) -> Response<RelayBody> {
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/");
-    let location = if port == 443 {
-        format!("https://{host}{pq}")
-    } else {
-        format!("https://{host}:{port}{pq}")
-    };
+    let pq = req.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+    let location = if port == 443 { format!("https://{host}{pq}") } else { format!("https://{host}:{port}{pq}") };
     match HeaderValue::try_from(location) {
         Ok(v) => redirect(StatusCode::PERMANENT_REDIRECT, v),
         Err(_) => plain(StatusCode::BAD_REQUEST, "bad request target\n"),

@@ -39,17 +39,13 @@ pub struct UpstreamClient {
 impl UpstreamClient {
     /// Builds the client for `site`: its CA file, connect and response timeouts.
     pub fn new(site: &Site) -> Result<UpstreamClient, UpstreamError> {
-        let mut roots = RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
+        let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         if let Some(path) = &site.upstream_ca_file {
             let shown = path.display().to_string();
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect())
-                .map_err(|source| UpstreamError::CaRead {
-                    path: shown.clone(),
-                    source,
-                })?;
+            let certs: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_file_iter(path)
+                    .and_then(|it| it.collect())
+                    .map_err(|source| UpstreamError::CaRead { path: shown.clone(), source })?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
                 return Err(UpstreamError::CaEmpty { path: shown });
@@ -76,9 +72,6 @@ impl UpstreamClient {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(50))
             .build(connector);
-        Ok(UpstreamClient {
-            inner,
-            response_timeout: site.response_timeout,
-        })
+        Ok(UpstreamClient { inner, response_timeout: site.response_timeout })
     }
 }

@@ -25,10 +25,7 @@ fn epoch() -> Instant {
 
 /// Milliseconds since the process epoch (never 0), as a cheap atomic timestamp.
 fn now_ms() -> u64 {
-    Instant::now()
-        .saturating_duration_since(epoch())
-        .as_millis() as u64
-        + 1
+    Instant::now().saturating_duration_since(epoch()).as_millis() as u64 + 1
 }
 
 fn at_ms(ms: u64) -> Instant {
@@ -67,8 +64,7 @@ impl Activity {
     }
 
     fn on_bytes_read(&self) {
-        if self.active.load(Ordering::Acquire) == 0 && self.first_byte.load(Ordering::Acquire) == 0
-        {
+        if self.active.load(Ordering::Acquire) == 0 && self.first_byte.load(Ordering::Acquire) == 0 {
             self.first_byte.store(now_ms(), Ordering::Release);
             self.changed.notify_one();
         }
@@ -136,10 +132,7 @@ pub struct TrackedBody {
 
 impl TrackedBody {
     pub fn new(inner: RelayBody, guard: ActiveGuard) -> Self {
-        TrackedBody {
-            inner,
-            _guard: guard,
-        }
+        TrackedBody { inner, _guard: guard }
     }
 }
 
@@ -147,10 +140,7 @@ impl Body for TrackedBody {
     type Data = Bytes;
     type Error = <RelayBody as Body>::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
     fn is_end_stream(&self) -> bool {
@@ -174,11 +164,7 @@ impl<T> ActivityIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -190,11 +176,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
     fn poll_write_vectored(

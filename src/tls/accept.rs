@@ -34,13 +34,11 @@ impl HandshakeError {
             HandshakeError::Timeout(_) => "timeout",
             HandshakeError::NoSni => "no_sni",
             HandshakeError::UnknownSni => "unknown_sni",
-            HandshakeError::Io(e) => {
-                match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
-                    Some(rustls::Error::PeerIncompatible(_)) => "protocol_version",
-                    Some(_) => "tls_error",
-                    None => "io",
-                }
-            }
+            HandshakeError::Io(e) => match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                Some(rustls::Error::PeerIncompatible(_)) => "protocol_version",
+                Some(_) => "tls_error",
+                None => "io",
+            },
         }
     }
 }
@@ -72,11 +70,7 @@ where
     }
 }
 
-async fn handshake<IO>(
-    io: IO,
-    store: &CertStore,
-    config: &Arc<ServerConfig>,
-) -> Result<Handshake<IO>, HandshakeError>
+async fn handshake<IO>(io: IO, store: &CertStore, config: &Arc<ServerConfig>) -> Result<Handshake<IO>, HandshakeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -86,11 +80,7 @@ where
     let site = match store.lookup(hello.server_name()) {
         Some(slot) => slot.site,
         None => {
-            let err = if sni {
-                HandshakeError::UnknownSni
-            } else {
-                HandshakeError::NoSni
-            };
+            let err = if sni { HandshakeError::UnknownSni } else { HandshakeError::NoSni };
             let mut io = start.io;
             // rustls would answer `access_denied`; RFC 6066 says `unrecognized_name`.
             let alert = Message::build_alert(AlertLevel::Fatal, AlertDescription::UnrecognisedName);
@@ -102,10 +92,5 @@ where
     };
     let stream = start.into_stream(config.clone()).await?;
     let h2 = stream.get_ref().1.alpn_protocol() == Some(super::ALPN_H2);
-    Ok(Handshake {
-        stream,
-        site,
-        sni,
-        h2,
-    })
+    Ok(Handshake { stream, site, sni, h2 })
 }

@@ -63,9 +63,7 @@ pub fn provider() -> Arc<CryptoProvider> {
         return p.clone();
     }
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    CryptoProvider::get_default()
-        .expect("a provider was just installed")
-        .clone()
+    CryptoProvider::get_default().expect("a provider was just installed").clone()
 }
 
 /// ALPN identifiers we serve, in preference order.
@@ -105,19 +103,13 @@ impl LoadedCert {
     pub fn from_pem(what: &str, chain_pem: &[u8], key_pem: &[u8]) -> Result<LoadedCert, TlsError> {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<_, _>>()
-            .map_err(|source| TlsError::Pem {
-                what: what.into(),
-                source,
-            })?;
+            .map_err(|source| TlsError::Pem { what: what.into(), source })?;
         if chain.is_empty() {
             return Err(TlsError::NoCertificate { what: what.into() });
         }
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
             rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey { what: what.into() },
-            source => TlsError::Pem {
-                what: what.into(),
-                source,
-            },
+            source => TlsError::Pem { what: what.into(), source },
         })?;
         Self::from_der(what, chain, key)
     }
@@ -128,26 +120,12 @@ impl LoadedCert {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<LoadedCert, TlsError> {
-        let rustls_err = |source| TlsError::Rustls {
-            what: what.into(),
-            source,
-        };
-        let signer = provider()
-            .key_provider
-            .load_private_key(key)
-            .map_err(rustls_err)?;
+        let rustls_err = |source| TlsError::Rustls { what: what.into(), source };
+        let signer = provider().key_provider.load_private_key(key).map_err(rustls_err)?;
         let certified = CertifiedKey::new(chain, signer);
         certified.keys_match().map_err(rustls_err)?;
-        let (not_before, not_after, serial, issuer, dns_names) =
-            leaf_facts(what, &certified.cert[0])?;
-        Ok(LoadedCert {
-            key: Arc::new(certified),
-            not_before,
-            not_after,
-            serial,
-            issuer,
-            dns_names,
-        })
+        let (not_before, not_after, serial, issuer, dns_names) = leaf_facts(what, &certified.cert[0])?;
+        Ok(LoadedCert { key: Arc::new(certified), not_before, not_after, serial, issuer, dns_names })
     }
 
     /// True when `now` lies inside the validity period.
@@ -160,9 +138,7 @@ impl LoadedCert {
         self.dns_names.iter().any(|n| {
             n.eq_ignore_ascii_case(host)
                 || (n.starts_with("*.")
-                    && host
-                        .split_once('.')
-                        .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(&n[2..])))
+                    && host.split_once('.').is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(&n[2..])))
         })
     }
 }
@@ -171,10 +147,7 @@ type LeafFacts = (SystemTime, SystemTime, String, String, Vec<String>);
 
 fn leaf_facts(what: &str, der: &CertificateDer<'_>) -> Result<LeafFacts, TlsError> {
     use x509_parser::prelude::*;
-    let x509_err = |detail: String| TlsError::X509 {
-        what: what.into(),
-        detail,
-    };
+    let x509_err = |detail: String| TlsError::X509 { what: what.into(), detail };
     let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| x509_err(e.to_string()))?;
     let to_system = |t: ASN1Time| {
         let secs = t.timestamp();

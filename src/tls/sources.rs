@@ -2,7 +2,7 @@
 //! `self-signed` (made with rcgen for local use and kept in the store folder so a browser
 //! exception survives restarts).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -38,10 +38,7 @@ pub fn load_site_certificates(config: &Config, store: &CertStore) -> Result<(), 
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
 }
 
 /// Reads a PEM chain and key; returns the certificate and the raw bytes (to notice changes).
@@ -59,12 +56,7 @@ fn read_files(cert: &Path, key: &Path) -> Result<(LoadedCert, Vec<u8>), TlsError
 /// the certificate when they changed and parse; a bad file is logged and the old one kept.
 pub fn spawn_file_watchers(config: &Config, store: &Arc<CertStore>, stop: CancellationToken) {
     for (i, site) in config.sites.iter().enumerate() {
-        let TlsSource::Files {
-            cert,
-            key,
-            reload_interval,
-        } = &site.tls
-        else {
+        let TlsSource::Files { cert, key, reload_interval } = &site.tls else {
             continue;
         };
         let (cert, key, every) = (cert.clone(), key.clone(), *reload_interval);
@@ -78,8 +70,8 @@ pub fn spawn_file_watchers(config: &Config, store: &Arc<CertStore>, stop: Cancel
 async fn watch_files(
     site: usize,
     name: &str,
-    cert: &PathBuf,
-    key: &PathBuf,
+    cert: &Path,
+    key: &Path,
     every: Duration,
     store: &CertStore,
     stop: CancellationToken,
@@ -131,38 +123,21 @@ fn self_signed(storage: &Path, site: &Site) -> Result<LoadedCert, TlsError> {
     }
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::new(site.hostnames.clone())?;
-    params.distinguished_name.push(
-        rcgen::DnType::CommonName,
-        format!("oauth-relay self-signed ({})", site.name),
-    );
+    params.distinguished_name.push(rcgen::DnType::CommonName, format!("oauth-relay self-signed ({})", site.name));
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + SELF_SIGNED_LIFETIME;
     let cert = params.self_signed(&key)?;
     let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
     for (path, bytes) in [(&key_path, &key_pem), (&cert_path, &cert_pem)] {
-        fsutil::write_private(path, bytes.as_bytes()).map_err(|source| TlsError::Write {
-            path: path.display().to_string(),
-            source,
-        })?;
+        fsutil::write_private(path, bytes.as_bytes())
+            .map_err(|source| TlsError::Write { path: path.display().to_string(), source })?;
     }
     tracing::info!(site = %site.name, path = %cert_path.display(), "made a self-signed certificate (browsers will warn; local use only)");
-    LoadedCert::from_pem(
-        &cert_path.display().to_string(),
-        cert_pem.as_bytes(),
-        key_pem.as_bytes(),
-    )
+    LoadedCert::from_pem(&cert_path.display().to_string(), cert_pem.as_bytes(), key_pem.as_bytes())
 }
 
 /// A file name made of the site name's safe characters.
 fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
 }

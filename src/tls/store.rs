@@ -46,17 +46,11 @@ impl Slot {
     pub fn not_ready(&self, now: SystemTime) -> Option<String> {
         match self.current() {
             Some(c) if c.valid_at(now) => None,
-            Some(c) if now < c.not_before => {
-                Some(format!("{}: certificate not valid yet", self.hostname))
-            }
+            Some(c) if now < c.not_before => Some(format!("{}: certificate not valid yet", self.hostname)),
             Some(_) => Some(format!("{}: certificate expired", self.hostname)),
             None => {
                 let why = self.waiting.lock().map(|w| w.clone()).unwrap_or_default();
-                let why = if why.is_empty() {
-                    "no certificate loaded".to_string()
-                } else {
-                    why
-                };
+                let why = if why.is_empty() { "no certificate loaded".to_string() } else { why };
                 Some(format!("{}: {why}", self.hostname))
             }
         }
@@ -92,11 +86,7 @@ impl CertStore {
                 slots.push(slot);
             }
         }
-        CertStore {
-            by_name,
-            slots,
-            default,
-        }
+        CertStore { by_name, slots, default }
     }
 
     /// The slot for a ClientHello's SNI (`None`: no SNI or an IP literal, so the default site).

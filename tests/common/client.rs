@@ -1,0 +1,121 @@
+//! Real TLS clients: HTTP/1.1 and HTTP/2 requests over rustls with the test CA, and raw TLS
+//! connections for handshake-level checks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// A response as the client saw it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// A header's value as text ("" when absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+    }
+    pub fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap()
+    }
+}
+
+/// A client trusting only the test CA, aimed at one relay address.
+#[derive(Clone)]
+pub struct TlsClient {
+    pub addr: SocketAddr,
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl TlsClient {
+    pub fn new(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Self {
+        TlsClient { addr, config }
+    }
+
+    /// A TLS connection with SNI `sni` (an IP literal sends no SNI).
+    pub async fn connect(&self, sni: &str) -> std::io::Result<TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let name = ServerName::try_from(sni.to_string()).expect("server name");
+        tokio::time::timeout(Duration::from_secs(10), TlsConnector::from(self.config.clone()).connect(name, tcp))
+            .await
+            .expect("handshake within 10 s")
+    }
+
+    /// Hex serial of the certificate the relay serves for `sni`.
+    pub async fn peer_serial(&self, sni: &str) -> String {
+        let tls = self.connect(sni).await.expect("handshake");
+        let cert = tls.get_ref().1.peer_certificates().expect("peer certs")[0].clone();
+        use x509_parser::prelude::*;
+        let (_, x) = X509Certificate::from_der(cert.as_ref()).expect("parse");
+        x.raw_serial_as_string().replace(':', "")
+    }
+
+    /// One HTTP/1.1 request on a new connection; `Host` is `sni` unless given in `headers`.
+    pub async fn send(&self, sni: &str, method: &str, target: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+        let tls = self.connect(sni).await.expect("handshake");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("h1");
+        tokio::spawn(conn);
+        let mut req = Request::builder().method(method).uri(target);
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req = req.header("host", sni);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(20), sender.send_request(req))
+            .await
+            .expect("response within 20 s")
+            .expect("response");
+        collect(resp).await
+    }
+
+    /// `GET target` over HTTP/1.1.
+    pub async fn get(&self, sni: &str, target: &str) -> Reply {
+        self.send(sni, "GET", target, &[], "").await
+    }
+
+    /// One HTTP/2 request (the client config must offer `h2`).
+    pub async fn send_h2(&self, sni: &str, method: &str, target: &str, body: &str) -> Reply {
+        let tls = self.connect(sni).await.expect("handshake");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN picked h2");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.expect("h2");
+        tokio::spawn(conn);
+        let uri = format!("https://{sni}{target}");
+        let req = Request::builder().method(method).uri(uri).body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        let resp = sender.send_request(req).await.expect("response");
+        collect(resp).await
+    }
+}
+
+async fn collect(resp: http::Response<hyper::body::Incoming>) -> Reply {
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(Duration::from_secs(20), body.collect())
+        .await
+        .expect("body within 20 s")
+        .expect("body")
+        .to_bytes();
+    Reply { status: parts.status.as_u16(), headers: parts.headers, body }
+}
+
+/// One plain-HTTP/1.1 request (for the HTTP and admin listeners).
+pub async fn plain_get(addr: SocketAddr, host: &str, target: &str) -> Reply {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("h1");
+    tokio::spawn(conn);
+    let req = Request::builder().uri(target).header("host", host).body(Full::new(Bytes::new())).unwrap();
+    collect(sender.send_request(req).await.expect("response")).await
+}
