@@ -94,6 +94,8 @@ enum Kind {
 pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: CancellationToken) {
     let graceful = Arc::new(GracefulShutdown::new());
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    // Fired when the grace period is over: every connection still open is dropped (closed).
+    let force = CancellationToken::new();
     let mut loops = tokio::task::JoinSet::new();
     let all = listeners
         .https
@@ -102,19 +104,20 @@ pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: Cancellation
         .chain(listeners.http.into_iter().map(|l| (l, Kind::Http)))
         .chain(listeners.admin.into_iter().map(|l| (l, Kind::Admin)));
     for (listener, kind) in all {
-        let (shared, stop, permits, graceful) = (shared.clone(), stop.clone(), permits.clone(), graceful.clone());
-        loops.spawn(accept_loop(listener, kind, shared, permits, graceful, stop));
+        let (shared, permits, graceful) = (shared.clone(), permits.clone(), graceful.clone());
+        let (stop, force) = (stop.clone(), force.clone());
+        loops.spawn(accept_loop(listener, kind, shared, permits, graceful, stop, force));
     }
     // The loops return once `stop` fires; then in-flight requests get the grace period.
     while loops.join_next().await.is_some() {}
     let grace = shared.limits.shutdown_grace;
-    let Ok(graceful) = Arc::try_unwrap(graceful) else {
-        return; // unreachable: every accept loop has ended and dropped its handle
-    };
-    tracing::info!(connections = graceful.count(), "stopped accepting; draining for at most {grace:?}");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!("grace period over; closing the remaining connections");
+    if let Ok(graceful) = Arc::try_unwrap(graceful) {
+        tracing::info!(connections = graceful.count(), "stopped accepting; draining for at most {grace:?}");
+        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+            tracing::warn!("grace period over; closing the remaining connections");
+        }
     }
+    force.cancel();
 }
 
 async fn accept_loop(
@@ -124,6 +127,7 @@ async fn accept_loop(
     permits: Arc<Semaphore>,
     graceful: Arc<GracefulShutdown>,
     stop: CancellationToken,
+    force: CancellationToken,
 ) {
     loop {
         let permit = tokio::select! {
@@ -141,9 +145,13 @@ async fn accept_loop(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let (shared, watcher) = (shared.clone(), graceful.watcher());
+        let (shared, watcher, force) = (shared.clone(), graceful.watcher(), force.clone());
         tokio::spawn(async move {
-            connection(tcp, remote, kind, &shared, watcher).await;
+            // Dropping the connection future closes its socket, even mid-request.
+            tokio::select! {
+                _ = connection(tcp, remote, kind, &shared, watcher) => {}
+                _ = force.cancelled() => {}
+            }
             drop(permit);
         });
     }

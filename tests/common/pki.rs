@@ -44,8 +44,28 @@ impl Pki {
 
     /// Issues a leaf for `names` (DNS names or IP literals) and writes it as `{file}.crt/.key`.
     pub fn leaf(&self, file: &str, names: &[&str]) -> Leaf {
-        let key = KeyPair::generate().expect("leaf key");
         let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
+        self.issue(file, params)
+    }
+
+    /// Like [`Pki::leaf`], valid only from `not_before` to `not_after` (e.g. already expired, to
+    /// exercise readiness).
+    pub fn leaf_with_validity(
+        &self,
+        file: &str,
+        names: &[&str],
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Leaf {
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
+        params.not_before = time::OffsetDateTime::from(not_before);
+        params.not_after = time::OffsetDateTime::from(not_after);
+        self.issue(file, params)
+    }
+
+    fn issue(&self, file: &str, params: CertificateParams) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
         let serial = {
             use x509_parser::prelude::*;

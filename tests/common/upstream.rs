@@ -35,6 +35,9 @@ pub enum UpstreamBehaviour {
     Respond(Arc<Handler>),
     /// Read the request, then never answer.
     Silent,
+    /// Read the request, wait this long, then answer as the closure says (an in-flight request
+    /// during shutdown).
+    Delayed(std::time::Duration, Arc<Handler>),
 }
 
 impl UpstreamBehaviour {
@@ -100,6 +103,10 @@ impl Upstream {
                             match behaviour {
                                 UpstreamBehaviour::Respond(f) => Ok::<_, Infallible>(f(&rec)),
                                 UpstreamBehaviour::Silent => std::future::pending().await,
+                                UpstreamBehaviour::Delayed(wait, f) => {
+                                    tokio::time::sleep(wait).await;
+                                    Ok(f(&rec))
+                                }
                             }
                         }
                     });

@@ -1,0 +1,198 @@
+//! The limits over real sockets: oversized headers and queries, slow header senders, idle
+//! keep-alive connections, silent TLS clients, and the cap on concurrent connections.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Pki, RelayUnderTest, TlsClient, Upstream, UpstreamBehaviour};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A relay for `auth.example.test` with the given `[limits]` lines and optional site lines.
+async fn relay(pki: &Pki, limits: &str, site_extra: &str) -> (RelayUnderTest, TlsClient) {
+    let leaf = pki.leaf("relay", &["auth.example.test"]);
+    let toml = format!(
+        r#"
+[server]
+https = ["127.0.0.1:0"]
+
+[limits]
+{limits}
+
+[[site]]
+name = "auth"
+hostnames = ["auth.example.test"]
+{site_extra}
+
+[site.tls]
+source = "files"
+cert = "{cert}"
+key = "{key}"
+"#,
+        cert = leaf.cert_path.display(),
+        key = leaf.key_path.display(),
+    );
+    let relay = RelayUnderTest::start(&toml).await;
+    let client = TlsClient::new(relay.https, pki.client_config(&[b"http/1.1"]));
+    (relay, client)
+}
+
+/// Reads until the peer closes (EOF or an error) and returns how long that took; panics after
+/// `bound`.
+async fn time_until_closed(mut read: impl tokio::io::AsyncRead + Unpin, bound: Duration) -> Duration {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(bound, async {
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the relay kept the connection open for {bound:?}"));
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn oversized_header_gets_431() {
+    let pki = Pki::new();
+    let (_relay, client) = relay(&pki, "max_header_bytes = 8192", "").await;
+    let big = "a".repeat(9000);
+    let reply = client.send("auth.example.test", "GET", "/v1/auth/callback?x=1", &[("x-big", &big)], "").await;
+    assert_eq!(reply.status, 431);
+    // Just under the limit still passes.
+    let fits = "a".repeat(7000);
+    let reply = client.send("auth.example.test", "GET", "/v1/auth/callback?x=1", &[("x-big", &fits)], "").await;
+    assert_eq!(reply.status, 302);
+}
+
+#[tokio::test]
+async fn long_query_gets_414() {
+    let pki = Pki::new();
+    let (_relay, client) = relay(&pki, "max_query_bytes = 100", "").await;
+    let at_limit = format!("state={}", "s".repeat(94));
+    assert_eq!(at_limit.len(), 100);
+    let reply = client.get("auth.example.test", &format!("/v1/auth/callback?{at_limit}")).await;
+    assert_eq!(reply.status, 302);
+    let reply = client.get("auth.example.test", &format!("/v1/auth/callback?{at_limit}x")).await;
+    assert_eq!(reply.status, 414);
+    assert_eq!(reply.text(), "query string too long\n");
+}
+
+#[tokio::test]
+async fn slow_header_sender_is_cut_off() {
+    let pki = Pki::new();
+    let (_relay, client) = relay(&pki, "header_read_timeout = \"500ms\"", "").await;
+    let tls = client.connect("auth.example.test").await.expect("handshake");
+    let (read, mut write) = tokio::io::split(tls);
+    let request = b"GET / HTTP/1.1\r\nHost: x";
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let trickle = tokio::spawn(async move {
+        for b in request {
+            if write.write_all(&[*b]).await.is_err() || write.flush().await.is_err() {
+                return;
+            }
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let took = time_until_closed(read, Duration::from_secs(5)).await;
+    // Each byte arrives well within any per-read timeout; only a whole-header deadline cuts it.
+    assert!(sent.load(Ordering::SeqCst) < request.len(), "cut off before the trickle ended");
+    assert!(took >= Duration::from_millis(400), "not before the deadline: {took:?}");
+    trickle.abort();
+}
+
+/// An HTTP/1.1 connection whose driver task ends when the relay closes it.
+async fn keep_alive(
+    client: &TlsClient,
+) -> (hyper::client::conn::http1::SendRequest<Full<Bytes>>, tokio::task::JoinHandle<()>) {
+    let tls = client.connect("auth.example.test").await.expect("handshake");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("h1");
+    (
+        sender,
+        tokio::spawn(async move {
+            let _ = conn.await;
+        }),
+    )
+}
+
+fn request(method: &str, target: &str) -> http::Request<Full<Bytes>> {
+    http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", "auth.example.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed() {
+    let pki = Pki::new();
+    let (_relay, client) = relay(&pki, "idle_timeout = \"300ms\"", "").await;
+    let (mut sender, conn) = keep_alive(&client).await;
+    let resp = sender.send_request(request("GET", "/healthz")).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.into_body().collect().await.expect("body").to_bytes(), "ok");
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), conn).await.expect("closed within 5 s").expect("driver");
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(250), "closed only once idle for 300 ms: {took:?}");
+}
+
+#[tokio::test]
+async fn request_in_flight_outlives_idle_and_header_deadlines() {
+    let pki = Pki::new();
+    let upstream = Upstream::start(None, UpstreamBehaviour::Silent).await;
+    let site = format!("upstream = \"http://{}\"\nresponse_timeout = \"2s\"", upstream.addr);
+    let (_relay, client) = relay(&pki, "idle_timeout = \"300ms\"\nheader_read_timeout = \"300ms\"", &site).await;
+    let (mut sender, _conn) = keep_alive(&client).await;
+    let start = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request("POST", "/v1/auth/token/c")))
+        .await
+        .expect("answer within 10 s")
+        .expect("the connection was not cut while the request was in flight");
+    assert_eq!(resp.status(), 504);
+    assert!(start.elapsed() >= Duration::from_millis(1900), "the upstream response timeout answered");
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn silent_tls_client_hits_the_handshake_deadline() {
+    let pki = Pki::new();
+    let (relay, _client) = relay(&pki, "handshake_timeout = \"300ms\"", "").await;
+    let tcp = TcpStream::connect(relay.https).await.expect("connect");
+    let took = time_until_closed(tcp, Duration::from_secs(5)).await;
+    assert!(took >= Duration::from_millis(250), "closed at the deadline, not before: {took:?}");
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_for_a_free_slot() {
+    let pki = Pki::new();
+    let (_relay, client) = relay(&pki, "max_connections = 2", "").await;
+    let (mut first, first_conn) = keep_alive(&client).await;
+    let (mut second, _second_conn) = keep_alive(&client).await;
+    for s in [&mut first, &mut second] {
+        assert_eq!(s.send_request(request("GET", "/healthz")).await.expect("response").status(), 200);
+    }
+    let third = tokio::spawn({
+        let client = client.clone();
+        async move { client.get("auth.example.test", "/healthz").await }
+    });
+    // While both slots are held the third connection is not even accepted: no handshake, no answer.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "the third connection was served while two were open");
+    drop(first);
+    first_conn.await.expect("first connection closed");
+    let reply = tokio::time::timeout(Duration::from_secs(5), third).await.expect("served within 5 s").expect("task");
+    assert_eq!((reply.status, reply.text()), (200, "ok"));
+}
