@@ -6,6 +6,7 @@
 //! - [`config`]: the TOML file, read, parsed and validated; every error names file, key, line.
 //! - [`server`]: listeners, accept loops, connection limits, deadlines, graceful drain.
 //! - [`tls`]: rustls termination, the SNI certificate store with hot swap, certificate sources.
+//! - [`acme`]: automatic certificates (issuance, renewal, challenge answers, shared store).
 //! - [`relay`]: the routes (callback relay, authorize fronting, token proxy) and the upstream
 //!   client.
 //! - [`health`]: liveness and readiness.
@@ -17,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod config;
 pub mod fsutil;
 pub mod health;
@@ -41,6 +43,19 @@ pub enum RunError {
     Upstream(#[from] relay::UpstreamError),
 }
 
+/// A configuration that listens on port 0 (tests) redirects to the port actually bound.
+fn with_bound_port(config: Arc<Config>, listeners: &Listeners) -> Arc<Config> {
+    let bound = listeners.https.first().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+    match bound {
+        Some(port) if config.server.public_https_port == 0 => {
+            let mut c = (*config).clone();
+            c.server.public_https_port = port;
+            Arc::new(c)
+        }
+        _ => config,
+    }
+}
+
 /// Serves `config` on `listeners` until `shutdown` completes, then drains in-flight requests
 /// for at most `limits.shutdown_grace`.
 pub async fn run(
@@ -48,6 +63,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    let config = with_bound_port(config, &listeners);
     let store = Arc::new(tls::CertStore::new(&config));
     tls::load_site_certificates(&config, &store)?;
     let relay = Arc::new(relay::Relay::new(config.clone(), store.clone())?);
@@ -59,6 +75,8 @@ pub async fn run(
     });
     let stop = CancellationToken::new();
     tls::spawn_file_watchers(&config, &store, stop.clone());
+    // Never awaited: a CA that is down delays only its own hostnames, never serving.
+    acme::spawn(&config, &store, stop.clone());
     for w in &config.warnings {
         tracing::warn!("{w}");
     }

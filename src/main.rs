@@ -35,6 +35,31 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Automatic (ACME) certificates: status and forced renewal.
+    Cert {
+        #[command(subcommand)]
+        action: CertCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Per ACME hostname: issuer, serial, not-after, next renewal, last error (from the store).
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Renew one hostname now, through the same lock as the running relays; they answer the
+    /// challenge and load the new certificate from the shared store.
+    Renew {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The hostname to renew.
+        hostname: String,
+        /// Log line format.
+        #[arg(long, value_enum, default_value = "pretty")]
+        log_format: LogFormat,
+    },
 }
 
 /// sysexits(3) EX_USAGE-style status for a configuration that cannot be used.
@@ -47,26 +72,32 @@ fn load(path: &Option<PathBuf>) -> Result<Config, ConfigError> {
     }
 }
 
+/// Prints every problem of a refused configuration, one `file:line: key: message` per line,
+/// then how many there were, and gives the exit status for it.
+fn config_failed(e: &ConfigError) -> ExitCode {
+    eprintln!("{e}");
+    if let ConfigError::Invalid(problems) = e {
+        let n = problems.len();
+        eprintln!("{n} problem{} found; nothing was started", if n == 1 { "" } else { "s" });
+    }
+    ExitCode::from(EXIT_CONFIG)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Cert { action } => cert(action),
         Command::Check { config } => match load(&config) {
             Ok(c) => {
                 print!("{}", oauth_relay::config::report(&c));
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
+            Err(e) => config_failed(&e),
         },
         Command::Serve { config, log_format } => {
             let config = match load(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(e) => return config_failed(&e),
             };
             logging::init(log_format);
             match serve(config) {
@@ -113,5 +144,45 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// `cert status` and `cert renew`.
+fn cert(action: CertCommand) -> ExitCode {
+    let path = match &action {
+        CertCommand::Status { config } | CertCommand::Renew { config, .. } => config.clone(),
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return config_failed(&e),
+    };
+    match action {
+        CertCommand::Status { .. } => {
+            print!("{}", oauth_relay::acme::status_report(&config));
+            ExitCode::SUCCESS
+        }
+        CertCommand::Renew { hostname, log_format, .. } => {
+            logging::init(log_format);
+            let renewed = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")
+                .and_then(|rt| Ok(rt.block_on(oauth_relay::acme::renew_now(&config, &hostname))?));
+            match renewed {
+                Ok(meta) => {
+                    println!(
+                        "{}: renewed, serial {}, not after {}",
+                        meta.hostname,
+                        meta.serial,
+                        humantime::format_rfc3339_seconds(meta.not_after)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{hostname}: not renewed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

@@ -183,7 +183,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
         }
     };
     let info = ConnInfo { remote, https: true, sni_site: hs.sni.then_some(hs.site) };
-    let activity = Activity::new();
+    let activity = if hs.h2 { Activity::new_h2() } else { Activity::new() };
     let io = TokioIo::new(ActivityIo::new(hs.stream, activity.clone()));
     let svc = service(shared.relay.clone(), info, activity.clone(), false);
     if hs.h2 {

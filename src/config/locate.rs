@@ -61,41 +61,65 @@ pub fn line_of_path(text: &str, path: &[Seg]) -> Option<usize> {
 
 /// The dotted path of the innermost key whose key or value covers `offset`.
 pub fn path_at(text: &str, offset: usize) -> Option<String> {
-    let root = DeTable::parse(text).ok()?;
-    let mut out = String::new();
-    walk_table(root.get_ref(), offset, &mut out);
-    (!out.is_empty()).then_some(out)
+    let (path, _) = locate_offset(text, offset)?;
+    (!path.is_empty()).then_some(path)
 }
 
-fn walk_table(table: &DeTable, offset: usize, out: &mut String) {
-    for (key, value) in table {
-        let covers = key.span().contains(&offset) || value.span().contains(&offset);
-        // Array-of-tables and dotted headers give keys whose spans sit apart from their values,
-        // so also descend into containers whose children cover the offset.
-        if covers || contains_deep(value, offset) {
-            if !out.is_empty() {
-                out.push('.');
+/// The byte range `key = value` of the innermost key covering `offset`, when that key is a
+/// plain entry (not an array element): what can be blanked out to read past a bad key.
+pub fn entry_at(text: &str, offset: usize) -> Option<std::ops::Range<usize>> {
+    locate_offset(text, offset)?.1
+}
+
+fn locate_offset(text: &str, offset: usize) -> Option<(String, Option<std::ops::Range<usize>>)> {
+    let root = DeTable::parse(text).ok()?;
+    let mut walk = Walk { offset, path: String::new(), entry: None };
+    walk.table(root.get_ref());
+    Some((walk.path, walk.entry))
+}
+
+/// The descent towards `offset`: the path so far and the innermost `key = value` range.
+struct Walk {
+    offset: usize,
+    path: String,
+    entry: Option<std::ops::Range<usize>>,
+}
+
+impl Walk {
+    fn table(&mut self, table: &DeTable) {
+        let offset = self.offset;
+        for (key, value) in table {
+            let covers = key.span().contains(&offset) || value.span().contains(&offset);
+            // Array-of-tables and dotted headers give keys whose spans sit apart from their
+            // values, so also descend into containers whose children cover the offset.
+            if covers || contains_deep(value, offset) {
+                if !self.path.is_empty() {
+                    self.path.push('.');
+                }
+                self.path.push_str(key.get_ref());
+                let (k, v) = (key.span(), value.span());
+                self.entry = (v.end > k.start).then_some(k.start..v.end);
+                self.value(value);
+                return;
             }
-            out.push_str(key.get_ref());
-            walk_value(value, offset, out);
-            return;
         }
     }
-}
 
-fn walk_value(value: &toml::Spanned<DeValue>, offset: usize, out: &mut String) {
-    match value.get_ref() {
-        DeValue::Table(t) => walk_table(t, offset, out),
-        DeValue::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                if item.span().contains(&offset) || contains_deep(item, offset) {
-                    out.push_str(&format!("[{i}]"));
-                    walk_value(item, offset, out);
-                    return;
+    fn value(&mut self, value: &toml::Spanned<DeValue>) {
+        match value.get_ref() {
+            DeValue::Table(t) => self.table(t),
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if item.span().contains(&self.offset) || contains_deep(item, self.offset) {
+                        self.path.push_str(&format!("[{i}]"));
+                        self.entry = None;
+                        self.value(item);
+                        return;
+                    }
                 }
             }
+            _ => {}
         }
-        _ => {}
     }
 }
 

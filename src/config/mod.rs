@@ -2,6 +2,7 @@
 //! string. Every problem names the file, the key and the line, and all problems are reported at
 //! once. The typed [`Config`] holds URLs, socket addresses and durations, never raw strings.
 
+mod deserialize;
 mod locate;
 mod raw;
 mod report;
@@ -141,6 +142,64 @@ pub enum TlsSource {
     SelfSigned,
     /// PEM chain and key on disk, re-read when they change (cert-manager, certbot, ...).
     Files { cert: PathBuf, key: PathBuf, reload_interval: Duration },
+    /// Issued and renewed automatically by an ACME CA (Let's Encrypt, ZeroSSL, step-ca, ...).
+    Acme(Box<AcmeSettings>),
+}
+
+/// `source = "acme"`: which CA, which account, how to prove control of the hostnames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    /// The CA's ACME directory URL (`letsencrypt` and `letsencrypt-staging` resolved).
+    pub directory: Url,
+    /// Contact URIs for the account (`mailto:` + each configured email).
+    pub contact: Vec<String>,
+    /// External Account Binding (ZeroSSL, Google Trust Services, some private CAs).
+    pub eab: Option<Eab>,
+    /// ACME profile name, for CAs that offer profiles (e.g. Let's Encrypt's "shortlived").
+    pub profile: Option<String>,
+    /// The certificate key's algorithm.
+    pub key_type: AcmeKeyType,
+    /// When set, the directory's TLS is checked against this CA file only (Pebble, step-ca).
+    pub directory_ca_file: Option<PathBuf>,
+    /// How control of each hostname is proven.
+    pub challenge: AcmeChallenge,
+    /// Renew once less than this is left, instead of ARI or one third of the lifetime.
+    pub renew_when_left: Option<Duration>,
+    /// How often the store is re-read for certificates another replica renewed.
+    pub poll_interval: Duration,
+    /// First retry delay after a failed attempt; doubles (with jitter) up to `retry_max`.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+/// External Account Binding credentials. `Debug` never shows the HMAC key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Eab {
+    pub key_id: String,
+    /// The decoded HMAC key; a secret, never printed or logged.
+    pub hmac_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Eab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Eab").field("key_id", &self.key_id).field("hmac_key", &"<set>").finish()
+    }
+}
+
+/// The algorithm of certificate keys made for ACME orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeKeyType {
+    EcdsaP256,
+    EcdsaP384,
+}
+
+/// The ACME challenge type used to prove control of a hostname.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// Answered on the HTTPS listener (ALPN `acme-tls/1`): only port 443 must be reachable.
+    TlsAlpn01,
+    /// Answered on the plain-HTTP listener under `/.well-known/acme-challenge/`: port 80.
+    Http01,
 }
 
 /// Redirect the browser to the upstream, or proxy the exchange through the relay.
@@ -193,24 +252,18 @@ impl Config {
 
     /// Parses and validates TOML text; `file` is only used in messages.
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let offset = e.span().map(|s| s.start);
-            let key = offset.and_then(|o| locate::path_at(text, o)).unwrap_or_else(|| "(file)".into());
-            ConfigError::Invalid(vec![Problem {
-                file: file.to_string(),
-                line: offset.map(|o| locate::line_of(text, o)),
-                key,
-                message: e.message().trim().to_string(),
-            }])
-        })?;
+        let (raw, mut problems) = deserialize::raw(file, text);
+        let Some(raw) = raw else { return Err(invalid(problems)) };
         let mut v = Validator { file, text, problems: Vec::new(), warnings: Vec::new() };
         let config = v.config(raw);
-        if v.problems.is_empty() {
-            let mut config = config.expect("a config is built whenever there are no problems");
-            config.warnings = v.warnings;
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid(v.problems))
+        problems.append(&mut v.problems);
+        match config {
+            Some(mut config) if problems.is_empty() => {
+                config.warnings = v.warnings;
+                config.warnings.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+                Ok(config)
+            }
+            _ => Err(invalid(problems)),
         }
     }
 
@@ -231,6 +284,13 @@ impl Site {
             .map(|h| format!("https://{h}{port}{}", self.callback.path))
             .collect()
     }
+}
+
+/// The error for `problems`, sorted top to bottom (the order an operator fixes them in);
+/// problems without a line come last.
+fn invalid(mut problems: Vec<Problem>) -> ConfigError {
+    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    ConfigError::Invalid(problems)
 }
 
 mod validate;

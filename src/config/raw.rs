@@ -138,11 +138,55 @@ pub struct RawTls {
     pub key: Option<String>,
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// `source = "acme"`: "letsencrypt", "letsencrypt-staging" or a directory URL.
+    pub directory: Option<String>,
+    /// `source = "acme"`: contact emails given to the CA.
+    pub contact: Vec<String>,
+    /// `source = "acme"`: the CA's terms of service are agreed (must be true).
+    pub terms_agreed: bool,
+    /// `source = "acme"`: External Account Binding key id.
+    pub eab_key_id: Option<String>,
+    /// `source = "acme"`: External Account Binding HMAC key (base64url); a secret.
+    pub eab_hmac_key: Option<String>,
+    /// `source = "acme"`: ACME profile name, where the CA offers profiles.
+    pub profile: Option<String>,
+    /// `source = "acme"`: "ecdsa-p256" (default) or "ecdsa-p384".
+    pub key_type: Option<String>,
+    /// `source = "acme"`: extra CA file that the directory's own TLS is checked against.
+    pub directory_ca_file: Option<String>,
+    /// `source = "acme"`: "tls-alpn-01" (default) or "http-01".
+    pub challenge: Option<String>,
+    /// `source = "acme"`: renew once less than this is left (instead of ARI or one third).
+    #[serde(with = "humantime_serde")]
+    pub renew_when_left: Option<Duration>,
+    /// `source = "acme"`: first retry delay after a failed order (doubles up to `retry_max`).
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// `source = "acme"`: longest retry delay after failed orders.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
 }
 
 impl Default for RawTls {
     fn default() -> Self {
-        Self { source: "self-signed".into(), cert: None, key: None, reload_interval: Duration::from_secs(5) }
+        Self {
+            source: "self-signed".into(),
+            cert: None,
+            key: None,
+            reload_interval: Duration::from_secs(5),
+            directory: None,
+            contact: Vec::new(),
+            terms_agreed: false,
+            eab_key_id: None,
+            eab_hmac_key: None,
+            profile: None,
+            key_type: None,
+            directory_ca_file: None,
+            challenge: None,
+            renew_when_left: None,
+            retry_min: Duration::from_secs(60),
+            retry_max: Duration::from_secs(6 * 3600),
+        }
     }
 }
 

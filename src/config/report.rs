@@ -33,12 +33,13 @@ pub fn report(c: &Config) -> String {
     for site in &c.sites {
         let _ = writeln!(out, "\nsite {}{}", site.name, if site.default { " (default)" } else { "" });
         let _ = writeln!(out, "  hostnames           {}", site.hostnames.join(", "));
-        let _ = writeln!(out, "  upstream            {}", site.upstream);
+        let _ = writeln!(out, "  upstream            {}", site.upstream.as_str().trim_end_matches('/'));
         let tls = match &site.tls {
             TlsSource::SelfSigned => "self-signed".to_string(),
             TlsSource::Files { cert, key, .. } => {
                 format!("files ({}, {})", cert.display(), key.display())
             }
+            TlsSource::Acme(a) => acme_line(a),
         };
         let _ = writeln!(out, "  certificate         {tls}");
         let mode = |m: Mode| {
@@ -70,10 +71,7 @@ pub fn report(c: &Config) -> String {
             site.token.upstream.as_str().trim_end_matches('/'),
             site.token.path_prefix
         );
-        let _ = writeln!(out, "  redirect URI to register in the Entra app registration and the broker's portal:");
-        for uri in site.redirect_uris(s.public_https_port) {
-            let _ = writeln!(out, "    {uri}");
-        }
+        register(&mut out, site, s.public_https_port);
     }
     if !c.warnings.is_empty() {
         let _ = writeln!(out, "\nwarnings");
@@ -82,4 +80,68 @@ pub fn report(c: &Config) -> String {
         }
     }
     out
+}
+
+/// The "register these" block of a site: the one URI that goes into the identity provider's app
+/// registration and into the broker's portal, and the URLs the application itself calls.
+fn register(out: &mut String, site: &super::Site, port: u16) {
+    let uris = site.redirect_uris(port);
+    let _ = writeln!(out, "  register these");
+    if uris.is_empty() {
+        let _ = writeln!(
+            out,
+            "    (wildcard hostnames only: register https://NAME{}{} for each name in use)",
+            if port == 443 { String::new() } else { format!(":{port}") },
+            site.callback.path
+        );
+        return;
+    }
+    let _ = writeln!(out, "    redirect URI in the Entra app registration (Authentication > Web > Redirect URIs):");
+    for uri in &uris {
+        let _ = writeln!(out, "      {uri}");
+    }
+    let _ = writeln!(out, "    callback / return URL in the broker's portal (the same URI):");
+    for uri in &uris {
+        let _ = writeln!(out, "      {uri}");
+    }
+    let origin = uris[0].strip_suffix(site.callback.path.as_str()).unwrap_or(&uris[0]);
+    let _ = writeln!(out, "    the application calls:");
+    if let Some(p) = site.authorize.paths.first() {
+        let _ = writeln!(out, "      authorize  {origin}{p}");
+    }
+    let _ = writeln!(out, "      token      {origin}{}{{code}}", site.token.path_prefix);
+}
+
+/// The `certificate` line of an ACME site. The EAB HMAC key is a secret: only "set" is shown.
+fn acme_line(a: &super::AcmeSettings) -> String {
+    let challenge = match a.challenge {
+        super::AcmeChallenge::TlsAlpn01 => "tls-alpn-01 (HTTPS port must be reachable from the CA)",
+        super::AcmeChallenge::Http01 => "http-01 (port 80 must be reachable from the CA)",
+    };
+    let key = match a.key_type {
+        super::AcmeKeyType::EcdsaP256 => "ecdsa-p256",
+        super::AcmeKeyType::EcdsaP384 => "ecdsa-p384",
+    };
+    let mut out = format!("acme {}\n", a.directory);
+    let mut line = |k: &str, v: &str| {
+        let _ = writeln!(out, "    {k:<18}{v}");
+    };
+    let contact = a.contact.iter().map(|c| c.trim_start_matches("mailto:")).collect::<Vec<_>>().join(", ");
+    line("contact", if contact.is_empty() { "none" } else { &contact });
+    line("challenge", challenge);
+    line("key type", key);
+    if let Some(p) = &a.profile {
+        line("profile", p);
+    }
+    if let Some(eab) = &a.eab {
+        line("eab key id", &eab.key_id);
+        line("eab hmac key", "set");
+    }
+    if let Some(f) = &a.directory_ca_file {
+        line("directory CA", &f.display().to_string());
+    }
+    if let Some(d) = a.renew_when_left {
+        line("renew when left", &humantime::format_duration(d).to_string());
+    }
+    out.trim_end().to_string()
 }

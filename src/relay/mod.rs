@@ -124,6 +124,8 @@ impl Relay {
     {
         let started = Instant::now();
         let method = req.method().clone();
+        // Only with `[log] redact = false` (local debugging): the path and query as received.
+        let raw_uri = (!self.config.log.redact).then(|| req.uri().to_string());
         let mut upstream = UpstreamOutcome::default();
         let (route, mut resp) = self.route(req, conn, &mut upstream).await;
         if conn.https {
@@ -134,7 +136,7 @@ impl Relay {
             }
         }
         if self.config.log.access {
-            access_log(&method, route, resp.status(), started, upstream);
+            access_log(&method, route, resp.status(), started, upstream, raw_uri.as_deref());
         }
         resp
     }
@@ -152,8 +154,10 @@ impl Relay {
         if let Some(r) = health::answer(req.uri().path(), req.method(), &self.store) {
             return r;
         }
-        if !conn.https && req.uri().path().starts_with("/.well-known/acme-challenge/") {
-            return (RouteName::AcmeChallenge, plain(StatusCode::NOT_FOUND, "no such challenge\n"));
+        if !conn.https {
+            if let Some(token) = req.uri().path().strip_prefix("/.well-known/acme-challenge/") {
+                return (RouteName::AcmeChallenge, self.acme_http01(token).await);
+            }
         }
         let Some(host) = request_host(&req) else {
             return (RouteName::None, plain(StatusCode::BAD_REQUEST, "missing or invalid Host header\n"));
@@ -299,21 +303,42 @@ fn host_matches(configured: &str, host: &str) -> bool {
     }
 }
 
-/// One access-log line. Never carries the path's code, the query, or any header value.
-fn access_log(method: &Method, route: RouteName, status: StatusCode, started: Instant, up: UpstreamOutcome) {
+/// One access-log line. Never carries any header value, nor (unless `raw_uri` is given because
+/// the operator set `[log] redact = false`) the path's code or the query.
+fn access_log(
+    method: &Method,
+    route: RouteName,
+    status: StatusCode,
+    started: Instant,
+    up: UpstreamOutcome,
+    raw_uri: Option<&str>,
+) {
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     tracing::info!(
         target: "access",
         method = %method,
-        route = route.as_str(),
+        route = %route.as_str(),
         status = status.as_u16(),
         latency_ms = format_args!("{latency_ms:.3}"),
         upstream_status = up.status.map(|s| s.as_u16()),
-        upstream_ms = up.latency_ms.map(|l| format!("{l:.3}")),
+        upstream_ms = up.latency_ms.map(|l| tracing::field::display(format!("{l:.3}"))),
+        uri = raw_uri,
     );
 }
 
 impl Relay {
+    /// HTTP-01: the key authorization for a pending token, as `text/plain`, else 404.
+    async fn acme_http01(&self, token: &str) -> Response<RelayBody> {
+        match self.store.challenges().http01(token).await {
+            Some(key_authorization) => {
+                let mut r = Response::new(RelayBody::full(key_authorization));
+                r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+                r
+            }
+            None => plain(StatusCode::NOT_FOUND, "no such challenge\n"),
+        }
+    }
+
     /// The admin listener: health only (metrics join it later), nothing relayed.
     pub fn handle_admin<B>(&self, req: Request<B>, _conn: &ConnInfo) -> Response<RelayBody> {
         match health::answer(req.uri().path(), req.method(), &self.store) {

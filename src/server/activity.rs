@@ -41,18 +41,35 @@ pub struct Activity {
     idle_since: AtomicU64,
     /// When the first byte of the next request arrived (0: none yet).
     first_byte: AtomicU64,
+    /// Whether arriving bytes start the header-read deadline (HTTP/1 only).
+    header_deadline: bool,
     /// Wakes the watchdog when a deadline moves earlier.
     changed: Notify,
 }
 
 impl Activity {
-    /// A fresh connection: its first request's headers are already due.
+    /// A fresh HTTP/1 connection: its first request's headers are already due.
     pub fn new() -> Arc<Activity> {
         let now = now_ms();
         Arc::new(Activity {
             active: AtomicU32::new(0),
             idle_since: AtomicU64::new(now),
             first_byte: AtomicU64::new(now),
+            header_deadline: true,
+            changed: Notify::new(),
+        })
+    }
+
+    /// A fresh HTTP/2 connection: only the idle bound applies. Its clients send frames while idle
+    /// (pings, window updates) that must not start a header deadline, and h2 reads a request's
+    /// headers in whole frames.
+    pub fn new_h2() -> Arc<Activity> {
+        let now = now_ms();
+        Arc::new(Activity {
+            active: AtomicU32::new(0),
+            idle_since: AtomicU64::new(now),
+            first_byte: AtomicU64::new(0),
+            header_deadline: false,
             changed: Notify::new(),
         })
     }
@@ -64,7 +81,10 @@ impl Activity {
     }
 
     fn on_bytes_read(&self) {
-        if self.active.load(Ordering::Acquire) == 0 && self.first_byte.load(Ordering::Acquire) == 0 {
+        if self.header_deadline
+            && self.active.load(Ordering::Acquire) == 0
+            && self.first_byte.load(Ordering::Acquire) == 0
+        {
             self.first_byte.store(now_ms(), Ordering::Release);
             self.changed.notify_one();
         }

@@ -23,6 +23,9 @@ pub enum HandshakeError {
     NoSni,
     #[error("SNI names no configured site")]
     UnknownSni,
+    /// Not a failure: a CA's TLS-ALPN-01 validation was answered and the connection closed.
+    #[error("ACME TLS-ALPN-01 challenge answered")]
+    AcmeChallenge,
     #[error("TLS handshake failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -34,6 +37,7 @@ impl HandshakeError {
             HandshakeError::Timeout(_) => "timeout",
             HandshakeError::NoSni => "no_sni",
             HandshakeError::UnknownSni => "unknown_sni",
+            HandshakeError::AcmeChallenge => "acme_tls_alpn",
             HandshakeError::Io(e) => match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
                 Some(rustls::Error::PeerIncompatible(_)) => "protocol_version",
                 Some(_) => "tls_error",
@@ -75,6 +79,21 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let start = LazyConfigAcceptor::new(Acceptor::default(), io).await?;
+    let hello = start.client_hello();
+    // RFC 8737: a ClientHello offering `acme-tls/1` is a CA validating TLS-ALPN-01.
+    let acme_name = hello
+        .alpn()
+        .is_some_and(|mut p| p.any(|p| p == crate::acme::ACME_TLS_ALPN))
+        .then(|| hello.server_name().map(str::to_string))
+        .flatten();
+    if let Some(name) = acme_name {
+        if let Some(key) = store.challenges().tls_alpn01(&name).await {
+            let mut stream = start.into_stream(crate::acme::challenge_server_config(key)).await?;
+            let _ = stream.shutdown().await;
+            tracing::info!(hostname = %name, "answered an ACME TLS-ALPN-01 validation");
+            return Err(HandshakeError::AcmeChallenge);
+        }
+    }
     let hello = start.client_hello();
     let sni = hello.server_name().is_some();
     let site = match store.lookup(hello.server_name()) {

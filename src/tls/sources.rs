@@ -23,6 +23,8 @@ pub fn load_site_certificates(config: &Config, store: &CertStore) -> Result<(), 
         let cert = match &site.tls {
             TlsSource::Files { cert, key, .. } => Arc::new(read_files(cert, key)?.0),
             TlsSource::SelfSigned => Arc::new(self_signed(&config.server.storage, site)?),
+            // Loaded from the ACME store and kept fresh by `crate::acme`.
+            TlsSource::Acme(_) => continue,
         };
         for h in &site.hostnames {
             if !cert.covers(h) {

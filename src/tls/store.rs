@@ -63,6 +63,9 @@ pub struct CertStore {
     by_name: HashMap<String, Arc<Slot>>,
     slots: Vec<Arc<Slot>>,
     default: Option<Arc<Slot>>,
+    /// Pending ACME challenge answers; the handshake serves TLS-ALPN-01 from here, the
+    /// plain-HTTP listener HTTP-01.
+    challenges: Arc<crate::acme::Challenges>,
 }
 
 impl CertStore {
@@ -86,7 +89,13 @@ impl CertStore {
                 slots.push(slot);
             }
         }
-        CertStore { by_name, slots, default }
+        let challenges = Arc::new(crate::acme::Challenges::new(&config.server.storage));
+        CertStore { by_name, slots, default, challenges }
+    }
+
+    /// The pending ACME challenge answers.
+    pub fn challenges(&self) -> &Arc<crate::acme::Challenges> {
+        &self.challenges
     }
 
     /// The slot for a ClientHello's SNI (`None`: no SNI or an IP literal, so the default site).

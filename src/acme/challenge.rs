@@ -1,0 +1,257 @@
+//! The answers to pending ACME challenges, shared by the order that publishes them and the
+//! responders that serve them: HTTP-01 on the plain-HTTP listener, TLS-ALPN-01 on the HTTPS
+//! listener.
+//!
+//! Every answer is kept in memory and also written under `{storage}/acme/challenges/`. The
+//! file matters when several replicas share one store behind a load balancer (the CA's
+//! validation may reach a replica that did not place the order) and for `cert renew`, which
+//! orders from a separate process while the running relay answers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
+use rustls::sign::CertifiedKey;
+
+use crate::fsutil;
+
+/// The ALPN protocol a CA offers when it validates TLS-ALPN-01 (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// A TLS-ALPN-01 answer: the key authorization digest and the certificate that carries it.
+struct AlpnAnswer {
+    digest: Vec<u8>,
+    key: Arc<CertifiedKey>,
+    /// Published by this process (trusted as is) or read from the store (re-checked each time).
+    own: bool,
+}
+
+/// Pending challenge answers by HTTP-01 token and by TLS-ALPN-01 hostname.
+pub struct Challenges {
+    dir: PathBuf,
+    http: Mutex<HashMap<String, String>>,
+    alpn: Mutex<HashMap<String, AlpnAnswer>>,
+}
+
+impl std::fmt::Debug for Challenges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Challenges").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// Why a challenge answer could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum ChallengeError {
+    #[error("{path}: cannot write the challenge answer: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot make the TLS-ALPN-01 certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("cannot load the TLS-ALPN-01 key: {0}")]
+    Key(#[from] rustls::Error),
+    #[error("`{0}` cannot name a challenge file")]
+    BadName(String),
+}
+
+impl Challenges {
+    /// Answers kept in memory and under `{storage}/acme/challenges/`.
+    pub fn new(storage: &Path) -> Challenges {
+        Challenges {
+            dir: storage.join("acme").join("challenges"),
+            http: Mutex::new(HashMap::new()),
+            alpn: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn http_path(&self, token: &str) -> PathBuf {
+        self.dir.join("http-01").join(token)
+    }
+
+    fn alpn_path(&self, host: &str) -> PathBuf {
+        self.dir.join("tls-alpn-01").join(host)
+    }
+
+    /// Serves `key_authorization` at `/.well-known/acme-challenge/{token}` until withdrawn.
+    pub fn publish_http01(&self, token: &str, key_authorization: &str) -> Result<(), ChallengeError> {
+        if !valid_token(token) {
+            return Err(ChallengeError::BadName(token.into()));
+        }
+        let path = self.http_path(token);
+        write(&path, key_authorization.as_bytes())?;
+        if let Ok(mut m) = self.http.lock() {
+            m.insert(token.to_string(), key_authorization.to_string());
+        }
+        Ok(())
+    }
+
+    /// Answers `acme-tls/1` handshakes for `host` with a certificate carrying `digest`.
+    pub fn publish_tls_alpn01(&self, host: &str, digest: &[u8]) -> Result<(), ChallengeError> {
+        if !valid_host(host) {
+            return Err(ChallengeError::BadName(host.into()));
+        }
+        let key = alpn_certificate(host, digest)?;
+        write(&self.alpn_path(host), hex(digest).as_bytes())?;
+        if let Ok(mut m) = self.alpn.lock() {
+            m.insert(host.to_string(), AlpnAnswer { digest: digest.to_vec(), key, own: true });
+        }
+        Ok(())
+    }
+
+    /// Stops answering an HTTP-01 token.
+    pub fn withdraw_http01(&self, token: &str) {
+        if let Ok(mut m) = self.http.lock() {
+            m.remove(token);
+        }
+        if valid_token(token) {
+            let _ = std::fs::remove_file(self.http_path(token));
+        }
+    }
+
+    /// Stops answering TLS-ALPN-01 for `host`.
+    pub fn withdraw_tls_alpn01(&self, host: &str) {
+        if let Ok(mut m) = self.alpn.lock() {
+            m.remove(host);
+        }
+        if valid_host(host) {
+            let _ = std::fs::remove_file(self.alpn_path(host));
+        }
+    }
+
+    /// The key authorization for `token`, from memory or from the shared store.
+    pub async fn http01(&self, token: &str) -> Option<String> {
+        if !valid_token(token) {
+            return None;
+        }
+        if let Some(k) = self.http.lock().ok().and_then(|m| m.get(token).cloned()) {
+            return Some(k);
+        }
+        let bytes = tokio::fs::read(self.http_path(token)).await.ok()?;
+        String::from_utf8(bytes).ok()
+    }
+
+    /// The challenge certificate for `host`, from memory or from the shared store.
+    pub async fn tls_alpn01(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if !valid_host(&host) {
+            return None;
+        }
+        if let Some(a) = self.alpn.lock().ok().and_then(|m| m.get(&host).filter(|a| a.own).map(|a| a.key.clone())) {
+            return Some(a);
+        }
+        // Another process published it: the file is the truth, the memory only a cache.
+        let text = tokio::fs::read_to_string(self.alpn_path(&host)).await.ok()?;
+        let digest = unhex(text.trim())?;
+        let mut map = self.alpn.lock().ok()?;
+        if let Some(a) = map.get(&host).filter(|a| a.digest == digest) {
+            return Some(a.key.clone());
+        }
+        let key = alpn_certificate(&host, &digest).ok()?;
+        map.insert(host, AlpnAnswer { digest, key: key.clone(), own: false });
+        Some(key)
+    }
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), ChallengeError> {
+    fsutil::write_private(path, bytes)
+        .map_err(|source| ChallengeError::Write { path: path.display().to_string(), source })
+}
+
+/// The self-signed certificate RFC 8737 asks for: the hostname as its only SAN and the
+/// critical `acmeIdentifier` extension holding the SHA-256 of the key authorization.
+fn alpn_certificate(host: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, ChallengeError> {
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()])?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    // `CertifiedKey::from_der` would refuse the critical extension (webpki does not know it).
+    let signer = crate::tls::provider().key_provider.load_private_key(der)?;
+    Ok(Arc::new(CertifiedKey::new(vec![CertificateDer::from(cert.der().to_vec())], signer)))
+}
+
+/// The server configuration for one `acme-tls/1` handshake: only that protocol, only the
+/// challenge certificate.
+pub fn challenge_server_config(key: Arc<CertifiedKey>) -> Arc<ServerConfig> {
+    #[derive(Debug)]
+    struct One(Arc<CertifiedKey>);
+    impl ResolvesServerCert for One {
+        fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            Some(self.0.clone())
+        }
+    }
+    let mut config = ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("aws-lc-rs supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(One(key)));
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    Arc::new(config)
+}
+
+/// ACME tokens are base64url; anything else never reaches the file system.
+fn valid_token(token: &str) -> bool {
+    (1..=256).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A lower-case DNS name, safe as a file name.
+pub(crate) fn valid_host(host: &str) -> bool {
+    (1..=253).contains(&host.len())
+        && !host.starts_with('.')
+        && !host.contains("..")
+        && host.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_and_hosts_that_could_escape_the_folder_are_refused() {
+        assert!(valid_token("aB3_-x"));
+        for t in ["", "../x", "a/b", "a.b", "%2e%2e"] {
+            assert!(!valid_token(t), "{t}");
+        }
+        assert!(valid_host("relay.example.com"));
+        for h in ["", ".", "..", "../etc", "a/b", "A.example", "a..b"] {
+            assert!(!valid_host(h), "{h}");
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_come_from_the_shared_store_when_another_process_published_them() {
+        crate::tls::provider();
+        let dir = tempfile::tempdir().unwrap();
+        let publisher = Challenges::new(dir.path());
+        let responder = Challenges::new(dir.path());
+        publisher.publish_http01("tok-1", "tok-1.thumb").unwrap();
+        publisher.publish_tls_alpn01("relay.test", &[7u8; 32]).unwrap();
+        assert_eq!(responder.http01("tok-1").await.as_deref(), Some("tok-1.thumb"));
+        let key = responder.tls_alpn01("relay.test").await.expect("alpn answer");
+        assert_eq!(key.cert.len(), 1);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("acme/challenges/http-01/tok-1")).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        publisher.withdraw_http01("tok-1");
+        publisher.withdraw_tls_alpn01("relay.test");
+        assert_eq!(responder.http01("tok-1").await, None);
+        assert!(responder.tls_alpn01("relay.test").await.is_none());
+        assert_eq!(unhex(&hex(&[0, 255, 16])), Some(vec![0, 255, 16]));
+    }
+}

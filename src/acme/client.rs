@@ -1,0 +1,162 @@
+//! The ACME account and the HTTP client it talks through.
+//!
+//! The client is hyper-util's pooled client over rustls with `TCP_NODELAY` (without it every
+//! ACME request waits about 40 ms on Nagle and delayed ACK) and a deadline per request. It
+//! trusts the web PKI roots, or only `directory_ca_file` when one is configured (Pebble, a
+//! private step-ca).
+//!
+//! The account is created once per directory and stored; restarts and other replicas reuse
+//! it. Creation runs under `account.lock`, so replicas starting together make one account.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use instant_acme::{Account, BodyWrapper, BytesResponse, ExternalAccountKey, HttpClient, NewAccount};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use super::lock::{self, Acquire};
+use super::store::AcmeStore;
+use super::{AcmeError, counters};
+use crate::config::AcmeSettings;
+
+/// Longest wait for one ACME HTTP request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `account.lock` is held at most (creation is one or two requests).
+const ACCOUNT_LOCK_TTL: Duration = Duration::from_secs(120);
+
+/// The hyper client instant-acme sends through, with a deadline on every request.
+struct TimedClient(Box<dyn HttpClient>);
+
+impl HttpClient for TimedClient {
+    fn request(
+        &self,
+        req: http::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let fut = self.0.request(req);
+        Box::pin(async move {
+            match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(instant_acme::Error::Other(
+                    format!("no answer from the ACME server within {REQUEST_TIMEOUT:?}").into(),
+                )),
+            }
+        })
+    }
+}
+
+/// The HTTP client for one directory.
+pub fn http_client(ca_file: Option<&Path>) -> Result<Box<dyn HttpClient>, AcmeError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let ca_err = |detail: String| AcmeError::CaFile { path: path.display().to_string(), detail };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| ca_err(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ca_err(e.to_string()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(ca_err("no usable PEM certificate".into()));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AcmeError::CaFile { path: "(client)".into(), detail: e.to_string() })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    let client: Client<_, BodyWrapper<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    Ok(Box::new(TimedClient(Box::new(client))))
+}
+
+/// The account of one directory, loaded or created on first use and then kept; shared by the
+/// hostnames of every site using that directory.
+pub struct AccountCell {
+    settings: Arc<AcmeSettings>,
+    store: Arc<AcmeStore>,
+    owner: String,
+    account: tokio::sync::Mutex<Option<Account>>,
+}
+
+impl AccountCell {
+    pub fn new(settings: Arc<AcmeSettings>, store: Arc<AcmeStore>, owner: String) -> AccountCell {
+        AccountCell { settings, store, owner, account: tokio::sync::Mutex::new(None) }
+    }
+
+    /// The account, from memory, from the store, or newly created (under `account.lock`).
+    pub async fn get(&self) -> Result<Account, AcmeError> {
+        let mut cell = self.account.lock().await;
+        if let Some(a) = cell.as_ref() {
+            return Ok(a.clone());
+        }
+        let account = self.load_or_create().await?;
+        *cell = Some(account.clone());
+        Ok(account)
+    }
+
+    /// The account if it is already loaded (no network).
+    pub async fn loaded(&self) -> Option<Account> {
+        self.account.lock().await.clone()
+    }
+
+    async fn load_or_create(&self) -> Result<Account, AcmeError> {
+        let dir = self.store.directory().to_string();
+        if let Some(creds) = self.store.load_account()? {
+            let account = builder(&self.settings)?
+                .from_credentials(creds)
+                .await
+                .map_err(|source| AcmeError::Acme { step: "loading the stored account", source })?;
+            tracing::info!(directory = %dir, account = %account.id(), "ACME account loaded from the store");
+            return Ok(account);
+        }
+        let path = self.store.account_lock_path();
+        let _guard = match lock::try_acquire(&path, &self.owner, "create the ACME account", ACCOUNT_LOCK_TTL)
+            .map_err(|source| AcmeError::Io { path: path.display().to_string(), source })?
+        {
+            Acquire::Held(g) => g,
+            Acquire::Busy { owner, .. } => return Err(AcmeError::Busy { owner, what: "creating the ACME account" }),
+        };
+        // Another replica may have finished just before we took the lock.
+        if let Some(creds) = self.store.load_account()? {
+            return builder(&self.settings)?
+                .from_credentials(creds)
+                .await
+                .map_err(|source| AcmeError::Acme { step: "loading the stored account", source });
+        }
+        tracing::info!(directory = %dir, "creating an ACME account");
+        let contact: Vec<&str> = self.settings.contact.iter().map(String::as_str).collect();
+        let eab = self.settings.eab.as_ref().map(|e| ExternalAccountKey::new(e.key_id.clone(), &e.hmac_key));
+        let new = NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false };
+        let (account, creds) = builder(&self.settings)?
+            .create(&new, dir.clone(), eab.as_ref())
+            .await
+            .map_err(|source| AcmeError::Acme { step: "creating the account", source })?;
+        counters::account_created(&dir);
+        self.store.save_account(&creds)?;
+        tracing::info!(directory = %dir, account = %account.id(), path = %self.store.account_path().display(), "ACME account created and stored");
+        Ok(account)
+    }
+}
+
+fn builder(settings: &AcmeSettings) -> Result<instant_acme::AccountBuilder, AcmeError> {
+    Ok(Account::builder_with_http(http_client(settings.directory_ca_file.as_deref())?))
+}

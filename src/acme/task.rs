@@ -1,0 +1,390 @@
+//! The life of one hostname's certificate: serve what the store has, renew when due, retry
+//! with backoff on failure, pick up what another replica renewed.
+//!
+//! The store is the truth shared by replicas: every wake-up re-reads it (every `poll_interval`
+//! at least), the order runs under the hostname's `order.lock`, and the backoff state lives in
+//! `status.json` so replicas back off together.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use instant_acme::CertificateIdentifier;
+use rustls::pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+
+use super::challenge::Challenges;
+use super::client::AccountCell;
+use super::lock::{self, Acquire};
+use super::renew::{self, Basis};
+use super::store::{AcmeStore, CertMeta, HostStatus, StoredCert};
+use super::{AcmeError, order};
+use crate::config::AcmeSettings;
+use crate::tls::{LoadedCert, Slot};
+
+/// The longest one issuance may take, from order to download.
+const ISSUE_TIMEOUT: Duration = Duration::from_secs(300);
+/// `order.lock` expiry: longer than any issuance, so only a dead owner's lock expires.
+const ORDER_LOCK_TTL: Duration = Duration::from_secs(600);
+/// How long to wait before asking the CA for renewal information again after it failed.
+const ARI_RETRY: Duration = Duration::from_secs(3600);
+
+/// What the CA's renewal information says about the stored certificate.
+struct Ari {
+    serial: String,
+    at: Option<SystemTime>,
+    recheck: SystemTime,
+}
+
+/// What an attempt did.
+pub enum Attempt {
+    /// A new certificate was issued and stored.
+    Issued(StoredCert),
+    /// Under the lock, the store already held a certificate that is not due (another replica
+    /// renewed it).
+    Loaded(StoredCert),
+    /// Another replica holds the order lock.
+    Busy { owner: String },
+}
+
+/// One hostname of one ACME site.
+pub struct HostTask {
+    pub host: String,
+    pub settings: Arc<AcmeSettings>,
+    pub store: Arc<AcmeStore>,
+    pub account: Arc<AccountCell>,
+    pub challenges: Arc<Challenges>,
+    /// The slot to serve from; `None` for `cert renew`, which only writes the store.
+    pub slot: Option<Arc<Slot>>,
+    pub owner: String,
+    installed: Option<String>,
+    last_store_error: Option<String>,
+    ari: Option<Ari>,
+    ari_unsupported: bool,
+    ari_unit: f64,
+    hold_until: Option<SystemTime>,
+}
+
+impl HostTask {
+    pub fn new(
+        host: String,
+        settings: Arc<AcmeSettings>,
+        store: Arc<AcmeStore>,
+        account: Arc<AccountCell>,
+        challenges: Arc<Challenges>,
+        slot: Option<Arc<Slot>>,
+        owner: String,
+    ) -> HostTask {
+        HostTask {
+            host,
+            settings,
+            store,
+            account,
+            challenges,
+            slot,
+            owner,
+            installed: None,
+            last_store_error: None,
+            ari: None,
+            ari_unsupported: false,
+            ari_unit: renew::random_unit(),
+            hold_until: None,
+        }
+    }
+
+    /// Reads the store and serves its certificate when it is new to this task.
+    pub fn load_stored(&mut self) -> Option<StoredCert> {
+        match self.store.load_cert(&self.host) {
+            Ok(Some(c)) => {
+                self.last_store_error = None;
+                self.install(&c, "certificate loaded from the store");
+                Some(c)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                let msg = e.to_string();
+                if self.last_store_error.as_deref() != Some(&msg) {
+                    tracing::warn!(hostname = %self.host, error = %msg, "stored certificate unreadable; a new one will be ordered");
+                    self.last_store_error = Some(msg);
+                }
+                None
+            }
+        }
+    }
+
+    fn install(&mut self, c: &StoredCert, what: &str) {
+        if self.installed.as_deref() == Some(&c.meta.serial) {
+            return;
+        }
+        if let Some(slot) = &self.slot {
+            slot.install(c.cert.clone());
+        }
+        self.installed = Some(c.meta.serial.clone());
+        tracing::info!(
+            hostname = %self.host,
+            serial = %c.meta.serial,
+            not_after = %humantime::format_rfc3339_seconds(c.meta.not_after),
+            "{what}"
+        );
+    }
+
+    fn waiting(&self, why: String) {
+        if let Some(slot) = &self.slot {
+            if self.installed.is_none() {
+                slot.set_waiting(why);
+            }
+        }
+    }
+
+    /// When the stored certificate is due for renewal (`now` when there is none).
+    fn due_at(&self, stored: Option<&StoredCert>, now: SystemTime) -> SystemTime {
+        let Some(c) = stored else { return now };
+        let m = &c.meta;
+        if let Some(left) = self.settings.renew_when_left {
+            return renew::renew_at(m.not_before, m.not_after, Some(left), 0.0).0;
+        }
+        match &self.ari {
+            Some(Ari { serial, at: Some(at), .. }) if *serial == m.serial => *at,
+            _ => m.renew_at,
+        }
+    }
+
+    /// Asks the CA for renewal information (RFC 9773) when it is time to, and the CA offers it.
+    async fn refresh_ari(&mut self, c: &StoredCert, now: SystemTime) {
+        if self.settings.renew_when_left.is_some() || self.ari_unsupported {
+            return;
+        }
+        if self.ari.as_ref().is_some_and(|a| a.serial == c.meta.serial && now < a.recheck) {
+            return;
+        }
+        let serial = c.meta.serial.clone();
+        let keep = self.ari.as_ref().filter(|a| a.serial == serial).and_then(|a| a.at);
+        let account = match self.account.get().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(hostname = %self.host, error = %e, "no renewal information: account unavailable");
+                self.ari = Some(Ari { serial, at: keep, recheck: now + ARI_RETRY });
+                return;
+            }
+        };
+        let der = CertificateDer::from(c.leaf_der.clone());
+        let Ok(id) = CertificateIdentifier::try_from(&der) else {
+            self.ari_unsupported = true;
+            return;
+        };
+        match account.renewal_info(&id).await {
+            Ok((info, retry_after)) => {
+                let w = info.suggested_window;
+                let (start, end) = (SystemTime::from(w.start), SystemTime::from(w.end));
+                let at = renew::ari_renew_at(start, end, now, self.ari_unit);
+                tracing::info!(
+                    hostname = %self.host,
+                    window_start = %humantime::format_rfc3339_seconds(start),
+                    window_end = %humantime::format_rfc3339_seconds(end),
+                    renew_at = %humantime::format_rfc3339_seconds(at),
+                    "ACME renewal information"
+                );
+                self.ari = Some(Ari { serial, at: Some(at), recheck: now + renew::ari_recheck(retry_after) });
+            }
+            Err(instant_acme::Error::Unsupported(_)) => {
+                tracing::debug!(hostname = %self.host, "the directory offers no renewal information; renewing at one third");
+                self.ari_unsupported = true;
+            }
+            Err(e) => {
+                tracing::warn!(hostname = %self.host, error = %e, "renewal information unavailable; keeping the current schedule");
+                self.ari = Some(Ari { serial, at: keep, recheck: now + ARI_RETRY });
+            }
+        }
+    }
+
+    /// Serves and renews until `stop`.
+    pub async fn run(mut self, stop: CancellationToken) {
+        loop {
+            let now = SystemTime::now();
+            let stored = self.load_stored();
+            if let Some(c) = &stored {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.refresh_ari(c, now) => {}
+                }
+            }
+            let status = self.store.load_status(&self.host);
+            let due = self.due_at(stored.as_ref(), now);
+            let attempt_at =
+                [Some(due), status.next_attempt, self.hold_until].into_iter().flatten().max().unwrap_or(now);
+            let mut pause = self.settings.poll_interval;
+            if attempt_at <= now {
+                if stored.is_none() {
+                    self.waiting(format!("ordering its first certificate from {}", self.settings.directory));
+                }
+                let outcome = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = self.attempt(false) => r,
+                };
+                match outcome {
+                    Ok(Attempt::Issued(c)) => {
+                        self.after_issue(&c);
+                        pause = Duration::ZERO;
+                    }
+                    Ok(Attempt::Loaded(_)) => pause = Duration::ZERO,
+                    Ok(Attempt::Busy { owner }) => {
+                        self.waiting(format!("another relay ({owner}) is ordering its certificate"));
+                    }
+                    Err((e, next)) => {
+                        self.waiting(format!(
+                            "no certificate yet: {e} (next attempt at {})",
+                            humantime::format_rfc3339_seconds(next)
+                        ));
+                        // Also in memory, in case status.json could not be written.
+                        self.hold_until = Some(next);
+                        pause = Duration::ZERO;
+                    }
+                }
+            } else {
+                pause = pause.min(attempt_at.duration_since(now).unwrap_or_default());
+            }
+            if pause.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    fn after_issue(&mut self, c: &StoredCert) {
+        let now = SystemTime::now();
+        if self.due_at(Some(c), now) <= now {
+            let until = now + self.settings.retry_min;
+            tracing::warn!(
+                hostname = %self.host,
+                next = %humantime::format_rfc3339_seconds(until),
+                "the new certificate is due at once (renew_when_left is at least its lifetime); renewing again no sooner than retry_min"
+            );
+            self.hold_until = Some(until);
+        } else {
+            self.hold_until = None;
+        }
+    }
+
+    /// One attempt under the hostname's order lock. `force` renews even when not due. A
+    /// failure comes with the time of the next attempt.
+    pub async fn attempt(&mut self, force: bool) -> Result<Attempt, (AcmeError, SystemTime)> {
+        let path = self.store.order_lock_path(&self.host);
+        let acquired = lock::try_acquire(&path, &self.owner, "order a certificate", ORDER_LOCK_TTL)
+            .map_err(|source| AcmeError::Io { path: path.display().to_string(), source });
+        let guard = match acquired {
+            Ok(Acquire::Held(g)) => g,
+            Ok(Acquire::Busy { owner, .. }) => {
+                tracing::info!(hostname = %self.host, %owner, "another relay holds the order lock; waiting for its certificate");
+                return Ok(Attempt::Busy { owner });
+            }
+            Err(e) => return Err(self.record_failure(e)),
+        };
+        // Under the lock the store is the truth: another replica may have renewed meanwhile.
+        let now = SystemTime::now();
+        let stored = self.load_stored();
+        if let Some(c) = stored.as_ref().filter(|c| !force && self.due_at(Some(c), now) > now) {
+            return Ok(Attempt::Loaded(c.clone()));
+        }
+        let result = match tokio::time::timeout(ISSUE_TIMEOUT, self.issue(stored.as_ref())).await {
+            Ok(r) => r,
+            Err(_) => Err(AcmeError::Timeout(ISSUE_TIMEOUT)),
+        };
+        let outcome = match result {
+            Ok(c) => {
+                if let Err(e) = self.store.save_status(&self.host, &HostStatus::default()) {
+                    tracing::warn!(hostname = %self.host, error = %e, "cannot clear the error record");
+                }
+                self.install(&c, "new certificate in use for new handshakes");
+                Ok(Attempt::Issued(c))
+            }
+            // Another replica is creating the shared account: wait for it, no backoff.
+            Err(AcmeError::Busy { owner, .. }) => Ok(Attempt::Busy { owner }),
+            Err(e) => Err(self.record_failure(e)),
+        };
+        guard.release();
+        outcome
+    }
+
+    async fn issue(&mut self, stored: Option<&StoredCert>) -> Result<StoredCert, AcmeError> {
+        let account = self.account.get().await?;
+        let replaces = match stored {
+            Some(c) if self.ari.as_ref().is_some_and(|a| a.at.is_some()) => {
+                CertificateIdentifier::try_from(&CertificateDer::from(c.leaf_der.clone())).ok().map(|i| i.into_owned())
+            }
+            _ => None,
+        };
+        let issued = order::issue(&account, &self.host, &self.settings, &self.challenges, replaces).await?;
+        let loaded = LoadedCert::from_pem(&self.host, issued.chain_pem.as_bytes(), issued.key_pem.as_bytes())
+            .map_err(AcmeError::Certificate)?;
+        let (renew_at, basis) =
+            renew::renew_at(loaded.not_before, loaded.not_after, self.settings.renew_when_left, renew::random_unit());
+        let serial = loaded.serial.clone();
+        let meta = CertMeta {
+            hostname: self.host.clone(),
+            directory: self.store.directory().to_string(),
+            chain_file: format!("chain-{serial}.pem"),
+            key_file: format!("key-{serial}.pem"),
+            serial,
+            issuer: loaded.issuer.clone(),
+            not_before: loaded.not_before,
+            not_after: loaded.not_after,
+            issued_at: SystemTime::now(),
+            renew_at,
+            order_url: Some(issued.order_url.clone()),
+        };
+        self.store.save_cert(&self.host, &issued.chain_pem, &issued.key_pem, &meta)?;
+        tracing::info!(
+            hostname = %self.host,
+            order = %issued.order_url,
+            serial = %meta.serial,
+            not_after = %humantime::format_rfc3339_seconds(meta.not_after),
+            renew_at = %humantime::format_rfc3339_seconds(renew_at),
+            basis = basis_name(basis),
+            path = %self.store.host_dir(&self.host).display(),
+            "certificate stored"
+        );
+        let leaf_der = loaded.key.cert.first().map(|c| c.to_vec()).unwrap_or_default();
+        Ok(StoredCert { meta, cert: Arc::new(loaded), leaf_der })
+    }
+
+    /// Records a failure in `status.json` (shared backoff) and logs it, with the CA's detail
+    /// for a `rateLimited` problem.
+    fn record_failure(&self, e: AcmeError) -> (AcmeError, SystemTime) {
+        let now = SystemTime::now();
+        let mut status = self.store.load_status(&self.host);
+        status.failures = status.failures.saturating_add(1);
+        let delay =
+            renew::backoff(status.failures, self.settings.retry_min, self.settings.retry_max, renew::random_unit());
+        let next = now + delay;
+        status.next_attempt = Some(next);
+        status.last_error = Some(e.to_string());
+        status.last_error_at = Some(now);
+        if let Err(se) = self.store.save_status(&self.host, &status) {
+            tracing::warn!(hostname = %self.host, error = %se, "cannot record the failure");
+        }
+        let next_text = humantime::format_rfc3339_seconds(next);
+        match e.rate_limited() {
+            Some(p) => tracing::warn!(
+                hostname = %self.host,
+                detail = p.detail.as_deref().unwrap_or("-"),
+                retry_at = %next_text,
+                failures = status.failures,
+                "the CA rate-limited this order; keeping the current certificate"
+            ),
+            None => tracing::warn!(
+                hostname = %self.host,
+                error = %e,
+                retry_at = %next_text,
+                failures = status.failures,
+                "certificate order failed; keeping the current certificate"
+            ),
+        }
+        (e, next)
+    }
+}
+
+fn basis_name(b: Basis) -> &'static str {
+    b.as_str()
+}
