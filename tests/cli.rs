@@ -1,0 +1,211 @@
+//! The `oauth-relay` command as an operator runs it: the real binary, its exit statuses, and
+//! the exact lines `check` prints.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_oauth-relay");
+
+/// Runs the binary to completion (at most 30 s) in the crate's folder.
+fn run(args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn oauth-relay");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The outputs are a few KiB, well under a pipe's buffer, so waiting before reading is safe.
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("oauth-relay {args:?} did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).expect("utf-8 stdout")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).expect("utf-8 stderr")
+}
+
+/// Writes `text` as `name` in a fresh temp folder.
+fn temp_config(name: &str, text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("write config");
+    let path = path.to_str().expect("utf-8 path").to_string();
+    (dir, path)
+}
+
+/// The lines of `text` from the one equal to `start` (trimmed) up to `n` lines, trimmed.
+fn block(text: &str, start: &str, n: usize) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines.iter().position(|l| l.trim() == start).unwrap_or_else(|| panic!("no `{start}` line in:\n{text}"));
+    lines[at..(at + n).min(lines.len())].iter().map(|l| l.trim().to_string()).collect()
+}
+
+#[test]
+fn version_prints_name_and_version() {
+    let o = run(&["--version"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stdout(&o), "oauth-relay 0.1.0\n");
+}
+
+#[test]
+fn help_lists_serve_and_check() {
+    let o = run(&["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    assert!(out.contains("Usage: oauth-relay <COMMAND>"), "{out}");
+    for cmd in ["serve", "check"] {
+        assert!(out.lines().any(|l| l.trim_start().starts_with(&format!("{cmd} "))), "`{cmd}` missing from:\n{out}");
+    }
+}
+
+#[test]
+fn check_example_prints_what_to_register() {
+    let o = run(&["check", "--config", "config/example.toml"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("config/example.toml: ok\n"), "{out}");
+    assert_eq!(
+        block(&out, "register these", 8),
+        [
+            "register these",
+            "redirect URI in the Entra app registration (Authentication > Web > Redirect URIs):",
+            "https://aurinko.example.com/v1/auth/callback",
+            "callback / return URL in the broker's portal (the same URI):",
+            "https://aurinko.example.com/v1/auth/callback",
+            "the application calls:",
+            "authorize  https://aurinko.example.com/v1/auth/authorize",
+            "token      https://aurinko.example.com/v1/auth/token/{code}",
+        ]
+    );
+    assert!(out.contains("\n  https listeners     0.0.0.0:443\n"), "{out}");
+    assert!(out.contains("\n  admin listener      127.0.0.1:9090\n"), "{out}");
+    assert!(!out.contains("warnings"), "{out}");
+    assert_eq!(stderr(&o), "");
+}
+
+#[test]
+fn check_multi_site_prints_each_sites_uris() {
+    let o = run(&["check", "-c", "config/multi-site.toml"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("\nsite aurinko (default)\n"), "{out}");
+    assert!(out.contains("\nsite other-broker\n"), "{out}");
+    assert!(
+        out.contains(
+            "\n  token               /token/{code} (POST) -> https://token.broker.example.net/oauth/token/{code}\n"
+        ),
+        "{out}"
+    );
+    let uris: Vec<&str> =
+        out.lines().map(str::trim).filter(|l| l.starts_with("https://") && l.contains("callback")).collect();
+    assert_eq!(
+        uris,
+        [
+            "https://aurinko.example.com/v1/auth/callback",
+            "https://aurinko.example.com/v1/auth/callback",
+            "https://oauth.example.com/callback",
+            "https://oauth.example.org/callback",
+            "https://oauth.example.com/callback",
+            "https://oauth.example.org/callback",
+        ]
+    );
+}
+
+#[test]
+fn check_prints_the_port_when_it_is_not_443() {
+    let site = "[[site]]\nhostnames = [\"auth.example.test\"]\n";
+    let (_d, path) = temp_config("relay.toml", &format!("[server]\nhttps = [\"127.0.0.1:8443\"]\n\n{site}"));
+    let o = run(&["check", "--config", &path]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(block(&stdout(&o), "register these", 3)[2], "https://auth.example.test:8443/v1/auth/callback");
+
+    // Behind a load balancer on 443, the public port wins over the listen port.
+    let (_d, path) = temp_config(
+        "relay.toml",
+        &format!("[server]\nhttps = [\"127.0.0.1:8443\"]\npublic_https_port = 443\n\n{site}"),
+    );
+    let o = run(&["check", "--config", &path]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(block(&stdout(&o), "register these", 3)[2], "https://auth.example.test/v1/auth/callback");
+}
+
+#[test]
+fn check_without_config_checks_the_embedded_local_config() {
+    let o = run(&["check"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("<embedded config/local.toml>: ok\n"), "{out}");
+    assert_eq!(block(&out, "register these", 3)[2], "https://localhost:8443/v1/auth/callback");
+    assert!(out.contains("\n  upstream            https://api.aurinko.io\n"), "{out}");
+}
+
+#[test]
+fn a_bad_config_exits_64_listing_every_problem() {
+    let text = "[server]\nhttps = [\"localhost:443\"]\n\n[[site]]\nhostnames = [\"auth.example.test\"]\n\
+                upstream = \"nope\"\n\n[site.tls]\nsorce = \"files\"\n\n[site.callback]\nstatus = 301\n";
+    let (_d, path) = temp_config("bad.toml", text);
+    for cmd in ["check", "serve"] {
+        let o = run(&[cmd, "--config", &path]);
+        assert_eq!(o.status.code(), Some(64), "{cmd}");
+        assert_eq!(stdout(&o), "", "{cmd}");
+        let err = stderr(&o);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 5, "{cmd}: {err}");
+        assert!(
+            lines[0].starts_with(&format!("{path}:2: server.https[0]: `localhost:443` is not an IP:port")),
+            "{err}"
+        );
+        assert_eq!(lines[1], format!("{path}:6: site[0].upstream: `nope` is not a URL: relative URL without a base"));
+        assert!(lines[2].starts_with(&format!("{path}:9: site[0].tls.sorce: unknown field `sorce`")), "{err}");
+        assert_eq!(lines[3], format!("{path}:12: site[0].callback.status: 301: use 302, 303 or 307"));
+        assert_eq!(lines[4], "4 problems found; nothing was started");
+    }
+}
+
+#[test]
+fn a_missing_config_file_exits_64() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("absent.toml");
+    let path = path.to_str().unwrap();
+    let o = run(&["check", "--config", path]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).starts_with(&format!("{path}: cannot read: ")), "{}", stderr(&o));
+}
+
+#[test]
+fn check_prints_warnings_for_plain_http_upstream_and_mixed_modes() {
+    let text = "[server]\nhttps = [\"127.0.0.1:8443\"]\n\n[[site]]\nhostnames = [\"auth.example.test\"]\n\
+                upstream = \"http://127.0.0.1:9000\"\n\n[site.callback]\nmode = \"proxy\"\n";
+    let (_d, path) = temp_config("warn.toml", text);
+    let o = run(&["check", "--config", &path]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    let tail: Vec<&str> = out.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
+    assert_eq!(
+        tail,
+        [
+            "warnings".to_string(),
+            // authorize.mode is not written: the warning points at its site.
+            format!(
+                "  {path}:4: site[0].authorize.mode: authorize is redirected while the callback is proxied: \
+                 the broker's cookies would land on two domains"
+            ),
+            format!(
+                "  {path}:6: site[0].upstream: plain http:// upstream: tokens and codes cross the network unencrypted"
+            ),
+        ]
+    );
+}

@@ -1,0 +1,384 @@
+//! The configuration as an operator meets it: the shipped files parse cleanly, the commented
+//! example documents every key the code reads, and every mistake is reported with its file,
+//! line and key, all at once.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use oauth_relay::Config;
+use oauth_relay::config::ConfigError;
+
+/// The rendered problems of a configuration that must be refused.
+fn problems(text: &str) -> Vec<String> {
+    match Config::parse("test.toml", text) {
+        Ok(_) => panic!("the configuration was accepted:\n{text}"),
+        Err(ConfigError::Invalid(p)) => p.iter().map(ToString::to_string).collect(),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+/// The 1-based line of the only line of `text` that contains `needle`.
+fn line(text: &str, needle: &str) -> usize {
+    let hits: Vec<usize> = text.lines().enumerate().filter(|(_, l)| l.contains(needle)).map(|(i, _)| i + 1).collect();
+    assert_eq!(hits.len(), 1, "`{needle}` should be on exactly one line of:\n{text}");
+    hits[0]
+}
+
+fn config_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
+}
+
+#[test]
+fn every_shipped_config_parses_without_problems_or_warnings() {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(config_dir()).expect("config/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let config = Config::load(&path).unwrap_or_else(|e| panic!("{} is refused:\n{e}", path.display()));
+            let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+            assert!(warnings.is_empty(), "{} has warnings: {warnings:#?}", path.display());
+            names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    for must in ["example.toml", "local.toml", "multi-site.toml"] {
+        assert!(names.iter().any(|n| n == must), "config/{must} is missing; found {names:?}");
+    }
+}
+
+#[test]
+fn example_is_production_shaped() {
+    let c = Config::load(&config_dir().join("example.toml")).expect("example.toml");
+    assert_eq!(c.server.https, vec!["0.0.0.0:443".parse().unwrap()]);
+    assert_eq!(c.server.http, vec!["0.0.0.0:80".parse().unwrap()]);
+    assert_eq!(c.server.admin, Some("127.0.0.1:9090".parse().unwrap()));
+    assert_eq!(c.sites.len(), 1);
+    let site = &c.sites[0];
+    assert_eq!(site.hostnames, vec!["aurinko.example.com"]);
+    assert_eq!(site.upstream.as_str(), "https://api.aurinko.io/");
+    assert!(matches!(&site.tls, oauth_relay::config::TlsSource::Files { cert, .. } if cert.starts_with("/etc/")));
+    assert_eq!(site.redirect_uris(c.server.public_https_port), vec!["https://aurinko.example.com/v1/auth/callback"]);
+}
+
+#[test]
+fn multi_site_example_has_two_sites_and_one_default() {
+    let c = Config::load(&config_dir().join("multi-site.toml")).expect("multi-site.toml");
+    assert_eq!(c.sites.len(), 2);
+    assert_eq!(c.default_site().map(|s| s.name.as_str()), Some("aurinko"));
+    let other = &c.sites[1];
+    assert_eq!(other.upstream.as_str(), "https://broker.example.net/oauth");
+    assert_eq!(other.token.upstream.as_str(), "https://token.broker.example.net/oauth");
+    assert_ne!(other.token.upstream, other.upstream);
+}
+
+/// Every key of the raw serde structs, as dotted TOML paths (`site.tls.source`), read from the
+/// source of `src/config/raw.rs` so that a key added there fails this test until it is
+/// documented. A field whose type names another `Raw*` struct is a table of that struct.
+fn raw_keys() -> BTreeSet<String> {
+    let src = include_str!("../src/config/raw.rs");
+    let mut structs: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    let mut current: Option<(String, Vec<(String, String)>)> = None;
+    for l in src.lines() {
+        if let Some(rest) = l.strip_prefix("pub struct ") {
+            let name = rest.trim_end_matches('{').trim().to_string();
+            current = Some((name, Vec::new()));
+        } else if l.starts_with('}') {
+            structs.extend(current.take());
+        } else if let (Some((_, fields)), Some(rest)) = (current.as_mut(), l.trim().strip_prefix("pub ")) {
+            let (name, ty) = rest.split_once(':').expect("a `pub name: Type,` field line");
+            fields.push((name.trim().to_string(), ty.trim().trim_end_matches(',').to_string()));
+        }
+    }
+    let mut keys = BTreeSet::new();
+    let mut stack = vec![("RawConfig".to_string(), String::new())];
+    while let Some((name, prefix)) = stack.pop() {
+        let (_, fields) = structs.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("struct {name}"));
+        for (field, ty) in fields {
+            let key = if prefix.is_empty() { field.clone() } else { format!("{prefix}.{field}") };
+            let nested = ty.split(|c: char| !c.is_alphanumeric()).find(|w| w.starts_with("Raw"));
+            if let Some(inner) = nested {
+                stack.push((inner.to_string(), key.clone()));
+            }
+            keys.insert(key);
+        }
+    }
+    assert!(keys.len() > 30, "the raw.rs reader found too few keys: {keys:?}");
+    keys
+}
+
+/// Keys set in a TOML value, as dotted paths without array indices.
+fn set_keys(prefix: &str, value: &toml::Value, out: &mut BTreeSet<String>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                out.insert(key.clone());
+                set_keys(&key, v, out);
+            }
+        }
+        toml::Value::Array(items) => items.iter().for_each(|v| set_keys(prefix, v, out)),
+        _ => {}
+    }
+}
+
+/// Keys written as commented-out examples (`# key = value`), under the section they sit in.
+fn commented_keys(text: &str) -> BTreeSet<String> {
+    let mut section = String::new();
+    let mut out = BTreeSet::new();
+    for l in text.lines().map(str::trim) {
+        if l.starts_with('[') {
+            section = l.trim_matches(['[', ']']).to_string();
+        } else if let Some(c) = l.strip_prefix('#') {
+            if let Some((k, v)) = c.split_once(" = ") {
+                let k = k.trim();
+                if !k.is_empty() && !v.trim().is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    out.insert(if section.is_empty() { k.to_string() } else { format!("{section}.{k}") });
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn example_documents_every_key_of_the_raw_structs() {
+    let text = std::fs::read_to_string(config_dir().join("example.toml")).expect("example.toml");
+    let mut documented = BTreeSet::new();
+    let table: toml::Table = toml::from_str(&text).expect("example.toml is TOML");
+    set_keys("", &toml::Value::Table(table), &mut documented);
+    let commented = commented_keys(&text);
+    let raw = raw_keys();
+    let stale: Vec<&String> = commented.iter().filter(|k| !raw.contains(*k)).collect();
+    assert!(stale.is_empty(), "example.toml documents keys the code does not read: {stale:?}");
+    documented.extend(commented);
+    let missing: Vec<&String> = raw.iter().filter(|k| !documented.contains(*k)).collect();
+    assert!(missing.is_empty(), "example.toml does not document: {missing:?}");
+    // Each key is explained: the line above every key line is a comment.
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, l) in lines.iter().enumerate().skip(1) {
+        let is_key = !l.starts_with('#') && !l.starts_with('[') && l.contains(" = ");
+        assert!(!is_key || lines[i - 1].starts_with('#'), "example.toml:{}: `{l}` has no comment above it", i + 1);
+    }
+}
+
+const GOOD_SITE: &str = r#"
+[server]
+https = ["127.0.0.1:8443"]
+
+[[site]]
+hostnames = ["a.example.com"]
+"#;
+
+#[test]
+fn unknown_key_names_its_full_path_and_line() {
+    let text = format!("{GOOD_SITE}\n[site.tls]\nsorce = \"files\"\n");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    let want = format!(
+        "test.toml:{}: site[0].tls.sorce: unknown field `sorce`, expected one of `source`, ",
+        line(&text, "sorce")
+    );
+    assert!(p[0].starts_with(&want), "{} does not start with {want}", p[0]);
+}
+
+#[test]
+fn unknown_key_in_a_later_site_names_that_site() {
+    let text = format!("{GOOD_SITE}\n[[site]]\nhostnames = [\"b.example.com\"]\nupstrem = \"https://x.example\"\n");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    let want =
+        format!("test.toml:{}: site[1].upstrem: unknown field `upstrem`, expected one of ", line(&text, "upstrem"));
+    assert!(p[0].starts_with(&want), "{} does not start with {want}", p[0]);
+}
+
+#[test]
+fn bad_url_names_the_key_and_line() {
+    let text = format!("{GOOD_SITE}upstream = \"api.aurinko.io\"\n");
+    assert_eq!(
+        problems(&text),
+        vec![format!(
+            "test.toml:{}: site[0].upstream: `api.aurinko.io` is not a URL: relative URL without a base",
+            line(&text, "upstream =")
+        )]
+    );
+}
+
+#[test]
+fn bad_duration_names_the_key_and_line() {
+    let text = format!("{GOOD_SITE}connect_timeout = \"5 parsecs\"\n");
+    assert_eq!(
+        problems(&text),
+        vec![format!(
+            "test.toml:{}: site[0].connect_timeout: invalid value: string \"5 parsecs\", expected a duration",
+            line(&text, "parsecs")
+        )]
+    );
+}
+
+#[test]
+fn redirect_status_other_than_302_303_307_is_refused() {
+    let text = format!("{GOOD_SITE}\n[site.callback]\nstatus = 301\n");
+    assert_eq!(
+        problems(&text),
+        vec![format!("test.toml:{}: site[0].callback.status: 301: use 302, 303 or 307", line(&text, "301"))]
+    );
+}
+
+#[test]
+fn hostname_in_two_sites_is_refused_at_the_second() {
+    let text = format!("{GOOD_SITE}\n[[site]]\nhostnames = [\"b.example.com\", \"A.example.com\"]\n");
+    assert_eq!(
+        problems(&text),
+        vec![format!(
+            "test.toml:{}: site[1].hostnames[1]: `a.example.com` belongs to more than one site",
+            line(&text, "b.example.com")
+        )]
+    );
+}
+
+#[test]
+fn two_default_sites_are_refused() {
+    let text = "[[site]]\nhostnames = [\"a.example.com\"]\ndefault = true\n\n[[site]]\nhostnames = [\"b.example.com\"]\ndefault = true\n";
+    assert_eq!(problems(text), vec!["test.toml:7: site[1].default: only one site may be the default"]);
+}
+
+#[test]
+fn files_source_without_key_is_refused() {
+    let text = format!("{GOOD_SITE}\n[site.tls]\nsource = \"files\"\ncert = \"/etc/tls.crt\"\n");
+    assert_eq!(
+        problems(&text),
+        vec![format!(
+            "test.toml:{}: site[0].tls.source: source = \"files\" needs `key` (a PEM file path)",
+            line(&text, "source =")
+        )]
+    );
+}
+
+#[test]
+fn https_listen_address_must_be_ip_and_port() {
+    let text =
+        "[server]\nhttps = [\"127.0.0.1:8443\", \"localhost:443\"]\n\n[[site]]\nhostnames = [\"a.example.com\"]\n";
+    assert_eq!(
+        problems(text),
+        vec![
+            "test.toml:2: server.https[1]: `localhost:443` is not an IP:port listen address \
+             (e.g. \"0.0.0.0:443\" or \"[::]:443\")"
+        ]
+    );
+}
+
+#[test]
+fn a_syntax_error_names_its_line() {
+    let p = problems("[server]\nhttps = [\"127.0.0.1:8443\"\n\n[[site]]\n");
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(p[0].starts_with("test.toml:"), "{}", p[0]);
+}
+
+/// Unknown keys, mistyped values and invalid values in one file: every one is reported, top to
+/// bottom, and nothing that was only blanked out to read on shows up as a second problem.
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = r#"[server]
+https = ["localhost:443"]
+admin = "127.0.0.1:9090"
+colour = "blue"
+
+[limits]
+idle_timeout = "forever"
+
+[[site]]
+hostnames = ["a.example.com"]
+default = true
+upstream = "api.aurinko.io"
+
+[site.tls]
+source = "files"
+cert = "/etc/tls.crt"
+sorce = "files"
+
+[site.callback]
+status = 301
+
+[[site]]
+hostnames = ["a.example.com"]
+default = true
+"#;
+    let p = problems(text);
+    let want = [
+        "test.toml:2: server.https[0]: `localhost:443` is not an IP:port listen address (e.g. \"0.0.0.0:443\" or \"[::]:443\")",
+        "test.toml:4: server.colour: unknown field `colour`, expected one of ",
+        "test.toml:7: limits.idle_timeout: invalid value: string \"forever\", expected a duration",
+        "test.toml:12: site[0].upstream: `api.aurinko.io` is not a URL: relative URL without a base",
+        "test.toml:15: site[0].tls.source: source = \"files\" needs `key` (a PEM file path)",
+        "test.toml:17: site[0].tls.sorce: unknown field `sorce`, expected one of ",
+        "test.toml:20: site[0].callback.status: 301: use 302, 303 or 307",
+        "test.toml:23: site[1].hostnames[0]: `a.example.com` belongs to more than one site",
+        "test.toml:24: site[1].default: only one site may be the default",
+    ];
+    assert_eq!(p.len(), want.len(), "{p:#?}");
+    for (got, want) in p.iter().zip(want) {
+        assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
+    }
+}
+
+#[test]
+fn a_file_is_named_as_given_and_the_error_lists_one_problem_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        "[[site]]\nhostnames = [\"a.example.com\"]\nupstream = \"ftp://x.example\"\n[site.callback]\nstatus = 200\n",
+    )
+    .expect("write");
+    let err = Config::load(&path).expect_err("refused").to_string();
+    let f = path.display();
+    assert_eq!(
+        err,
+        format!(
+            "{f}:3: site[0].upstream: `ftp://x.example` must be an https:// (or http://) URL\n\
+             {f}:5: site[0].callback.status: 200: use 302, 303 or 307"
+        )
+    );
+    let missing = Config::load(&dir.path().join("nope.toml")).expect_err("missing file").to_string();
+    assert!(missing.starts_with(&format!("{}: cannot read: ", dir.path().join("nope.toml").display())), "{missing}");
+}
+
+#[test]
+fn plain_http_upstream_and_mixed_modes_are_warnings() {
+    let text = format!("{GOOD_SITE}upstream = \"http://127.0.0.1:9000\"\n\n[site.authorize]\nmode = \"proxy\"\n");
+    let c = Config::parse("test.toml", &text).expect("accepted with warnings");
+    let w: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        w,
+        vec![
+            format!(
+                "test.toml:{}: site[0].upstream: plain http:// upstream: tokens and codes cross the network unencrypted",
+                line(&text, "upstream =")
+            ),
+            format!(
+                "test.toml:{}: site[0].authorize.mode: authorize is proxied while the callback is redirected: \
+                 the broker's cookies would land on two domains",
+                line(&text, "mode =")
+            ),
+        ]
+    );
+}
+/// Unknown tables and values of the wrong type are read past too, without knock-on problems
+/// from the keys inside an unknown table.
+#[test]
+fn unknown_tables_and_mistyped_tables_are_read_past() {
+    let text = "[bogus]\nx = 1\n\n[[site]]\nhostnames = [\"a.example.com\"]\nupstream = \"nope\"\n\
+                callback = \"x\"\n\n[site.extra]\ny = 2\n\n[site.tls]\nsorce = 1\n";
+    let p = problems(text);
+    let want = [
+        "test.toml:1: bogus: unknown field `bogus`, expected one of `server`, `limits`, `log`, `site`",
+        "test.toml:6: site[0].upstream: `nope` is not a URL: relative URL without a base",
+        "test.toml:7: site[0].callback: invalid type: string \"x\", expected a table",
+        "test.toml:9: site[0].extra: unknown field `extra`, expected one of `name`, ",
+        "test.toml:13: site[0].tls.sorce: unknown field `sorce`, expected one of `source`, ",
+    ];
+    assert_eq!(p.len(), want.len(), "{p:#?}");
+    for (got, want) in p.iter().zip(want) {
+        assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
+    }
+}

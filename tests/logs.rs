@@ -1,0 +1,407 @@
+//! Secrets never reach the logs. The real binary serves a full OAuth flow over TLS (authorize,
+//! callback by GET and by form_post, token exchange against a real upstream) in both log
+//! formats, with `RUST_LOG=debug` (hyper, h2, rustls and hyper-util included) and with the
+//! default filter; then everything it printed is searched for every secret of the flow.
+
+mod common;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use common::{Pki, TlsClient, Upstream, UpstreamBehaviour};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const BIN: &str = env!("CARGO_BIN_EXE_oauth-relay");
+const HOST: &str = "auth.example.test";
+
+const STATE: &str = "STATE-SECRET-123";
+const CODE: &str = "CODE-SECRET-456";
+const CLIENT_SECRET: &str = "CLIENT-SECRET-789";
+const COOKIE: &str = "COOKIE-SECRET";
+const TOKEN: &str = "TOKEN-SECRET-000";
+const UPSTREAM_COOKIE: &str = "UPSTREAM-COOKIE-SECRET";
+
+/// `client:CLIENT-SECRET-789` as the application sends it.
+fn basic_credentials() -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("client:{CLIENT_SECRET}"))
+}
+
+/// Every string that must never appear in a log line.
+fn secrets() -> Vec<String> {
+    let mut s: Vec<String> = [STATE, CODE, CLIENT_SECRET, COOKIE, TOKEN, UPSTREAM_COOKIE].map(String::from).to_vec();
+    s.push(basic_credentials());
+    s
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Json,
+    Pretty,
+}
+
+/// One way to run the relay and its client for a full flow.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    format: Format,
+    /// `RUST_LOG`; `None` runs with the variable unset (the built-in default filter).
+    rust_log: Option<&'static str>,
+    /// Callback and authorize mode: "redirect" answers from the relay, "proxy" goes upstream.
+    mode: &'static str,
+    /// Whether the client speaks HTTP/2 (h2's frame logs) or HTTP/1.1.
+    h2: bool,
+    /// `[log] redact`.
+    redact: bool,
+}
+
+/// A free loopback port: bound, read and released, then written into the config.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// The relay process; killed and reaped if the test ends early, so none is left behind.
+struct Relay {
+    child: Child,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Relay {
+    fn spawn(config: &std::path::Path, case: Case) -> Relay {
+        let mut cmd = Command::new(BIN);
+        let format = if case.format == Format::Json { "json" } else { "pretty" };
+        cmd.args(["serve", "--config", config.to_str().unwrap(), "--log-format", format])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("RUST_LOG");
+        if let Some(filter) = case.rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let mut child = cmd.spawn().expect("spawn oauth-relay");
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = r.read_to_end(&mut buf);
+                String::from_utf8_lossy(&buf).into_owned()
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+        let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+        Relay { child, stdout: Some(stdout), stderr: Some(stderr) }
+    }
+
+    /// SIGTERM, then at most 20 s for a clean exit; returns the exit code and all output.
+    async fn stop(mut self) -> (Option<i32>, String, String) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the relay did not exit within 20 s of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let out = self.stdout.take().unwrap().join().expect("stdout reader");
+        let err = self.stderr.take().unwrap().join().expect("stderr reader");
+        (status.code(), out, err)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A response's status, headers and body.
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+/// One request on a new TLS connection, over HTTP/2 or HTTP/1.1.
+async fn send(
+    client: &TlsClient,
+    h2: bool,
+    method: &str,
+    target: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> Reply {
+    let tls = client.connect(HOST).await.expect("handshake");
+    let mut req = Request::builder().method(method);
+    req = if h2 { req.uri(format!("https://{HOST}{target}")) } else { req.uri(target).header("host", HOST) };
+    for (k, v) in headers {
+        req = req.header(*k, v.as_str());
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_string()))).expect("request");
+    let resp: Response<hyper::body::Incoming> = if h2 {
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut s, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.expect("h2");
+        tokio::spawn(conn);
+        tokio::time::timeout(Duration::from_secs(20), s.send_request(req)).await.expect("in time").expect("response")
+    } else {
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("h1");
+        tokio::spawn(conn);
+        tokio::time::timeout(Duration::from_secs(20), s.send_request(req)).await.expect("in time").expect("response")
+    };
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(Duration::from_secs(20), body.collect()).await.expect("in time").expect("body");
+    Reply { status: parts.status.as_u16(), headers: parts.headers, body: body.to_bytes() }
+}
+
+/// The upstream broker: the token exchange answers with a token, everything else with a page
+/// that sets a session cookie.
+async fn upstream() -> Upstream {
+    Upstream::start(
+        None,
+        UpstreamBehaviour::respond(|req| {
+            let r = Response::builder().status(200);
+            let r = if req.target.starts_with("/v1/auth/token/") {
+                r.header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(format!(r#"{{"accessToken":"{TOKEN}"}}"#))))
+            } else {
+                r.header("set-cookie", format!("session={UPSTREAM_COOKIE}; Path=/; Secure; HttpOnly"))
+                    .body(Full::new(Bytes::from_static(b"upstream page")))
+            };
+            r.expect("response")
+        }),
+    )
+    .await
+}
+
+/// Runs the flow for `case` and returns the relay's exit code, stdout and stderr.
+async fn flow(case: Case) -> (Option<i32>, String, String) {
+    let pki = Pki::new();
+    let leaf = pki.leaf("relay", &[HOST]);
+    let up = upstream().await;
+    let port = free_port();
+    let config = pki.dir.path().join("relay.toml");
+    let toml = format!(
+        r#"[server]
+https = ["127.0.0.1:{port}"]
+storage = "{storage}"
+
+[log]
+redact = {redact}
+
+[[site]]
+hostnames = ["{HOST}"]
+upstream = "http://{up}"
+
+[site.tls]
+source = "files"
+cert = "{cert}"
+key = "{key}"
+
+[site.callback]
+mode = "{mode}"
+
+[site.authorize]
+mode = "{mode}"
+"#,
+        storage = pki.dir.path().join("store").display(),
+        redact = case.redact,
+        up = up.addr,
+        cert = leaf.cert_path.display(),
+        key = leaf.key_path.display(),
+        mode = case.mode,
+    );
+    std::fs::write(&config, toml).expect("write config");
+    let relay = Relay::spawn(&config, case);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let alpn: &[&[u8]] = if case.h2 { &[b"h2"] } else { &[b"http/1.1"] };
+    let client = TlsClient::new(addr, pki.client_config(alpn));
+    wait_ready(&client, case.h2).await;
+
+    let redirect = case.mode == "redirect";
+    let proxied = |redirect_status: u16| if redirect { redirect_status } else { 200 };
+    let authorize = send(
+        &client,
+        case.h2,
+        "GET",
+        &format!("/v1/auth/authorize?clientId=app&serviceType=Office365&responseType=code&state={STATE}"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(authorize.status, proxied(302));
+    let callback =
+        send(&client, case.h2, "GET", &format!("/v1/auth/callback?code={CODE}&state={STATE}"), &[], "").await;
+    assert_eq!(callback.status, proxied(302));
+    if redirect {
+        let location = callback.headers.get("location").expect("location").to_str().unwrap().to_string();
+        assert_eq!(location, format!("http://{}/v1/auth/callback?code={CODE}&state={STATE}", up.addr));
+    }
+    let form = [("content-type", "application/x-www-form-urlencoded".to_string())];
+    let posted =
+        send(&client, case.h2, "POST", "/v1/auth/callback", &form, &format!("code={CODE}&state={STATE}")).await;
+    assert_eq!(posted.status, proxied(307));
+    let token = send(
+        &client,
+        case.h2,
+        "POST",
+        &format!("/v1/auth/token/{CODE}"),
+        &[("authorization", format!("Basic {}", basic_credentials())), ("cookie", format!("sid={COOKIE}"))],
+        "",
+    )
+    .await;
+    assert_eq!(token.status, 200);
+    assert_eq!(token.body, format!(r#"{{"accessToken":"{TOKEN}"}}"#));
+    let seen = up.last();
+    assert_eq!(seen.target, format!("/v1/auth/token/{CODE}"));
+    assert_eq!(seen.headers["authorization"], format!("Basic {}", basic_credentials()));
+    assert_eq!(up.hits(), if redirect { 1 } else { 4 });
+    relay.stop().await
+}
+
+/// Polls `/healthz` (at most 15 s) until the relay answers 200.
+async fn wait_ready(client: &TlsClient, h2: bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if tokio::net::TcpStream::connect(client.addr).await.is_ok() {
+            assert_eq!(send(client, h2, "GET", "/healthz", &[], "").await.status, 200);
+            return;
+        }
+        assert!(Instant::now() < deadline, "the relay did not listen on {} within 15 s", client.addr);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// `route=... status=... upstream_status=...` of every access line (health probes left out).
+fn access_lines(format: Format, logs: &str) -> Vec<(String, u64, Option<u64>, Option<String>)> {
+    let mut out = Vec::new();
+    for line in logs.lines() {
+        let fields: serde_json::Map<String, serde_json::Value> = match format {
+            Format::Json => {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+                if v["target"] != "access" {
+                    continue;
+                }
+                v.as_object().expect("object").clone()
+            }
+            Format::Pretty => {
+                // `... INFO access: method=GET route=callback status=302 latency_ms=0.068`
+                let Some((_, rest)) = line.split_once(" access: ") else { continue };
+                rest.split_whitespace()
+                    .map(|kv| kv.split_once('=').unwrap_or_else(|| panic!("`{kv}` is not key=value in: {line}")))
+                    .map(|(k, v)| {
+                        let json = v.parse::<u64>().map(serde_json::Value::from).unwrap_or_else(|_| v.into());
+                        (k.to_string(), json)
+                    })
+                    .collect()
+            }
+        };
+        let route = fields["route"].as_str().expect("route").to_string();
+        if route == "healthz" {
+            continue;
+        }
+        let status = fields["status"].as_u64().expect("status");
+        let upstream = fields.get("upstream_status").and_then(|v| v.as_u64());
+        let uri = fields.get("uri").and_then(|v| v.as_str()).map(String::from);
+        out.push((route, status, upstream, uri));
+    }
+    out
+}
+
+fn assert_no_secrets(case: Case, stdout: &str, stderr: &str) {
+    for secret in secrets() {
+        for (name, text) in [("stdout", stdout), ("stderr", stderr)] {
+            assert!(!text.contains(&secret), "{case:?}: `{secret}` appears in {name}:\n{text}");
+        }
+    }
+}
+
+async fn redacted(case: Case) {
+    let (code, stdout, stderr) = flow(case).await;
+    assert_eq!(code, Some(0), "{case:?}: exit status; stderr:\n{stderr}");
+    assert_no_secrets(case, &stdout, &stderr);
+    let (a, c) = if case.mode == "redirect" { (302, 302) } else { (200, 200) };
+    let up = |status: u64| (case.mode == "proxy").then_some(status);
+    let f = if case.mode == "redirect" { 307 } else { 200 };
+    assert_eq!(
+        access_lines(case.format, &stderr),
+        [
+            ("authorize".to_string(), a, up(200), None),
+            ("callback".to_string(), c, up(200), None),
+            ("callback".to_string(), f, up(200), None),
+            ("token".to_string(), 200, Some(200), None),
+        ],
+        "{case:?}:\n{stderr}"
+    );
+    if case.format == Format::Pretty {
+        let token_line = stderr.lines().find(|l| l.contains(" route=token ")).expect("token access line");
+        assert!(token_line.contains(" INFO access: method=POST route=token status=200 latency_ms="), "{token_line}");
+        assert!(token_line.contains(" upstream_status=200 upstream_ms="), "{token_line}");
+    }
+    if case.rust_log == Some("debug") {
+        assert!(
+            stderr.contains("DEBUG") || stderr.contains("\"level\":\"DEBUG\""),
+            "{case:?}: no debug lines:\n{stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_debug_proxied_over_h2_logs_no_secret() {
+    redacted(Case { format: Format::Json, rust_log: Some("debug"), mode: "proxy", h2: true, redact: true }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretty_debug_redirected_over_http1_logs_no_secret() {
+    redacted(Case { format: Format::Pretty, rust_log: Some("debug"), mode: "redirect", h2: false, redact: true }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_default_filter_redirected_over_http1_logs_no_secret() {
+    redacted(Case { format: Format::Json, rust_log: None, mode: "redirect", h2: false, redact: true }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretty_default_filter_proxied_over_h2_logs_no_secret() {
+    redacted(Case { format: Format::Pretty, rust_log: None, mode: "proxy", h2: true, redact: true }).await;
+}
+
+/// `[log] redact = false` adds the raw path and query to the access line (local debugging),
+/// and still never a header value or a response body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redact_false_logs_path_and_query_but_no_credentials() {
+    let case = Case { format: Format::Json, rust_log: None, mode: "redirect", h2: false, redact: false };
+    let (code, stdout, stderr) = flow(case).await;
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
+    let uri = |s: &str| Some(s.to_string());
+    assert_eq!(
+        access_lines(case.format, &stderr),
+        [
+            (
+                "authorize".to_string(),
+                302,
+                None,
+                uri(&format!("/v1/auth/authorize?clientId=app&serviceType=Office365&responseType=code&state={STATE}"))
+            ),
+            ("callback".to_string(), 302, None, uri(&format!("/v1/auth/callback?code={CODE}&state={STATE}"))),
+            ("callback".to_string(), 307, None, uri("/v1/auth/callback")),
+            ("token".to_string(), 200, Some(200), uri(&format!("/v1/auth/token/{CODE}"))),
+        ]
+    );
+    for secret in
+        [CLIENT_SECRET, COOKIE, TOKEN, UPSTREAM_COOKIE].map(String::from).into_iter().chain([basic_credentials()])
+    {
+        assert!(!stderr.contains(&secret) && !stdout.contains(&secret), "`{secret}` appears:\n{stderr}");
+    }
+}
