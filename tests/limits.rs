@@ -196,3 +196,22 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
     let reply = tokio::time::timeout(Duration::from_secs(5), third).await.expect("served within 5 s").expect("task");
     assert_eq!((reply.status, reply.text()), (200, "ok"));
 }
+
+#[tokio::test]
+async fn slow_header_after_an_idle_keep_alive_is_cut_at_the_header_deadline() {
+    // The idle bound is long; a request that starts after some idle time still gets only the
+    // header-read bound to finish its header, not what is left of the idle one.
+    let pki = Pki::new();
+    let (_relay, client) = relay(&pki, "idle_timeout = \"20s\"\nheader_read_timeout = \"400ms\"", "").await;
+    let tls = client.connect("auth.example.test").await.expect("handshake");
+    let (mut read, mut write) = tokio::io::split(tls);
+    write.write_all(b"GET /healthz HTTP/1.1\r\nHost: auth.example.test\r\n\r\n").await.expect("write");
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), read.read(&mut buf)).await.expect("reply").expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200 OK\r\n"), "first request answered");
+    tokio::time::sleep(Duration::from_millis(600)).await; // idle for longer than the header bound
+    write.write_all(b"GET / HTTP/1.1\r\nHo").await.expect("partial header");
+    let took = time_until_closed(read, Duration::from_secs(5)).await;
+    assert!(took >= Duration::from_millis(300), "not before the header deadline: {took:?}");
+    assert!(took < Duration::from_secs(3), "cut at the header deadline, not the idle one: {took:?}");
+}

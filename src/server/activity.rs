@@ -43,33 +43,38 @@ pub struct Activity {
     first_byte: AtomicU64,
     /// Whether arriving bytes start the header-read deadline (HTTP/1 only).
     header_deadline: bool,
-    /// Wakes the watchdog when a deadline moves earlier.
+    /// When the watchdog's timer fires next (ms), so a deadline that moves earlier can wake it.
+    armed: AtomicU64,
+    /// The header-read and idle timeouts in ms (set when the watchdog starts).
+    header_ms: AtomicU64,
+    idle_ms: AtomicU64,
+    /// Wakes the watchdog when a deadline moves earlier than its timer.
     changed: Notify,
 }
 
 impl Activity {
     /// A fresh HTTP/1 connection: its first request's headers are already due.
     pub fn new() -> Arc<Activity> {
-        let now = now_ms();
-        Arc::new(Activity {
-            active: AtomicU32::new(0),
-            idle_since: AtomicU64::new(now),
-            first_byte: AtomicU64::new(now),
-            header_deadline: true,
-            changed: Notify::new(),
-        })
+        Self::with(true)
     }
 
     /// A fresh HTTP/2 connection: only the idle bound applies. Its clients send frames while idle
     /// (pings, window updates) that must not start a header deadline, and h2 reads a request's
     /// headers in whole frames.
     pub fn new_h2() -> Arc<Activity> {
+        Self::with(false)
+    }
+
+    fn with(header_deadline: bool) -> Arc<Activity> {
         let now = now_ms();
         Arc::new(Activity {
             active: AtomicU32::new(0),
             idle_since: AtomicU64::new(now),
-            first_byte: AtomicU64::new(0),
-            header_deadline: false,
+            first_byte: AtomicU64::new(if header_deadline { now } else { 0 }),
+            header_deadline,
+            armed: AtomicU64::new(0),
+            header_ms: AtomicU64::new(0),
+            idle_ms: AtomicU64::new(0),
             changed: Notify::new(),
         })
     }
@@ -85,8 +90,13 @@ impl Activity {
             && self.active.load(Ordering::Acquire) == 0
             && self.first_byte.load(Ordering::Acquire) == 0
         {
-            self.first_byte.store(now_ms(), Ordering::Release);
-            self.changed.notify_one();
+            let now = now_ms();
+            self.first_byte.store(now, Ordering::Release);
+            // Wake the watchdog only when the header deadline comes before its timer; on a busy
+            // keep-alive connection that is rare, so requests cost no timer work.
+            if now + self.header_ms.load(Ordering::Relaxed) < self.armed.load(Ordering::Acquire) {
+                self.changed.notify_one();
+            }
         }
     }
 
@@ -104,27 +114,40 @@ impl Activity {
     }
 
     /// Runs the connection until it ends or misses a deadline (then it is dropped: closed).
+    ///
+    /// One timer per connection, re-armed lazily: when it fires, the deadline is recomputed from
+    /// the atomics and the timer moved if the connection is busy or was active since. Only a
+    /// deadline that moves earlier than the timer (the first header byte after a long idle, or
+    /// an idle timeout shorter than the header one) wakes the watchdog, so a steady stream of
+    /// requests costs about two timer resets per header-read period instead of two per request.
     pub async fn drive<F: Future>(&self, conn: F, limits: &Limits) {
+        self.header_ms.store(limits.header_read_timeout.as_millis() as u64, Ordering::Relaxed);
+        self.idle_ms.store(limits.idle_timeout.as_millis() as u64, Ordering::Relaxed);
         let mut conn = std::pin::pin!(conn);
+        let sleep = tokio::time::sleep_until(self.arm(limits));
+        let mut sleep = std::pin::pin!(sleep);
         loop {
-            let deadline = self.deadline(limits);
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
+                biased;
                 _ = &mut conn => return,
-                _ = self.changed.notified() => {}
-                _ = sleep => {
+                _ = self.changed.notified() => sleep.as_mut().reset(self.arm(limits)),
+                _ = sleep.as_mut() => {
                     if self.deadline(limits).is_some_and(|d| d <= Instant::now()) {
                         tracing::debug!("connection closed: idle or header-read deadline passed");
                         return;
                     }
+                    sleep.as_mut().reset(self.arm(limits));
                 }
             }
         }
+    }
+
+    /// The next instant to check: the deadline, or (while busy) one idle period from now.
+    fn arm(&self, limits: &Limits) -> Instant {
+        let at = self.deadline(limits).unwrap_or_else(|| Instant::now() + limits.idle_timeout);
+        let ms = at.saturating_duration_since(epoch()).as_millis() as u64 + 1;
+        self.armed.store(ms, Ordering::Release);
+        at
     }
 }
 
@@ -136,9 +159,12 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         let a = &self.0;
         if a.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let now = now_ms();
             a.first_byte.store(0, Ordering::Release);
-            a.idle_since.store(now_ms(), Ordering::Release);
-            a.changed.notify_one();
+            a.idle_since.store(now, Ordering::Release);
+            if now + a.idle_ms.load(Ordering::Relaxed) < a.armed.load(Ordering::Acquire) {
+                a.changed.notify_one();
+            }
         }
     }
 }
