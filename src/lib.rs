@@ -9,21 +9,29 @@
 //! - [`acme`]: automatic certificates (issuance, renewal, challenge answers, shared store).
 //! - [`relay`]: the routes (callback relay, authorize fronting, token proxy) and the upstream
 //!   client.
-//! - [`health`]: liveness and readiness.
-//! - [`logging`]: log format and filter.
+//! - [`health`]: liveness and readiness (certificates, upstream probes, clock skew).
+//! - [`reload`]: re-reading the configuration (SIGHUP, `oauth-relay reload`, `POST /reload`).
+//! - [`notify`]: systemd notifications (READY, RELOADING, STOPPING, WATCHDOG).
+//! - [`metrics`]: Prometheus metrics, served on the admin listener.
+//! - [`logging`]: log format and filter; [`flow`]: the flow id on access lines.
 //! - [`fsutil`]: atomic, private writes for keys and certificates.
 //!
 //! [`run`] wires them: the caller parses the config and binds the listeners, `run` serves until
-//! the shutdown future completes and then drains.
+//! the shutdown future completes and then drains. [`run_with`] also takes reload requests.
 
 #![forbid(unsafe_code)]
 
 pub mod acme;
 pub mod config;
+pub mod doctor;
+pub mod flow;
 pub mod fsutil;
 pub mod health;
 pub mod logging;
+pub mod metrics;
+pub mod notify;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod tls;
 
@@ -43,53 +51,65 @@ pub enum RunError {
     Upstream(#[from] relay::UpstreamError),
 }
 
-/// A configuration that listens on port 0 (tests) redirects to the port actually bound.
-fn with_bound_port(config: Arc<Config>, listeners: &Listeners) -> Arc<Config> {
-    let bound = listeners.https.first().and_then(|l| l.local_addr().ok()).map(|a| a.port());
-    match bound {
-        Some(port) if config.server.public_https_port == 0 => {
-            let mut c = (*config).clone();
-            c.server.public_https_port = port;
-            Arc::new(c)
-        }
-        _ => config,
-    }
-}
-
 /// Serves `config` on `listeners` until `shutdown` completes, then drains in-flight requests
-/// for at most `limits.shutdown_grace`.
+/// for at most `limits.shutdown_grace`. `POST /reload` on the admin listener reloads.
 pub async fn run(
     config: Arc<Config>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let config = with_bound_port(config, &listeners);
-    let store = Arc::new(tls::CertStore::new(&config));
-    tls::load_site_certificates(&config, &store)?;
-    let relay = Arc::new(relay::Relay::new(config.clone(), store.clone())?);
-    let shared = Arc::new(server::Shared {
-        relay,
-        tls: tls::server_config(store.clone()),
-        store: store.clone(),
-        limits: config.limits.clone(),
-    });
+    run_with(config, listeners, shutdown, reload::Requests::new()).await
+}
+
+/// Like [`run`], and reloads the configuration file whenever `reloads` asks (main.rs sends
+/// SIGHUP there; tests use [`reload::Requests::handle`]).
+pub async fn run_with(
+    config: Arc<Config>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: reload::Requests,
+) -> Result<(), RunError> {
     let stop = CancellationToken::new();
-    tls::spawn_file_watchers(&config, &store, stop.clone());
-    // Never awaited: a CA that is down delays only its own hostnames, never serving.
-    acme::spawn(&config, &store, stop.clone());
-    for w in &config.warnings {
-        tracing::warn!("{w}");
-    }
-    let serving = server::serve(shared, listeners, stop.clone());
+    let (mut reloader, live) = reload::Reloader::start(config, &listeners, &stop)?;
+    let shared = Arc::new(server::Shared::new(live, reloads.handle()));
+    let serving = server::serve(shared.clone(), listeners, stop.clone());
     let mut serving = std::pin::pin!(serving);
-    tokio::select! {
-        _ = &mut serving => {}
-        _ = shutdown => {
-            tracing::info!("shutdown requested");
-            stop.cancel();
-            serving.await;
+    let mut shutdown = std::pin::pin!(shutdown);
+    notify::ready(&serving_status(&shared));
+    notify::spawn_watchdog(&stop);
+    loop {
+        tokio::select! {
+            _ = &mut serving => break,
+            _ = &mut shutdown => {
+                tracing::info!("shutdown requested");
+                notify::stopping();
+                stop.cancel();
+                serving.await;
+                break;
+            }
+            reply = reloads.next() => {
+                notify::reloading();
+                let outcome = reloader.reload(&shared);
+                crate::metrics::global().config_reload(outcome.is_ok());
+                let status = match &outcome {
+                    Ok(_) => serving_status(&shared),
+                    Err(_) => format!("reload refused; still {}", serving_status(&shared)),
+                };
+                notify::ready(&status);
+                if let Some(reply) = reply {
+                    let _ = reply.send(outcome);
+                }
+            }
         }
     }
     stop.cancel();
     Ok(())
+}
+
+/// The `STATUS=` line systemd shows: how much is served.
+fn serving_status(shared: &server::Shared) -> String {
+    let live = shared.current();
+    let config = live.relay.config();
+    let hosts: usize = config.sites.iter().map(|s| s.hostnames.len()).sum();
+    format!("serving {} site(s), {hosts} hostname(s) from {}", config.sites.len(), config.file)
 }

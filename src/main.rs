@@ -35,6 +35,21 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Check that a configuration will work here: redirect URIs against Entra's rules, DNS,
+    /// ports, storage, upstream TLS and the ACME directory; ends with the strings to paste.
+    /// Exit status 1 when any check is an error.
+    Doctor {
+        /// The configuration file (default: the built-in config/local.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Make a running relay re-read its configuration file, through its admin listener
+    /// (`[server] admin`); prints the relay's answer. Without an admin listener, send SIGHUP.
+    Reload {
+        /// The configuration file the relay runs with (read for `[server] admin`).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Automatic (ACME) certificates: status and forced renewal.
     Cert {
         #[command(subcommand)]
@@ -87,11 +102,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Cert { action } => cert(action),
+        Command::Reload { config } => reload(&config),
         Command::Check { config } => match load(&config) {
             Ok(c) => {
                 print!("{}", oauth_relay::config::report(&c));
                 ExitCode::SUCCESS
             }
+            Err(e) => config_failed(&e),
+        },
+        Command::Doctor { config } => match load(&config) {
+            Ok(c) => doctor(&c),
             Err(e) => config_failed(&e),
         },
         Command::Serve { config, log_format } => {
@@ -128,10 +148,90 @@ fn serve(config: Config) -> anyhow::Result<()> {
         if let Some(l) = &listeners.admin {
             tracing::info!(addr = %l.local_addr()?, "serving admin (health)");
         }
-        oauth_relay::run(Arc::new(config), listeners, shutdown_signal()).await?;
+        let reloads = oauth_relay::reload::Requests::new();
+        forward_sighup(reloads.handle())?;
+        oauth_relay::run_with(Arc::new(config), listeners, shutdown_signal(), reloads).await?;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// SIGHUP asks for a reload (the outcome is logged). Installed before serving starts, so an
+/// early SIGHUP is queued rather than killing the process (its default action).
+fn forward_sighup(handle: oauth_relay::reload::ReloadHandle) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            handle.request();
+        }
+    });
+    Ok(())
+}
+
+/// `reload`: POST /reload to the admin listener named in the config; exit 0 when the relay
+/// took the new configuration, 1 when it refused it or could not be reached.
+fn reload(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("not sent: the running relay would refuse this configuration too, and keeps its own");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(admin) = config.server.admin else {
+        eprintln!(
+            "{}: no `[server] admin` listener to send the reload to; send the relay SIGHUP instead: kill -HUP <pid> \
+             (under systemd: systemctl reload oauth-relay)",
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    };
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(post_reload(admin)));
+    match answer {
+        Ok((200, body)) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprint!("the relay refused the reload ({status}):\n{body}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("no answer from the relay's admin listener at {admin}: {e:#}");
+            eprintln!("is the relay running with this configuration? Otherwise send it SIGHUP: kill -HUP <pid>");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One `POST /reload` over plain HTTP/1.1, within 30 s; the status and body.
+async fn post_reload(admin: std::net::SocketAddr) -> anyhow::Result<(u16, String)> {
+    use http_body_util::{BodyExt, Empty};
+    let mut addr = admin;
+    // A wildcard listen address is reached on loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.context("connect")?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::post("/reload")
+            .header(http::header::HOST, addr.to_string())
+            .body(Empty::<bytes::Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), exchange).await.context("timed out after 30 s")?
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -145,6 +245,20 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// `doctor`: every check, the report with the strings to paste, status 1 on any error.
+fn doctor(config: &Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let findings = runtime.block_on(oauth_relay::doctor::run(config));
+    print!("{}", oauth_relay::doctor::render(config, &findings));
+    ExitCode::from(oauth_relay::doctor::exit_status(&findings))
 }
 
 /// `cert status` and `cert renew`.

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -22,6 +23,7 @@ use activity::{Activity, ActivityIo, TrackedBody};
 
 use crate::config::{Config, Limits};
 use crate::relay::{ConnInfo, Relay};
+use crate::reload::ReloadHandle;
 use crate::tls::{self, CertStore};
 
 /// Why a listener could not be opened.
@@ -73,12 +75,81 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindE
     })
 }
 
-/// What every connection task shares.
-pub struct Shared {
+/// One configuration in force: its routes, certificate store and TLS configuration. A reload
+/// builds a new one and swaps it in whole ([`crate::reload`]).
+pub struct Live {
+    /// 0 for the configuration started with, one more per reload. A connection compares it
+    /// with the one its handshake used to know whether its SNI site must be looked up again.
+    pub id: u64,
     pub relay: Arc<Relay>,
     pub store: Arc<CertStore>,
     pub tls: Arc<ServerConfig>,
-    pub limits: Limits,
+}
+
+impl Live {
+    /// The limits of this configuration.
+    pub fn limits(&self) -> &Limits {
+        &self.relay.config().limits
+    }
+}
+
+/// What every connection task shares.
+pub struct Shared {
+    /// The configuration in force: loaded once per connection (handshake, deadlines) and once
+    /// per request (routes), never locked.
+    live: ArcSwap<Live>,
+    /// Connection slots: `limits.max_connections`, resized on reload.
+    capacity: Capacity,
+    /// Where `POST /reload` on the admin listener sends its request.
+    reload: ReloadHandle,
+}
+
+impl Shared {
+    pub fn new(live: Live, reload: ReloadHandle) -> Shared {
+        let capacity = Capacity::new(live.limits().max_connections);
+        Shared { live: ArcSwap::from_pointee(live), capacity, reload }
+    }
+
+    /// The configuration in force.
+    pub fn current(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Puts `live` in force for the next connection and the next request.
+    pub fn replace(&self, live: Live) {
+        self.capacity.resize(live.limits().max_connections);
+        self.live.store(Arc::new(live));
+    }
+}
+
+/// A semaphore of connection slots whose size can change while connections hold slots.
+struct Capacity {
+    permits: Arc<Semaphore>,
+    size: std::sync::Mutex<usize>,
+}
+
+impl Capacity {
+    fn new(size: usize) -> Capacity {
+        Capacity { permits: Arc::new(Semaphore::new(size)), size: std::sync::Mutex::new(size) }
+    }
+
+    /// Grows at once; shrinks as connections close (the surplus slots are taken and dropped
+    /// as they come free, so no open connection is cut).
+    fn resize(&self, new: usize) {
+        let Ok(mut size) = self.size.lock() else { return };
+        if new > *size {
+            self.permits.add_permits(new - *size);
+        } else if new < *size {
+            let (permits, surplus) = (self.permits.clone(), u32::try_from(*size - new).unwrap_or(u32::MAX));
+            tokio::spawn(async move {
+                // Ends with an error once the semaphore is closed at shutdown.
+                if let Ok(taken) = permits.acquire_many_owned(surplus).await {
+                    taken.forget();
+                }
+            });
+        }
+        *size = new;
+    }
 }
 
 /// Which kind of listener a connection came in on.
@@ -89,11 +160,22 @@ enum Kind {
     Admin,
 }
 
+impl Kind {
+    /// The `listener` label of the open-connections gauge.
+    fn metrics_label(self) -> crate::metrics::Listener {
+        match self {
+            Kind::Https => crate::metrics::Listener::Https,
+            Kind::Http => crate::metrics::Listener::Http,
+            Kind::Admin => crate::metrics::Listener::Admin,
+        }
+    }
+}
+
 /// Serves every listener until `stop` is cancelled, then drains for at most the configured
 /// grace period.
 pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: CancellationToken) {
     let graceful = Arc::new(GracefulShutdown::new());
-    let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let permits = shared.capacity.permits.clone();
     // Fired when the grace period is over: every connection still open is dropped (closed).
     let force = CancellationToken::new();
     let mut loops = tokio::task::JoinSet::new();
@@ -110,7 +192,8 @@ pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: Cancellation
     }
     // The loops return once `stop` fires; then in-flight requests get the grace period.
     while loops.join_next().await.is_some() {}
-    let grace = shared.limits.shutdown_grace;
+    permits.close();
+    let grace = shared.current().limits().shutdown_grace;
     if let Ok(graceful) = Arc::try_unwrap(graceful) {
         tracing::info!(connections = graceful.count(), "stopped accepting; draining for at most {grace:?}");
         if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
@@ -147,6 +230,7 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (shared, watcher, force) = (shared.clone(), graceful.watcher(), force.clone());
         tokio::spawn(async move {
+            let _open = crate::metrics::global().connection_opened(kind.metrics_label());
             // Dropping the connection future closes its socket, even mid-request.
             tokio::select! {
                 _ = connection(tcp, remote, kind, &shared, watcher) => {}
@@ -170,28 +254,63 @@ async fn accept_error(e: io::Error) {
 }
 
 async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc<Shared>, watcher: Watcher) {
-    let limits = &shared.limits;
+    // The configuration at accept time sets this connection's handshake and deadlines.
+    let live = shared.current();
+    let limits = live.limits().clone();
     if kind != Kind::Https {
         let info = ConnInfo { remote, https: false, sni_site: None };
-        return serve_http(tcp, info, kind == Kind::Admin, shared, watcher).await;
+        let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind });
+        // Each request loads the configuration in force; the connection pins none.
+        drop(live);
+        return serve_http(tcp, conn, &limits, watcher).await;
     }
-    let hs = match tls::accept(tcp, &shared.store, &shared.tls, limits.handshake_timeout).await {
+    let hs = match tls::accept(tcp, &live.store, &live.tls, limits.handshake_timeout).await {
         Ok(hs) => hs,
         Err(e) => {
             tracing::debug!(%remote, reason = e.reason(), error = %e, "TLS handshake failed");
+            crate::metrics::global().handshake_failed(&e);
             return;
         }
     };
+    crate::metrics::global().handshake_ok();
     let info = ConnInfo { remote, https: true, sni_site: hs.sni.then_some(hs.site) };
+    let sni = hs.stream.get_ref().1.server_name().map(Arc::from);
+    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni, kind });
+    drop(live);
     let activity = if hs.h2 { Activity::new_h2() } else { Activity::new() };
     let io = TokioIo::new(ActivityIo::new(hs.stream, activity.clone()));
-    let svc = service(shared.relay.clone(), info, activity.clone(), false);
+    let svc = service(conn, activity.clone());
     if hs.h2 {
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-        activity.drive(watcher.watch(b.serve_connection(io, svc)), limits).await;
+        activity.drive(watcher.watch(b.serve_connection(io, svc)), &limits).await;
     } else {
-        activity.drive(watcher.watch(http1_builder(limits).serve_connection(io, svc)), limits).await;
+        activity.drive(watcher.watch(http1_builder(&limits).serve_connection(io, svc)), &limits).await;
+    }
+}
+
+/// What a request needs to know about its connection (one `Arc` per connection, so a request
+/// costs one reference count for it).
+struct Conn {
+    shared: Arc<Shared>,
+    /// As of configuration `generation`.
+    info: ConnInfo,
+    generation: u64,
+    /// The SNI hostname the client sent, to find its site again after a reload.
+    sni: Option<Arc<str>>,
+    kind: Kind,
+}
+
+impl Conn {
+    /// The connection facts in terms of `live`: after a reload, the SNI site is looked up again
+    /// (sites may have moved or gone; a name no longer served matches no site, so its requests
+    /// get 421 like any foreign Host).
+    fn info_for(&self, live: &Live) -> ConnInfo {
+        if live.id == self.generation || self.info.sni_site.is_none() {
+            return self.info;
+        }
+        let site = self.sni.as_deref().and_then(|n| live.store.lookup(Some(n))).map_or(usize::MAX, |s| s.site);
+        ConnInfo { sni_site: Some(site), ..self.info }
     }
 }
 
@@ -202,32 +321,38 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
     b
 }
 
-async fn serve_http(tcp: TcpStream, info: ConnInfo, admin: bool, shared: &Arc<Shared>, watcher: Watcher) {
+async fn serve_http(tcp: TcpStream, conn: Arc<Conn>, limits: &Limits, watcher: Watcher) {
     let activity = Activity::new();
     let io = TokioIo::new(ActivityIo::new(tcp, activity.clone()));
-    let svc = service(shared.relay.clone(), info, activity.clone(), admin);
-    let conn = http1_builder(&shared.limits).serve_connection(io, svc);
-    activity.drive(watcher.watch(conn), &shared.limits).await;
+    let svc = service(conn, activity.clone());
+    let conn = http1_builder(limits).serve_connection(io, svc);
+    activity.drive(watcher.watch(conn), limits).await;
 }
 
 /// The per-connection service: marks the connection busy for as long as a response is in
-/// flight, then hands the request to the relay.
+/// flight, then hands the request to the relay in force (one `ArcSwap` load per request).
 fn service(
-    relay: Arc<Relay>,
-    info: ConnInfo,
+    conn: Arc<Conn>,
     activity: Arc<Activity>,
-    admin: bool,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
     Response = http::Response<TrackedBody>,
     Error = std::convert::Infallible,
     Future = impl Future<Output = Result<http::Response<TrackedBody>, std::convert::Infallible>> + Send,
 > + Clone {
-    service_fn(move |req| {
+    service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let guard = activity.begin();
-        let relay = relay.clone();
+        let conn = conn.clone();
         async move {
-            let resp = if admin { relay.handle_admin(req, &info) } else { relay.handle(req, &info).await };
+            let live = conn.shared.current();
+            let info = conn.info_for(&live);
+            let resp = match conn.kind {
+                Kind::Admin if req.uri().path() == "/reload" => {
+                    crate::reload::admin_endpoint(req.method(), &conn.shared.reload).await
+                }
+                Kind::Admin => live.relay.handle_admin(req, &info),
+                _ => live.relay.handle(req, &info).await,
+            };
             Ok(resp.map(|body| TrackedBody::new(body, guard)))
         }
     })

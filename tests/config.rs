@@ -371,7 +371,7 @@ fn unknown_tables_and_mistyped_tables_are_read_past() {
                 callback = \"x\"\n\n[site.extra]\ny = 2\n\n[site.tls]\nsorce = 1\n";
     let p = problems(text);
     let want = [
-        "test.toml:1: bogus: unknown field `bogus`, expected one of `server`, `limits`, `log`, `site`",
+        "test.toml:1: bogus: unknown field `bogus`, expected one of `server`, `limits`, `log`, `health`, `site`",
         "test.toml:6: site[0].upstream: `nope` is not a URL: relative URL without a base",
         "test.toml:7: site[0].callback: invalid type: string \"x\", expected a table",
         "test.toml:9: site[0].extra: unknown field `extra`, expected one of `name`, ",

@@ -64,6 +64,7 @@ pub async fn issue(
     let mut order =
         account.new_order(&new).await.map_err(|source| AcmeError::Acme { step: "placing the order", source })?;
     counters::order_placed(directory);
+    crate::metrics::global().acme_order_placed(host);
     let url = order.url().to_string();
     tracing::info!(hostname = %host, order = %url, "order placed");
 

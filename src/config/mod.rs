@@ -73,6 +73,7 @@ pub struct Config {
     pub server: Server,
     pub limits: Limits,
     pub log: LogSettings,
+    pub health: HealthSettings,
     pub sites: Vec<Site>,
     /// Things that are allowed but probably not meant (printed by `check`, logged by `serve`).
     pub warnings: Vec<Problem>,
@@ -115,6 +116,28 @@ pub struct LogSettings {
     pub access: bool,
     /// Hide codes, state, tokens and credentials (on by default; turn off only to debug locally).
     pub redact: bool,
+    /// Keys the `flow` ids of access lines, so replicas agree; `None`: a random key per process.
+    pub flow_key: Option<crate::flow::FlowKey>,
+}
+
+/// What `/readyz` checks beyond "every hostname has a currently valid certificate".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// Not ready when a certificate expires within this while nothing renews it: always for
+    /// `files` and `self-signed`, for `acme` only while renewal keeps failing.
+    pub cert_expiry_margin: Duration,
+    /// How often each distinct upstream is probed (TLS handshake + one request); `None`: off.
+    pub upstream_probe_interval: Option<Duration>,
+    /// The path the probe requests; any HTTP status counts as reachable.
+    pub upstream_probe_path: String,
+    /// Longest time one probe may take before it counts as a failure.
+    pub upstream_probe_timeout: Duration,
+    /// Not ready once every probe of an upstream has failed for longer than this.
+    pub upstream_unreachable_window: Duration,
+    /// Skew against an upstream's `Date` header above this is reported (a line in `/readyz`).
+    pub clock_skew_warn: Duration,
+    /// Skew above this makes the relay not ready.
+    pub clock_skew_fail: Duration,
 }
 
 /// One customer domain (one or more hostnames) in front of one upstream broker.

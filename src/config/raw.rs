@@ -19,6 +19,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
+    pub health: RawHealth,
+    #[serde(default)]
     pub site: Vec<RawSite>,
 }
 
@@ -86,11 +88,53 @@ impl Default for RawLimits {
 pub struct RawLog {
     pub access: bool,
     pub redact: bool,
+    /// Secret (hex or base64) keying the flow ids; random per process when unset.
+    pub flow_key: Option<String>,
 }
 
 impl Default for RawLog {
     fn default() -> Self {
-        Self { access: true, redact: true }
+        Self { access: true, redact: true, flow_key: None }
+    }
+}
+
+/// `[health]`: what `/readyz` checks beyond "every hostname has a valid certificate".
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHealth {
+    /// Not ready when a certificate expires within this and nothing will renew it in time.
+    #[serde(with = "humantime_serde")]
+    pub cert_expiry_margin: Duration,
+    /// How often each distinct upstream is probed; "0s" turns probing off.
+    #[serde(with = "humantime_serde")]
+    pub upstream_probe_interval: Duration,
+    /// The path requested by the probe (any HTTP status counts as reachable).
+    pub upstream_probe_path: String,
+    /// Longest time one probe (connect, TLS handshake, response head) may take.
+    #[serde(with = "humantime_serde")]
+    pub upstream_probe_timeout: Duration,
+    /// Not ready once the upstream has failed every probe for longer than this.
+    #[serde(with = "humantime_serde")]
+    pub upstream_unreachable_window: Duration,
+    /// `/readyz` reports the skew against an upstream's `Date` header above this.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew_warn: Duration,
+    /// Not ready above this skew (OAuth codes live about ten minutes).
+    #[serde(with = "humantime_serde")]
+    pub clock_skew_fail: Duration,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            cert_expiry_margin: Duration::from_secs(7 * 24 * 3600),
+            upstream_probe_interval: Duration::from_secs(30),
+            upstream_probe_path: "/".into(),
+            upstream_probe_timeout: Duration::from_secs(5),
+            upstream_unreachable_window: Duration::from_secs(120),
+            clock_skew_warn: Duration::from_secs(30),
+            clock_skew_fail: Duration::from_secs(300),
+        }
     }
 }
 

@@ -43,6 +43,14 @@ impl Validator<'_> {
     pub fn config(&mut self, raw: RawConfig) -> Option<Config> {
         let server = self.server(&raw);
         let limits = self.limits(&raw);
+        let health = self.health(&raw);
+        let flow_key = match raw.log.flow_key.as_deref().map(crate::flow::FlowKey::parse) {
+            Some(Err(why)) => {
+                self.error(&[Seg::Key("log"), Seg::Key("flow_key")], why);
+                None
+            }
+            other => other.and_then(Result::ok),
+        };
         if raw.site.is_empty() {
             self.error(&[Seg::Key("site")], "at least one [[site]] is needed");
         }
@@ -55,7 +63,8 @@ impl Validator<'_> {
             file: self.file.to_string(),
             server: server?,
             limits: limits?,
-            log: LogSettings { access: raw.log.access, redact: raw.log.redact },
+            log: LogSettings { access: raw.log.access, redact: raw.log.redact, flow_key },
+            health: health?,
             sites: sites?,
             warnings: Vec::new(),
         })
@@ -155,6 +164,30 @@ impl Validator<'_> {
             max_connections: l.max_connections,
             max_query_bytes: l.max_query_bytes,
             max_body_bytes: l.max_body_bytes,
+        })
+    }
+
+    fn health(&mut self, raw: &RawConfig) -> Option<HealthSettings> {
+        let h = &raw.health;
+        let key = |k| [Seg::Key("health"), Seg::Key(k)];
+        let before = self.problems.len();
+        if !h.upstream_probe_path.starts_with('/') || h.upstream_probe_path.contains(['#', ' ']) {
+            self.error(&key("upstream_probe_path"), "must be an absolute path such as \"/\" (a query is allowed)");
+        }
+        if h.upstream_probe_timeout.is_zero() {
+            self.error(&key("upstream_probe_timeout"), "must be greater than zero (every wait needs a bound)");
+        }
+        if h.clock_skew_fail < h.clock_skew_warn {
+            self.error(&key("clock_skew_fail"), "must be at least `clock_skew_warn`");
+        }
+        (self.problems.len() == before).then(|| HealthSettings {
+            cert_expiry_margin: h.cert_expiry_margin,
+            upstream_probe_interval: (!h.upstream_probe_interval.is_zero()).then_some(h.upstream_probe_interval),
+            upstream_probe_path: h.upstream_probe_path.clone(),
+            upstream_probe_timeout: h.upstream_probe_timeout,
+            upstream_unreachable_window: h.upstream_unreachable_window,
+            clock_skew_warn: h.clock_skew_warn,
+            clock_skew_fail: h.clock_skew_fail,
         })
     }
 

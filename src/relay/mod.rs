@@ -10,7 +10,7 @@ mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, StatusCode, header};
 
@@ -18,6 +18,7 @@ pub use body::RelayBody;
 pub use upstream::{UpstreamClient, UpstreamError};
 
 use crate::config::{Config, Mode, Site};
+use crate::flow::{FlowId, Flows};
 use crate::health;
 use crate::tls::CertStore;
 pub use respond::with_allow as method_not_allowed;
@@ -89,6 +90,10 @@ pub struct Relay {
     default_site: Option<usize>,
     config: Arc<Config>,
     store: Arc<CertStore>,
+    /// Flow ids for the access log (`None` when it is off).
+    flows: Option<Arc<Flows>>,
+    /// What `/readyz` reports for this configuration.
+    health: Arc<health::Health>,
 }
 
 impl Relay {
@@ -108,7 +113,17 @@ impl Relay {
             });
         }
         let default_site = config.sites.iter().position(|s| s.default);
-        Ok(Relay { sites, default_site, config, store })
+        // The registry exists from startup, so its config-load time is the start's.
+        crate::metrics::global();
+        let flows = if config.log.access { Flows::for_key(config.log.flow_key.as_ref()) } else { None };
+        let health = Arc::new(health::Health::new(&config, store.clone()));
+        Ok(Relay { sites, default_site, config, store, flows, health })
+    }
+
+    /// The readiness checks of this configuration (their background tasks are started by
+    /// whoever puts the relay in service).
+    pub fn health(&self) -> &Arc<health::Health> {
+        &self.health
     }
 
     /// The configuration this relay serves.
@@ -126,6 +141,8 @@ impl Relay {
         let method = req.method().clone();
         // Only with `[log] redact = false` (local debugging): the path and query as received.
         let raw_uri = (!self.config.log.redact).then(|| req.uri().to_string());
+        // The flow id is read from the query (or the token's path) once the route is known.
+        let flow_uri = self.flows.is_some().then(|| req.uri().clone());
         let mut upstream = UpstreamOutcome::default();
         let (route, mut resp) = self.route(req, conn, &mut upstream).await;
         if conn.https {
@@ -135,10 +152,28 @@ impl Relay {
                 h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
             }
         }
+        let metrics = crate::metrics::global();
+        metrics.request(route, resp.status(), started.elapsed());
+        if let Some(ms) = upstream.latency_ms {
+            metrics.upstream_latency(route, Duration::try_from_secs_f64(ms / 1000.0).unwrap_or_default());
+        }
         if self.config.log.access {
-            access_log(&method, route, resp.status(), started, upstream, raw_uri.as_deref());
+            let flow = flow_uri.and_then(|u| self.flow_id(route, &u));
+            access_log(&method, route, resp.status(), started, upstream, raw_uri.as_deref(), flow);
         }
         resp
+    }
+
+    /// The access line's `flow`: authorize and callback by their `state`, the token exchange by
+    /// the code a callback carried.
+    fn flow_id(&self, route: RouteName, uri: &http::Uri) -> Option<FlowId> {
+        let flows = self.flows.as_ref()?;
+        match route {
+            RouteName::Authorize => flows.authorize(uri.query()),
+            RouteName::Callback => flows.callback(uri.query()),
+            RouteName::Token => flows.token(uri.path().rsplit('/').next()?),
+            _ => None,
+        }
     }
 
     async fn route<B>(
@@ -151,7 +186,7 @@ impl Relay {
         B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if let Some(r) = health::answer(req.uri().path(), req.method(), &self.store) {
+        if let Some(r) = health::answer(req.uri().path(), req.method(), &self.health) {
             return r;
         }
         if !conn.https {
@@ -312,6 +347,7 @@ fn access_log(
     started: Instant,
     up: UpstreamOutcome,
     raw_uri: Option<&str>,
+    flow: Option<FlowId>,
 ) {
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     tracing::info!(
@@ -323,6 +359,7 @@ fn access_log(
         upstream_status = up.status.map(|s| s.as_u16()),
         upstream_ms = up.latency_ms.map(|l| tracing::field::display(format!("{l:.3}"))),
         uri = raw_uri,
+        flow = flow.map(tracing::field::display),
     );
 }
 
@@ -339,9 +376,12 @@ impl Relay {
         }
     }
 
-    /// The admin listener: health only (metrics join it later), nothing relayed.
+    /// The admin listener: health and metrics, nothing relayed.
     pub fn handle_admin<B>(&self, req: Request<B>, _conn: &ConnInfo) -> Response<RelayBody> {
-        match health::answer(req.uri().path(), req.method(), &self.store) {
+        if req.uri().path() == "/metrics" {
+            return crate::metrics::respond(req.method(), &self.store);
+        }
+        match health::answer(req.uri().path(), req.method(), &self.health) {
             Some((_, r)) => r,
             None => plain(StatusCode::NOT_FOUND, "not found\n"),
         }

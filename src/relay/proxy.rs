@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use super::respond::plain;
 use super::{ConnInfo, RelayBody, UpstreamClient, UpstreamOutcome};
 use crate::config::{Limits, Site};
+use crate::metrics::UpstreamErrorKind;
 
 /// Everything one forwarded request needs.
 pub struct Forward<'a> {
@@ -79,17 +80,23 @@ impl Forward<'_> {
         outcome.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         let resp = match result {
             Err(_) => {
+                crate::metrics::global().upstream_error(UpstreamErrorKind::Timeout);
                 tracing::warn!(site = %self.site.name, "upstream did not answer within {:?}", self.client.response_timeout);
                 return plain(StatusCode::GATEWAY_TIMEOUT, "upstream did not answer in time\n");
             }
             Ok(Err(e)) => {
-                let kind = if e.is_connect() { "connect" } else { "request" };
+                let kind = UpstreamErrorKind::of(&e, e.is_connect());
+                crate::metrics::global().upstream_error(kind);
+                let kind = kind.as_str();
                 tracing::warn!(site = %self.site.name, kind, error = %chain(&e), "upstream request failed");
                 return plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n");
             }
             Ok(Ok(resp)) => resp,
         };
         outcome.status = Some(resp.status());
+        if resp.status().is_server_error() {
+            crate::metrics::global().upstream_error(UpstreamErrorKind::Status5xx);
+        }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         if self.rewrite {

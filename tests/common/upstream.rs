@@ -75,7 +75,16 @@ impl Drop for Upstream {
 impl Upstream {
     /// Starts on 127.0.0.1:0; with `tls`, serves HTTPS with that config (ALPN h2 + http/1.1).
     pub async fn start(tls: Option<Arc<rustls::ServerConfig>>, behaviour: UpstreamBehaviour) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        Self::start_at("127.0.0.1:0".parse().unwrap(), tls, behaviour).await
+    }
+
+    /// Like [`Upstream::start`] on a given address (an upstream restarted on the port it had).
+    pub async fn start_at(
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        behaviour: UpstreamBehaviour,
+    ) -> Upstream {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let recorded = requests.clone();

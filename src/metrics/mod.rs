@@ -1,0 +1,418 @@
+//! Metrics in the Prometheus text format, served at `GET /metrics` on the admin listener only
+//! (see docs/metrics.md for every series).
+//!
+//! One process-wide registry ([`global`]) so that any call site (the relay, the accept loops,
+//! the ACME tasks, a reload) counts without plumbing. The per-request path is lock-free and
+//! allocation-free (see [`atomic`]); everything else counts through prometheus-client families,
+//! whose label sets for the known values are created here up front so that they are exported as
+//! `0` from the first scrape (a `rate()` or an alert then works before the first event).
+//! Certificate expiry is read from the live certificate store at scrape time, so it is always
+//! the certificate actually served.
+
+mod atomic;
+
+use std::error::Error as StdError;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{Method, Response, StatusCode, header};
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::acme::AcmeError;
+use crate::relay::{RelayBody, RouteName};
+use crate::tls::{CertStore, HandshakeError};
+use atomic::{RequestCounts, RouteHistograms};
+
+/// Every series name starts with this. (prometheus-client ends each help text with a period.)
+pub const PREFIX: &str = "oauth_relay";
+
+type Label = [(&'static str, &'static str); 1];
+type Hostname = [(&'static str, String); 1];
+type HostProblem = [(&'static str, String); 2];
+
+/// How a request to the upstream failed (the `kind` label of `upstream_errors`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// No TCP connection (refused, unreachable, connect timeout).
+    Connect,
+    /// No response within the site's `response_timeout`.
+    Timeout,
+    /// The TLS handshake with the upstream failed (certificate, protocol).
+    Tls,
+    /// The connection broke after it was made (reset, closed mid-response).
+    Request,
+    /// The upstream answered with a 5xx status.
+    Status5xx,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 5] = [Self::Connect, Self::Timeout, Self::Tls, Self::Request, Self::Status5xx];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Tls => "tls",
+            Self::Request => "request",
+            Self::Status5xx => "status_5xx",
+        }
+    }
+
+    /// Classifies a client error: TLS when a rustls error is anywhere in its chain (hyper-rustls
+    /// wraps it in an `io::Error`), else connect or request as the client says.
+    pub fn of(error: &(dyn StdError + 'static), is_connect: bool) -> UpstreamErrorKind {
+        let mut cur = Some(error);
+        while let Some(e) = cur {
+            let inner = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|i| i as &dyn StdError);
+            if e.is::<rustls::Error>() || inner.is_some_and(|i| i.is::<rustls::Error>()) {
+                return Self::Tls;
+            }
+            // `io::Error::source` skips the wrapped error itself, so step into it by hand.
+            cur = inner.or_else(|| e.source());
+        }
+        if is_connect { Self::Connect } else { Self::Request }
+    }
+}
+
+/// Which listener a connection came in on (the `listener` label of `open_connections`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Https,
+    Http,
+    Admin,
+}
+
+impl Listener {
+    const ALL: [Listener; 3] = [Listener::Https, Listener::Http, Listener::Admin];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Listener::Https => "https",
+            Listener::Http => "http",
+            Listener::Admin => "admin",
+        }
+    }
+}
+
+/// Handshake failure reasons exported from the start (see `HandshakeError::reason`).
+const HANDSHAKE_REASONS: [&str; 6] = ["timeout", "no_sni", "unknown_sni", "protocol_version", "tls_error", "io"];
+
+/// The relay's metrics. Call sites use [`global`]; tests may make their own.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: RequestCounts,
+    request_duration: RouteHistograms,
+    upstream_duration: RouteHistograms,
+    upstream_errors: [Counter; UpstreamErrorKind::ALL.len()],
+    handshakes: Counter,
+    handshake_failures: Family<Label, Counter>,
+    open_connections: [Gauge; Listener::ALL.len()],
+    acme_orders: Family<Hostname, Counter>,
+    acme_failures: Family<HostProblem, Counter>,
+    reloads: [Counter; 2],
+    last_reload_ok: Gauge,
+    last_reload_success: Gauge,
+}
+
+static GLOBAL: OnceLock<Metrics> = OnceLock::new();
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    GLOBAL.get_or_init(Metrics::new)
+}
+
+/// Pre-creates one series per label value and returns them in that order.
+fn precreate<M: Clone + Default, const N: usize>(
+    family: &Family<Label, M>,
+    key: &'static str,
+    values: [&'static str; N],
+) -> [M; N] {
+    values.map(|v| family.get_or_create(&[(key, v)]).clone())
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// An empty registry with every series described.
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix(PREFIX);
+        r.register("build", "The relay's version", Info::new([("version", env!("CARGO_PKG_VERSION"))]));
+
+        let requests = RequestCounts::new();
+        r.register("requests", "Requests answered, by route and status", requests.clone());
+        let request_duration = RouteHistograms::new();
+        r.register_with_unit(
+            "request_duration",
+            "Time from request received to response headers ready, by route",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        let upstream_duration = RouteHistograms::new();
+        r.register_with_unit(
+            "upstream_duration",
+            "Time from request sent upstream to upstream response headers (or failure), by route",
+            Unit::Seconds,
+            upstream_duration.clone(),
+        );
+        let errors = Family::<Label, Counter>::default();
+        let upstream_errors = precreate(&errors, "kind", UpstreamErrorKind::ALL.map(UpstreamErrorKind::as_str));
+        r.register("upstream_errors", "Upstream requests that failed or answered 5xx, by kind", errors);
+
+        let handshakes = Counter::default();
+        r.register("tls_handshakes", "TLS handshakes completed on the HTTPS listeners", handshakes.clone());
+        let handshake_failures = Family::<Label, Counter>::default();
+        let _ = precreate(&handshake_failures, "reason", HANDSHAKE_REASONS);
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes that did not complete, by reason",
+            handshake_failures.clone(),
+        );
+
+        let conns = Family::<Label, Gauge>::default();
+        let open_connections = precreate(&conns, "listener", Listener::ALL.map(Listener::as_str));
+        r.register("open_connections", "Connections open now, by listener", conns);
+
+        let acme_orders = Family::<Hostname, Counter>::default();
+        r.register("acme_orders", "ACME orders the CA accepted, by hostname", acme_orders.clone());
+        let acme_failures = Family::<HostProblem, Counter>::default();
+        r.register(
+            "acme_order_failures",
+            "Failed certificate attempts, by hostname and ACME problem type",
+            acme_failures.clone(),
+        );
+
+        let reload_family = Family::<Label, Counter>::default();
+        let reloads = precreate(&reload_family, "outcome", ["ok", "error"]);
+        r.register("config_reloads", "Configuration reloads, by outcome", reload_family);
+        let last_reload_ok = Gauge::default();
+        last_reload_ok.set(1);
+        r.register(
+            "config_last_reload_successful",
+            "1 when the last configuration reload (or the start) succeeded, else 0",
+            last_reload_ok.clone(),
+        );
+        let last_reload_success = Gauge::default();
+        last_reload_success.set(unix_seconds(SystemTime::now()));
+        r.register_with_unit(
+            "config_last_reload_success_timestamp",
+            "When the configuration in force was loaded (start or last successful reload)",
+            Unit::Seconds,
+            last_reload_success.clone(),
+        );
+        Metrics {
+            registry: r,
+            requests,
+            request_duration,
+            upstream_duration,
+            upstream_errors,
+            handshakes,
+            handshake_failures,
+            open_connections,
+            acme_orders,
+            acme_failures,
+            reloads,
+            last_reload_ok,
+            last_reload_success,
+        }
+    }
+
+    /// One answered request. Lock-free and allocation-free for the common statuses.
+    #[inline]
+    pub fn request(&self, route: RouteName, status: StatusCode, elapsed: Duration) {
+        self.requests.inc(route, status.as_u16());
+        self.request_duration.observe(route, elapsed);
+    }
+
+    /// How long the upstream took to answer (or to fail) a request of `route`.
+    pub fn upstream_latency(&self, route: RouteName, elapsed: Duration) {
+        self.upstream_duration.observe(route, elapsed);
+    }
+
+    /// One failed upstream request (or 5xx answer).
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        let i = UpstreamErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.upstream_errors[i].inc();
+    }
+
+    /// One completed TLS handshake.
+    #[inline]
+    pub fn handshake_ok(&self) {
+        self.handshakes.inc();
+    }
+
+    /// One handshake that did not complete. An answered ACME TLS-ALPN-01 validation is not a
+    /// failure and is not counted.
+    pub fn handshake_failed(&self, e: &HandshakeError) {
+        if !matches!(e, HandshakeError::AcmeChallenge) {
+            self.handshake_failures.get_or_create(&[("reason", e.reason())]).inc();
+        }
+    }
+
+    /// Counts a connection as open until the returned guard is dropped.
+    pub fn connection_opened(&self, listener: Listener) -> OpenConnection<'_> {
+        let gauge = &self.open_connections[listener as usize];
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
+    /// The CA accepted a new order for `hostname`.
+    pub fn acme_order_placed(&self, hostname: &str) {
+        self.acme_orders.get_or_create(&[("hostname", hostname.to_string())]).inc();
+    }
+
+    /// An attempt to get a certificate for `hostname` failed.
+    pub fn acme_order_failed(&self, hostname: &str, e: &AcmeError) {
+        let labels = [("hostname", hostname.to_string()), ("problem", acme_problem(e))];
+        self.acme_failures.get_or_create(&labels).inc();
+    }
+
+    /// A configuration reload finished; `ok` is false when the new configuration was refused
+    /// and the old one stays in force.
+    pub fn config_reload(&self, ok: bool) {
+        self.reloads[usize::from(!ok)].inc();
+        self.last_reload_ok.set(i64::from(ok));
+        if ok {
+            self.last_reload_success.set(unix_seconds(SystemTime::now()));
+        }
+    }
+
+    /// The exposition text: every registered series, then the expiry of each certificate in
+    /// `store` (read now, so a certificate swapped a moment ago is the one reported).
+    pub fn render(&self, store: &CertStore) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing to a String cannot fail; an encoding error would only truncate the text.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
+        let mut certs = Registry::with_prefix(PREFIX);
+        let not_after = Family::<Hostname, Gauge>::default();
+        for slot in store.slots() {
+            if let Some(c) = slot.current() {
+                not_after.get_or_create(&[("hostname", slot.hostname.clone())]).set(unix_seconds(c.not_after));
+            }
+        }
+        certs.register_with_unit(
+            "certificate_not_after",
+            "When the certificate served for a hostname expires (seconds since the epoch)",
+            Unit::Seconds,
+            not_after,
+        );
+        let _ = prometheus_text::encode(&mut out, &certs);
+        out
+    }
+}
+
+/// Marks a connection open; dropping it (however the connection ends) marks it closed.
+pub struct OpenConnection<'a>(&'a Gauge);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// `GET /metrics` on the admin listener: the text format with its content type.
+pub fn respond(method: &Method, store: &CertStore) -> Response<RelayBody> {
+    if method != Method::GET && method != Method::HEAD {
+        return crate::relay::method_not_allowed("GET, HEAD");
+    }
+    let mut r = Response::new(RelayBody::full(global().render(store)));
+    *r.status_mut() = StatusCode::OK;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(prometheus_text::CONTENT_TYPE));
+    h.insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    r
+}
+
+fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+const ACME_PROBLEM_PREFIX: &str = "urn:ietf:params:acme:error:";
+
+/// The `problem` label of an ACME failure: the RFC 8555 problem type the CA sent (e.g.
+/// `rateLimited`, `connection`, `dns`, `unauthorized`), else what went wrong on this side. Only
+/// short alphanumeric names pass, so a CA cannot blow up the label set.
+pub fn acme_problem(e: &AcmeError) -> String {
+    let from_ca = |t: &str| -> Option<String> {
+        let name = &t[t.find(ACME_PROBLEM_PREFIX)? + ACME_PROBLEM_PREFIX.len()..];
+        let name: String = name.chars().take_while(char::is_ascii_alphanumeric).collect();
+        (!name.is_empty() && name.len() <= 40).then_some(name)
+    };
+    let local = match e {
+        AcmeError::Acme { source: instant_acme::Error::Api(p), .. } => {
+            return p.r#type.as_deref().and_then(from_ca).unwrap_or_else(|| "other".into());
+        }
+        // The order went invalid: the CA's reasons are in the challenges' problem documents.
+        AcmeError::Rejected { detail } => return from_ca(detail).unwrap_or_else(|| "rejected".into()),
+        AcmeError::Acme { source: instant_acme::Error::Timeout(_), .. } | AcmeError::Timeout(_) => "timeout",
+        AcmeError::Acme { .. } => "transport",
+        AcmeError::Store(_) | AcmeError::Io { .. } => "storage",
+        AcmeError::Challenge(_) => "challenge_publish",
+        AcmeError::CaFile { .. } => "ca_file",
+        AcmeError::ChallengeNotOffered { .. } => "challenge_not_offered",
+        AcmeError::Certificate(_) => "bad_certificate",
+        AcmeError::Key(_) => "key",
+        AcmeError::Busy { .. } => "busy",
+        AcmeError::UnknownHost(_) => "unknown_host",
+    };
+    local.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(t: &str) -> AcmeError {
+        let p: instant_acme::Problem =
+            serde_json::from_value(serde_json::json!({ "type": t, "detail": "d" })).expect("problem");
+        AcmeError::Acme { step: "placing the order", source: instant_acme::Error::Api(p) }
+    }
+
+    #[test]
+    fn acme_problem_types_come_from_the_ca_and_stay_short() {
+        assert_eq!(acme_problem(&problem("urn:ietf:params:acme:error:rateLimited")), "rateLimited");
+        assert_eq!(acme_problem(&problem("about:blank")), "other");
+        assert_eq!(acme_problem(&problem(&format!("{ACME_PROBLEM_PREFIX}{}", "x".repeat(200)))), "other");
+        let rejected =
+            AcmeError::Rejected { detail: "API error: no route (urn:ietf:params:acme:error:connection); more".into() };
+        assert_eq!(acme_problem(&rejected), "connection");
+        assert_eq!(acme_problem(&AcmeError::Timeout(Duration::from_secs(1))), "timeout");
+    }
+
+    #[test]
+    fn a_tls_error_inside_an_io_error_is_tls() {
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::DecryptError);
+        assert_eq!(UpstreamErrorKind::of(&io, true), UpstreamErrorKind::Tls);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(UpstreamErrorKind::of(&refused, true), UpstreamErrorKind::Connect);
+        assert_eq!(UpstreamErrorKind::of(&refused, false), UpstreamErrorKind::Request);
+    }
+
+    #[test]
+    fn reloads_and_connections_move_their_series() {
+        let m = Metrics::new();
+        m.config_reload(false);
+        {
+            let _c = m.connection_opened(Listener::Admin);
+            assert_eq!(m.open_connections[2].get(), 1);
+        }
+        assert_eq!(m.open_connections[2].get(), 0);
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, &m.registry).expect("encode");
+        assert!(text.contains("\noauth_relay_config_reloads_total{outcome=\"error\"} 1\n"), "{text}");
+        assert!(text.contains("\noauth_relay_config_last_reload_successful 0\n"), "{text}");
+        assert!(text.contains("\noauth_relay_tls_handshake_failures_total{reason=\"no_sni\"} 0\n"), "{text}");
+    }
+}

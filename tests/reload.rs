@@ -1,0 +1,549 @@
+//! Configuration reload: a valid file takes effect for the next connection and the next request
+//! on an open one, an invalid file is refused and the old configuration stays, and in both
+//! cases a client sending requests all along (keep-alive and new connections) sees no failure.
+//! In-process through `run_with`, over `POST /reload` on the admin listener, and on the real
+//! binary with SIGHUP and `oauth-relay reload`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::client::Reply;
+use common::pki::Leaf;
+use common::{Pki, TlsClient};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use oauth_relay::reload::{ReloadError, ReloadHandle, Requests};
+use oauth_relay::{Config, Listeners};
+use tokio::sync::oneshot;
+
+const BIN: &str = env!("CARGO_BIN_EXE_oauth-relay");
+const HOST: &str = "auth.example.test";
+const NEW_HOST: &str = "new.example.test";
+const CALLBACK: &str = "/v1/auth/callback?code=c&state=s";
+
+/// What a configuration file says; [`Setup::write`] renders it.
+#[derive(Clone)]
+struct Shape {
+    https: String,
+    admin: Option<String>,
+    callback_status: u16,
+    /// Adds a second site, `new.example.test`, in front of another upstream.
+    second_site: bool,
+    /// Raw lines appended to `[server]` (e.g. a mistake).
+    server_extra: String,
+}
+
+impl Shape {
+    fn new(https: &str, admin: Option<&str>) -> Shape {
+        Shape {
+            https: https.into(),
+            admin: admin.map(Into::into),
+            callback_status: 302,
+            second_site: false,
+            server_extra: String::new(),
+        }
+    }
+}
+
+/// A temp folder with the PKI, the certificates and the configuration file.
+struct Setup {
+    pki: Pki,
+    leaf: Leaf,
+    new_leaf: Leaf,
+    path: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let pki = Pki::new();
+        let leaf = pki.leaf("auth", &[HOST]);
+        let new_leaf = pki.leaf("new", &[NEW_HOST]);
+        let path = pki.dir.path().join("relay.toml");
+        Setup { pki, leaf, new_leaf, path }
+    }
+
+    fn write(&self, s: &Shape) {
+        let site = |name: &str, host: &str, upstream: &str, leaf: &Leaf, status: u16| {
+            format!(
+                "[[site]]\nname = \"{name}\"\nhostnames = [\"{host}\"]\nupstream = \"{upstream}\"\n\n\
+                 [site.tls]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+                 [site.callback]\nstatus = {status}\n\n",
+                leaf.cert_path.display(),
+                leaf.key_path.display()
+            )
+        };
+        let mut text = format!(
+            "[server]\nhttps = [\"{}\"]\nstorage = \"{}\"\n{}{}\n\n[health]\nupstream_probe_interval = \"0s\"\n\n",
+            s.https,
+            self.pki.dir.path().join("certs").display(),
+            s.admin.as_ref().map(|a| format!("admin = \"{a}\"\n")).unwrap_or_default(),
+            s.server_extra,
+        );
+        text.push_str(&site("auth", HOST, "https://broker.example.test", &self.leaf, s.callback_status));
+        if s.second_site {
+            text.push_str(&site("new", NEW_HOST, "https://broker2.example.test", &self.new_leaf, 302));
+        }
+        std::fs::write(&self.path, text).expect("write config");
+    }
+
+    /// The 1-based line of the first line of the file that contains `needle`.
+    fn line_of(&self, needle: &str) -> usize {
+        let text = std::fs::read_to_string(&self.path).unwrap();
+        text.lines().position(|l| l.contains(needle)).expect("needle in config") + 1
+    }
+
+    fn client(&self, addr: SocketAddr) -> TlsClient {
+        TlsClient::new(addr, self.pki.client_config(&[b"http/1.1"]))
+    }
+}
+
+/// The relay in-process through `run_with`, with its reload handle.
+struct InProcess {
+    https: SocketAddr,
+    admin: Option<SocketAddr>,
+    reload: ReloadHandle,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), oauth_relay::RunError>>,
+}
+
+impl InProcess {
+    async fn start(path: &Path) -> InProcess {
+        let config = Arc::new(Config::load(path).unwrap_or_else(|e| panic!("config: {e}")));
+        let listeners = Listeners::bind(&config).await.expect("bind");
+        let https = listeners.https[0].local_addr().unwrap();
+        let admin = listeners.admin.as_ref().map(|l| l.local_addr().unwrap());
+        let requests = Requests::new();
+        let reload = requests.handle();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(oauth_relay::run_with(
+            config,
+            listeners,
+            async move {
+                let _ = rx.await;
+            },
+            requests,
+        ));
+        InProcess { https, admin, reload, stop: Some(tx), task }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().expect("running").send(());
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
+            .await
+            .expect("stops within 30 s")
+            .expect("task")
+            .expect("run");
+    }
+}
+
+/// Requests sent continuously while a test reloads: one keep-alive connection opened before the
+/// reload, and a new connection for every other request.
+struct Load {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<LoadReport>,
+}
+
+#[derive(Debug, Default)]
+struct LoadReport {
+    /// Callback statuses seen on the one keep-alive connection, in order.
+    keep_alive: Vec<u16>,
+    /// Callback statuses seen on new connections, in order.
+    fresh: Vec<u16>,
+    failures: Vec<String>,
+}
+
+impl Load {
+    async fn start(client: TlsClient) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        // The keep-alive connection exists before the test goes on.
+        let mut keep_alive = h1(&client).await.expect("keep-alive connection");
+        let task = tokio::spawn(async move {
+            let mut report = LoadReport::default();
+            while !flag.load(Ordering::Relaxed) {
+                match callback(&mut keep_alive).await {
+                    Ok(s @ (302 | 303)) => report.keep_alive.push(s),
+                    Ok(s) => report.failures.push(format!("keep-alive: status {s}")),
+                    Err(e) => {
+                        report.failures.push(format!("keep-alive: {e}"));
+                        break;
+                    }
+                }
+                let fresh = async { callback(&mut h1(&client).await?).await };
+                match fresh.await {
+                    Ok(s @ (302 | 303)) => report.fresh.push(s),
+                    Ok(s) => report.failures.push(format!("new connection: status {s}")),
+                    Err(e) => report.failures.push(format!("new connection: {e}")),
+                }
+            }
+            report
+        });
+        Load { stop, task }
+    }
+
+    /// Stops the load and returns what it saw.
+    async fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(20), self.task).await.expect("load stops").expect("load task")
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn h1(client: &TlsClient) -> Result<Sender, String> {
+    let tls = client.connect(HOST).await.map_err(|e| format!("handshake: {e}"))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// One callback GET on `sender`, within 10 s; its status.
+async fn callback(sender: &mut Sender) -> Result<u16, String> {
+    let req = http::Request::get(CALLBACK).header("host", HOST).body(Full::new(Bytes::new())).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .map_err(|_| "no response within 10 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
+/// Sends `n` callbacks on new connections beside the load, each a redirect: a bounded way to
+/// let the load run for a while (no sleeping).
+async fn let_load_run(client: &TlsClient, n: usize) {
+    for _ in 0..n {
+        let r = client.get(HOST, CALLBACK).await;
+        assert!(matches!(r.status, 302 | 303), "status {}", r.status);
+    }
+}
+
+/// A plain-HTTP/1.1 request to the admin listener.
+async fn admin(addr: SocketAddr, method: &str, target: &str) -> Reply {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect admin");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("h1");
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), sender.send_request(req))
+        .await
+        .expect("admin answers within 20 s")
+        .expect("admin response");
+    let (parts, body) = resp.into_parts();
+    Reply { status: parts.status.as_u16(), headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+}
+
+fn assert_switched(report: &LoadReport) {
+    assert!(report.failures.is_empty(), "failed requests during the reload: {:#?}", report.failures);
+    for (what, seen) in [("keep-alive", &report.keep_alive), ("new connections", &report.fresh)] {
+        let first_new = seen.iter().position(|s| *s == 303).unwrap_or_else(|| panic!("{what} never saw 303"));
+        assert!(first_new > 0, "{what} saw the old behaviour before the reload");
+        assert!(seen[first_new..].iter().all(|s| *s == 303), "{what} went back to 302 after the reload: {seen:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_switches_routes_and_sites_without_failed_requests() {
+    let setup = Setup::new();
+    let shape = Shape::new("127.0.0.1:0", None);
+    setup.write(&shape);
+    let relay = InProcess::start(&setup.path).await;
+    let client = setup.client(relay.https);
+    let serial_before = client.peer_serial(HOST).await;
+    assert!(client.connect(NEW_HOST).await.is_err(), "the new hostname is not served yet");
+
+    let load = Load::start(client.clone()).await;
+    let_load_run(&client, 10).await;
+    setup.write(&Shape { callback_status: 303, second_site: true, ..shape });
+    let reloaded = relay.reload.reload().await.expect("reload");
+    assert!(reloaded.warnings.is_empty(), "{:?}", reloaded.warnings);
+    // The very next request uses the new configuration.
+    let r = client.get(HOST, CALLBACK).await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), "https://broker.example.test/v1/auth/callback?code=c&state=s");
+    let_load_run(&client, 10).await;
+    let report = load.finish().await;
+    assert_switched(&report);
+
+    // The new site is served with its own certificate; the unchanged one kept its certificate.
+    assert_eq!(client.peer_serial(NEW_HOST).await, setup.new_leaf.serial);
+    let r = client.get(NEW_HOST, CALLBACK).await;
+    assert_eq!((r.status, r.header("location")), (302, "https://broker2.example.test/v1/auth/callback?code=c&state=s"));
+    assert_eq!(client.peer_serial(HOST).await, serial_before);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_config_is_refused_and_the_old_one_stays_in_force() {
+    let setup = Setup::new();
+    let shape = Shape::new("127.0.0.1:0", None);
+    setup.write(&shape);
+    let relay = InProcess::start(&setup.path).await;
+    let client = setup.client(relay.https);
+    let load = Load::start(client.clone()).await;
+    let_load_run(&client, 5).await;
+
+    setup.write(&Shape { callback_status: 304, server_extra: "hsts = \"nope\"".into(), ..shape.clone() });
+    let err = relay.reload.reload().await.expect_err("refused");
+    let file = setup.path.display().to_string();
+    assert_eq!(
+        err.lines(),
+        vec![
+            format!(
+                "{file}:{}: server.hsts: must be a Strict-Transport-Security value such as \"max-age=31536000\", or \"\" to send none",
+                setup.line_of("hsts")
+            ),
+            format!("{file}:{}: site[0].callback.status: 304: use 302, 303 or 307", setup.line_of("status = 304")),
+        ]
+    );
+    let_load_run(&client, 5).await;
+    let report = load.finish().await;
+    assert!(report.failures.is_empty(), "failed requests: {:#?}", report.failures);
+    assert!(report.keep_alive.iter().chain(&report.fresh).all(|s| *s == 302), "the old config stays: {report:?}");
+
+    // A file that parses but cannot be served (a certificate that cannot be read) is refused too.
+    std::fs::remove_file(&setup.new_leaf.key_path).unwrap();
+    setup.write(&Shape { second_site: true, ..shape.clone() });
+    let err = relay.reload.reload().await.expect_err("refused");
+    assert!(matches!(err, ReloadError::Build(_)), "{err:?}");
+    assert!(err.to_string().contains("new.key"), "{err}");
+    assert!(client.connect(NEW_HOST).await.is_err(), "the refused site is not served");
+    assert_eq!(client.get(HOST, CALLBACK).await.status, 302);
+
+    // Fixed: the next reload goes through.
+    setup.write(&Shape { callback_status: 307, ..shape });
+    relay.reload.reload().await.expect("reload");
+    assert_eq!(client.get(HOST, CALLBACK).await.status, 307);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn admin_reload_endpoint_answers_200_400_and_405() {
+    let setup = Setup::new();
+    let shape = Shape::new("127.0.0.1:0", Some("127.0.0.1:0"));
+    setup.write(&shape);
+    let relay = InProcess::start(&setup.path).await;
+    let addr = relay.admin.expect("admin");
+    let client = setup.client(relay.https);
+
+    let r = admin(addr, "GET", "/reload").await;
+    assert_eq!((r.status, r.header("allow")), (405, "POST"));
+    // Only the admin listener reloads.
+    assert_eq!(client.send(HOST, "POST", "/reload", &[], "").await.status, 404);
+
+    setup.write(&Shape { callback_status: 303, ..shape.clone() });
+    let r = admin(addr, "POST", "/reload").await;
+    assert_eq!((r.status, r.text()), (200, "reloaded\n"));
+    assert_eq!(client.get(HOST, CALLBACK).await.status, 303);
+
+    setup.write(&Shape { callback_status: 301, ..shape.clone() });
+    let r = admin(addr, "POST", "/reload").await;
+    let want = format!(
+        "{}:{}: site[0].callback.status: 301: use 302, 303 or 307\n",
+        setup.path.display(),
+        setup.line_of("301")
+    );
+    assert_eq!((r.status, r.text()), (400, want.as_str()));
+    assert_eq!(client.get(HOST, CALLBACK).await.status, 303, "the refused file changed nothing");
+
+    // Listen addresses need a restart: the reload goes through and says so.
+    setup.write(&Shape { admin: Some("127.0.0.1:1".into()), ..shape });
+    let r = admin(addr, "POST", "/reload").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.text(),
+        "reloaded\nwarning: server.admin changed from 127.0.0.1:0 to 127.0.0.1:1: listen addresses change only on \
+         restart; still listening on 127.0.0.1:0\n"
+    );
+    assert_eq!(admin(addr, "GET", "/healthz").await.status, 200, "still on the old admin address");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn the_embedded_config_cannot_be_reloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\nhttps = [\"127.0.0.1:0\"]\nstorage = \"{}\"\n\n[[site]]\nhostnames = [\"localhost\"]\n",
+        dir.path().display()
+    );
+    let config = Arc::new(Config::parse(oauth_relay::config::EMBEDDED_NAME, &text).expect("config"));
+    let listeners = Listeners::bind(&config).await.expect("bind");
+    let requests = Requests::new();
+    let handle = requests.handle();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(oauth_relay::run_with(config, listeners, async move { drop(rx.await) }, requests));
+    let err = handle.reload().await.expect_err("refused");
+    assert!(matches!(err, ReloadError::Embedded), "{err:?}");
+    assert!(err.to_string().contains("start the relay with --config FILE"), "{err}");
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(30), task).await.expect("stops").expect("task").expect("run");
+    // After the relay stopped, a reload request says so instead of waiting.
+    assert!(matches!(handle.reload().await, Err(ReloadError::Stopped)));
+}
+
+/// A free loopback port: bind port 0, read it, release it.
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
+}
+
+/// The relay binary, killed and reaped if the test ends early. (Running the `reload` command
+/// blocks the test's runtime for a moment; the relay is another process, so that is fine.)
+struct Binary {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Binary {
+    async fn start(setup: &Setup, admin: SocketAddr) -> Binary {
+        let log = setup.pki.dir.path().join("stderr.log");
+        let child = Command::new(BIN)
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(&setup.path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn oauth-relay");
+        let mut b = Binary { child, log };
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if tokio::net::TcpStream::connect(admin).await.is_ok() {
+                break;
+            }
+            assert!(b.child.try_wait().unwrap().is_none(), "the relay exited: {}", b.stderr());
+            assert!(Instant::now() < until, "not listening within 10 s: {}", b.stderr());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        b
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().expect("kill");
+        assert!(ok.success());
+    }
+
+    /// Waits (at most 10 s) until the log contains `needle`.
+    async fn wait_log(&self, needle: &str) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !self.stderr().contains(needle) {
+            assert!(Instant::now() < until, "no `{needle}` in the log within 10 s:\n{}", self.stderr());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then the exit status (at most 10 s).
+    async fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < until, "still running 10 s after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_binary_under_load_and_keeps_it_on_a_bad_file() {
+    let setup = Setup::new();
+    let (https, admin_addr) = (free_port(), free_port());
+    let shape = Shape::new(&https.to_string(), Some(&admin_addr.to_string()));
+    setup.write(&shape);
+    let relay = Binary::start(&setup, admin_addr).await;
+    let client = setup.client(https);
+
+    // A bad file first: refused, logged with its problem, and the relay goes on unchanged.
+    let load = Load::start(client.clone()).await;
+    let_load_run(&client, 5).await;
+    setup.write(&Shape { callback_status: 304, ..shape.clone() });
+    relay.signal("HUP");
+    relay.wait_log("configuration reload refused").await;
+    let problem =
+        format!("{}:{}: site[0].callback.status: 304: use 302, 303 or 307", setup.path.display(), setup.line_of("304"));
+    assert!(relay.stderr().contains(&problem.replace('"', "\\\"")), "the problem is logged:\n{}", relay.stderr());
+    let_load_run(&client, 5).await;
+    let report = load.finish().await;
+    assert!(report.failures.is_empty(), "failed requests: {:#?}", report.failures);
+    assert!(report.keep_alive.iter().chain(&report.fresh).all(|s| *s == 302), "{report:?}");
+
+    // Then a good one.
+    let load = Load::start(client.clone()).await;
+    let_load_run(&client, 5).await;
+    setup.write(&Shape { callback_status: 303, second_site: true, ..shape });
+    relay.signal("HUP");
+    relay.wait_log("configuration reloaded").await;
+    assert_eq!(client.get(HOST, CALLBACK).await.status, 303);
+    let_load_run(&client, 5).await;
+    let report = load.finish().await;
+    assert_switched(&report);
+    assert_eq!(client.peer_serial(NEW_HOST).await, setup.new_leaf.serial);
+
+    let status = relay.stop().await;
+    assert_eq!(status.code(), Some(0));
+}
+
+fn reload_cli(config: &Path) -> std::process::Output {
+    Command::new(BIN).args(["reload", "--config"]).arg(config).stdin(Stdio::null()).output().expect("run reload")
+}
+
+#[tokio::test]
+async fn reload_command_talks_to_the_running_binary() {
+    let setup = Setup::new();
+    let (https, admin_addr) = (free_port(), free_port());
+    let shape = Shape::new(&https.to_string(), Some(&admin_addr.to_string()));
+    setup.write(&shape);
+    let relay = Binary::start(&setup, admin_addr).await;
+    let client = setup.client(https);
+
+    setup.write(&Shape { callback_status: 307, ..shape.clone() });
+    let out = reload_cli(&setup.path);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "reloaded\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(client.get(HOST, CALLBACK).await.status, 307);
+
+    // Valid TOML the relay cannot serve: the relay's refusal is printed, exit 1.
+    std::fs::remove_file(&setup.new_leaf.cert_path).unwrap();
+    setup.write(&Shape { second_site: true, ..shape.clone() });
+    let out = reload_cli(&setup.path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("the relay refused the reload (400):\n"), "{stderr}");
+    assert!(stderr.contains(&format!("{}: cannot read", setup.new_leaf.cert_path.display())), "{stderr}");
+    assert_eq!(client.get(HOST, CALLBACK).await.status, 307);
+
+    // No admin listener in the file: the command says to send SIGHUP.
+    let no_admin = setup.pki.dir.path().join("no-admin.toml");
+    let text = std::fs::read_to_string(&setup.path).unwrap();
+    std::fs::write(&no_admin, text.replace(&format!("admin = \"{admin_addr}\"\n"), "")).unwrap();
+    let out = reload_cli(&no_admin);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no `[server] admin` listener") && stderr.contains("kill -HUP <pid>"), "{stderr}");
+
+    assert_eq!(relay.stop().await.code(), Some(0));
+}
