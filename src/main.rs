@@ -136,7 +136,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         Ok(n) => tracing::debug!(limit = n, "open-file limit raised"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let runtime = serving_runtime().context("starting the runtime")?;
     runtime.block_on(async {
         let listeners = Listeners::bind(&config).await?;
         for l in &listeners.https {
@@ -232,6 +232,20 @@ async fn post_reload(admin: std::net::SocketAddr) -> anyhow::Result<(u16, String
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(std::time::Duration::from_secs(30), exchange).await.context("timed out after 30 s")?
+}
+
+/// One worker thread (TOKIO_WORKER_THREADS=1, or one CPU) gets the single-threaded scheduler:
+/// same behaviour, none of the work-stealing bookkeeping a lone worker would pay for.
+fn serving_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

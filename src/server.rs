@@ -13,13 +13,13 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use activity::{Activity, ActivityIo, TrackedBody};
+use activity::{Activity, ActivityIo, Shutdown, TrackedBody};
 
 use crate::config::{Config, Limits};
 use crate::relay::{ConnInfo, Relay};
@@ -174,10 +174,9 @@ impl Kind {
 /// Serves every listener until `stop` is cancelled, then drains for at most the configured
 /// grace period.
 pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: CancellationToken) {
-    let graceful = Arc::new(GracefulShutdown::new());
+    let shutdown = Arc::new(Shutdown::default());
+    let tracker = TaskTracker::new();
     let permits = shared.capacity.permits.clone();
-    // Fired when the grace period is over: every connection still open is dropped (closed).
-    let force = CancellationToken::new();
     let mut loops = tokio::task::JoinSet::new();
     let all = listeners
         .https
@@ -186,21 +185,22 @@ pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: Cancellation
         .chain(listeners.http.into_iter().map(|l| (l, Kind::Http)))
         .chain(listeners.admin.into_iter().map(|l| (l, Kind::Admin)));
     for (listener, kind) in all {
-        let (shared, permits, graceful) = (shared.clone(), permits.clone(), graceful.clone());
-        let (stop, force) = (stop.clone(), force.clone());
-        loops.spawn(accept_loop(listener, kind, shared, permits, graceful, stop, force));
+        let (shared, permits, shutdown, tracker) = (shared.clone(), permits.clone(), shutdown.clone(), tracker.clone());
+        loops.spawn(accept_loop(listener, kind, shared, permits, shutdown, tracker, stop.clone()));
     }
     // The loops return once `stop` fires; then in-flight requests get the grace period.
     while loops.join_next().await.is_some() {}
     permits.close();
+    tracker.close();
     let grace = shared.current().limits().shutdown_grace;
-    if let Ok(graceful) = Arc::try_unwrap(graceful) {
-        tracing::info!(connections = graceful.count(), "stopped accepting; draining for at most {grace:?}");
-        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-            tracing::warn!("grace period over; closing the remaining connections");
-        }
+    tracing::info!(connections = tracker.len(), "stopped accepting; draining for at most {grace:?}");
+    shutdown.graceful();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(connections = tracker.len(), "grace period over; closing the remaining connections");
+        // Dropping a connection closes its socket, even mid-request.
+        shutdown.force();
+        let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
     }
-    force.cancel();
 }
 
 async fn accept_loop(
@@ -208,9 +208,9 @@ async fn accept_loop(
     kind: Kind,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
-    graceful: Arc<GracefulShutdown>,
+    shutdown: Arc<Shutdown>,
+    tracker: TaskTracker,
     stop: CancellationToken,
-    force: CancellationToken,
 ) {
     loop {
         let permit = tokio::select! {
@@ -228,14 +228,10 @@ async fn accept_loop(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let (shared, watcher, force) = (shared.clone(), graceful.watcher(), force.clone());
-        tokio::spawn(async move {
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        tracker.spawn(async move {
             let _open = crate::metrics::global().connection_opened(kind.metrics_label());
-            // Dropping the connection future closes its socket, even mid-request.
-            tokio::select! {
-                _ = connection(tcp, remote, kind, &shared, watcher) => {}
-                _ = force.cancelled() => {}
-            }
+            connection(tcp, remote, kind, &shared, &shutdown).await;
             drop(permit);
         });
     }
@@ -253,7 +249,7 @@ async fn accept_error(e: io::Error) {
     }
 }
 
-async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc<Shared>, watcher: Watcher) {
+async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc<Shared>, shutdown: &Arc<Shutdown>) {
     // The configuration at accept time sets this connection's handshake and deadlines.
     let live = shared.current();
     let limits = live.limits().clone();
@@ -262,7 +258,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
         let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind });
         // Each request loads the configuration in force; the connection pins none.
         drop(live);
-        return serve_http(tcp, conn, &limits, watcher).await;
+        return serve_http(tcp, conn, &limits, shutdown).await;
     }
     let hs = match tls::accept(tcp, &live.store, &live.tls, limits.handshake_timeout).await {
         Ok(hs) => hs,
@@ -283,9 +279,9 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
     if hs.h2 {
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-        activity.drive(watcher.watch(b.serve_connection(io, svc)), &limits).await;
+        activity.drive(b.serve_connection(io, svc), &limits, shutdown).await;
     } else {
-        activity.drive(watcher.watch(http1_builder(&limits).serve_connection(io, svc)), &limits).await;
+        activity.drive(http1_builder(&limits).serve_connection(io, svc), &limits, shutdown).await;
     }
 }
 
@@ -321,12 +317,12 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
     b
 }
 
-async fn serve_http(tcp: TcpStream, conn: Arc<Conn>, limits: &Limits, watcher: Watcher) {
+async fn serve_http(tcp: TcpStream, conn: Arc<Conn>, limits: &Limits, shutdown: &Arc<Shutdown>) {
     let activity = Activity::new();
     let io = TokioIo::new(ActivityIo::new(tcp, activity.clone()));
     let svc = service(conn, activity.clone());
     let conn = http1_builder(limits).serve_connection(io, svc);
-    activity.drive(watcher.watch(conn), limits).await;
+    activity.drive(conn, limits, shutdown).await;
 }
 
 /// The per-connection service: marks the connection busy for as long as a response is in

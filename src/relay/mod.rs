@@ -320,13 +320,22 @@ fn decide<'a, B>(req: &Request<B>, routes: &'a SiteRoutes) -> (RouteName, Action
 }
 
 /// The request's host without port, lower-cased: the URI authority (HTTP/2) or `Host`.
+///
+/// An HTTP/2 authority is already parsed by hyper. A `Host` header is only split from its port
+/// here, not parsed further: the result is never used except to compare with configured
+/// hostnames or to parse as an IP address, so a malformed value simply matches nothing (421).
 fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.as_str(),
-        None => req.headers().get(header::HOST)?.to_str().ok()?,
+    let host = match req.uri().authority() {
+        Some(a) => a.host(),
+        None => {
+            let raw = req.headers().get(header::HOST)?.to_str().ok()?;
+            match raw.rsplit_once(':') {
+                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                _ => raw,
+            }
+        }
     };
-    let authority: http::uri::Authority = raw.parse().ok()?;
-    let host = authority.host().trim_end_matches('.');
+    let host = host.trim_end_matches('.');
     (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 

@@ -3,14 +3,16 @@
 //! (slowloris). A connection with a request in flight has no deadline here; upstream timeouts
 //! bound that phase.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -30,6 +32,69 @@ fn now_ms() -> u64 {
 
 fn at_ms(ms: u64) -> Instant {
     epoch() + Duration::from_millis(ms.saturating_sub(1))
+}
+
+/// Tells serving connections to finish (graceful: answer what is in flight, take no new
+/// request) or to close now (force), through each connection's own wake-up: no extra future is
+/// polled on the request path.
+#[derive(Debug, Default)]
+pub struct Shutdown {
+    /// 0 serving, then [`GRACEFUL`], then [`FORCE`]; it only ever rises.
+    phase: AtomicU8,
+    next_id: AtomicU64,
+    conns: Mutex<HashMap<u64, Weak<Activity>>>,
+}
+
+const GRACEFUL: u8 = 1;
+const FORCE: u8 = 2;
+
+impl Shutdown {
+    /// Stops every connection after its in-flight requests.
+    pub fn graceful(&self) {
+        self.set(GRACEFUL);
+    }
+
+    /// Closes every connection now.
+    pub fn force(&self) {
+        self.set(FORCE);
+    }
+
+    fn set(&self, phase: u8) {
+        self.phase.fetch_max(phase, Ordering::AcqRel);
+        let conns: Vec<Arc<Activity>> = match self.conns.lock() {
+            Ok(c) => c.values().filter_map(Weak::upgrade).collect(),
+            Err(_) => return,
+        };
+        for a in conns {
+            a.changed.notify_one();
+        }
+    }
+
+    fn phase(&self) -> u8 {
+        self.phase.load(Ordering::Acquire)
+    }
+
+    fn register(self: &Arc<Self>, activity: &Arc<Activity>) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut c) = self.conns.lock() {
+            c.insert(id, Arc::downgrade(activity));
+        }
+        Registration { shutdown: self.clone(), id }
+    }
+}
+
+/// Removes a connection from [`Shutdown`]'s list when it ends.
+struct Registration {
+    shutdown: Arc<Shutdown>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.shutdown.conns.lock() {
+            c.remove(&self.id);
+        }
+    }
 }
 
 /// The state of one connection as its deadlines see it.
@@ -120,13 +185,26 @@ impl Activity {
     /// deadline that moves earlier than the timer (the first header byte after a long idle, or
     /// an idle timeout shorter than the header one) wakes the watchdog, so a steady stream of
     /// requests costs about two timer resets per header-read period instead of two per request.
-    pub async fn drive<F: Future>(&self, conn: F, limits: &Limits) {
+    pub async fn drive<C>(self: &Arc<Self>, conn: C, limits: &Limits, shutdown: &Arc<Shutdown>)
+    where
+        C: GracefulConnection,
+    {
         self.header_ms.store(limits.header_read_timeout.as_millis() as u64, Ordering::Relaxed);
         self.idle_ms.store(limits.idle_timeout.as_millis() as u64, Ordering::Relaxed);
+        let _registered = shutdown.register(self);
         let mut conn = std::pin::pin!(conn);
+        let mut finishing = false;
         let sleep = tokio::time::sleep_until(self.arm(limits));
         let mut sleep = std::pin::pin!(sleep);
         loop {
+            match shutdown.phase() {
+                FORCE => return,
+                GRACEFUL if !finishing => {
+                    finishing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ => {}
+            }
             tokio::select! {
                 biased;
                 _ = &mut conn => return,
