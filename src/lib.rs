@@ -14,6 +14,8 @@
 //! - [`notify`]: systemd notifications (READY, RELOADING, STOPPING, WATCHDOG).
 //! - [`metrics`]: Prometheus metrics, served on the admin listener.
 //! - [`logging`]: log format and filter; [`flow`]: the flow id on access lines.
+//! - [`doctor`]: pre-flight checks of a configuration against DNS, ports, storage, upstream, CA.
+//! - [`storage`]: the certificate store's format version (upgrades and rollbacks).
 //! - [`fsutil`]: atomic, private writes for keys and certificates.
 //!
 //! [`run`] wires them: the caller parses the config and binds the listeners, `run` serves until
@@ -33,6 +35,7 @@ pub mod notify;
 pub mod relay;
 pub mod reload;
 pub mod server;
+pub mod storage;
 pub mod tls;
 
 use std::sync::Arc;
@@ -49,6 +52,8 @@ pub enum RunError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Upstream(#[from] relay::UpstreamError),
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
 }
 
 /// Serves `config` on `listeners` until `shutdown` completes, then drains in-flight requests

@@ -244,6 +244,7 @@ fn with_bound_port(config: Arc<Config>, bound: Option<u16>) -> Arc<Config> {
 /// leaves no trace. With `previous`, every hostname whose certificate source is unchanged
 /// starts with the certificate it has now, and the readiness checks keep their results.
 fn build(config: Arc<Config>, previous: Option<&Live>, id: u64) -> Result<Live, RunError> {
+    crate::storage::check(&config)?;
     let store = Arc::new(CertStore::new(&config));
     if let Some(prev) = previous {
         carry_certificates(prev, &config, &store);

@@ -215,3 +215,24 @@ async fn binary_exits_zero_on_sigterm() {
     };
     assert_eq!(exit.code(), Some(0), "exit status; stderr: {}", stderr_of(&log));
 }
+
+#[tokio::test]
+async fn a_store_written_by_a_newer_release_is_refused_at_start() {
+    // Rollback protection: an older binary must not misread a store a newer one migrated.
+    let store = tempfile::tempdir().expect("tempdir");
+    std::fs::write(store.path().join("store-version"), "9\n").expect("write version");
+    let toml = format!(
+        "[server]\nhttps = [\"127.0.0.1:0\"]\nstorage = \"{}\"\n\n[[site]]\nhostnames = [\"auth.example.test\"]\n",
+        store.path().display()
+    );
+    let config = std::sync::Arc::new(oauth_relay::Config::parse("test.toml", &toml).expect("config"));
+    let listeners = oauth_relay::Listeners::bind(&config).await.expect("bind");
+    let err =
+        tokio::time::timeout(Duration::from_secs(10), oauth_relay::run(config, listeners, std::future::pending()))
+            .await
+            .expect("run returns at once")
+            .expect_err("a newer store is refused");
+    let text = err.to_string();
+    assert!(text.contains("store-version: the certificate store has format version 9"), "{text}");
+    assert!(!store.path().join("self-signed").exists(), "nothing was written into the newer store");
+}

@@ -38,8 +38,7 @@ impl Forward<'_> {
     {
         let (parts, body) = req.into_parts();
         let max = self.limits.max_body_bytes;
-        let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > max) {
+        if declared_len(&parts.headers).is_some_and(|len| len > max) {
             return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
         }
         let read = Limited::new(body, max as usize).collect();
@@ -102,7 +101,27 @@ impl Forward<'_> {
         if self.rewrite {
             self.rewrite_headers(&mut parts.headers);
         }
-        Response::from_parts(parts, RelayBody::upstream(body, self.client.response_timeout))
+        let body = if declared_len(&parts.headers).is_some_and(|n| n <= BUFFERED_BODY_MAX) {
+            // A small body of known length (a token response) is read whole before answering,
+            // like nginx's proxy buffering: the client gets head and body in one TLS record and
+            // one write, and an upstream that breaks off mid-body still gets a clean 502.
+            match tokio::time::timeout(self.client.response_timeout, body.collect()).await {
+                Ok(Ok(collected)) => RelayBody::full(collected.to_bytes()),
+                Ok(Err(e)) => {
+                    crate::metrics::global().upstream_error(UpstreamErrorKind::of(&e, false));
+                    tracing::warn!(site = %self.site.name, error = %chain(&e), "upstream response body failed");
+                    return plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n");
+                }
+                Err(_) => {
+                    crate::metrics::global().upstream_error(UpstreamErrorKind::Timeout);
+                    tracing::warn!(site = %self.site.name, "upstream body did not arrive within {:?}", self.client.response_timeout);
+                    return plain(StatusCode::GATEWAY_TIMEOUT, "upstream did not answer in time\n");
+                }
+            }
+        } else {
+            RelayBody::upstream(body, self.client.response_timeout)
+        };
+        Response::from_parts(parts, body)
     }
 
     /// Points upstream-origin `Location`s at the relay and cookie domains at the relay's host.
@@ -136,6 +155,14 @@ impl Forward<'_> {
     }
 }
 
+/// Upstream bodies up to this size with a declared length are buffered (see `send`).
+const BUFFERED_BODY_MAX: u64 = 64 * 1024;
+
+/// The `Content-Length` a message declares, when it declares a valid one.
+fn declared_len(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -143,6 +170,11 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Removes the headers that belong to one hop (RFC 9110 section 7.6.1), including any the
 /// `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass to see whether there is anything to remove: usually there is not, and a removal
+    // per name would hash each of them on every request.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -153,19 +185,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
+    let hop: Vec<HeaderName> = headers.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    for n in hop {
         headers.remove(n);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+}
+
+/// Hop-by-hop headers with a standard name (RFC 9110 section 7.6.1, plus `Proxy-*`).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
 }
 
 /// Replaces the `Domain` attribute of a `Set-Cookie` value, keeping every other byte as sent.

@@ -1,0 +1,100 @@
+//! The certificate store folder as a whole: its format version. An upgrade that changes the
+//! layout migrates the folder and bumps the number; a rollback to an older binary then stops
+//! with a clear message instead of misreading newer files.
+//!
+//! `{storage}/store-version` holds one number. A store without the file is a version-1 store
+//! (the layout this number was introduced with) and gets the file on first use.
+
+use std::path::Path;
+
+use crate::config::{Config, TlsSource};
+use crate::fsutil;
+
+/// The layout this binary reads and writes: `self-signed/{site}.crt|.key` and
+/// `acme/{directory}/...` as described in `acme::store`.
+pub const FORMAT_VERSION: u32 = 1;
+
+const VERSION_FILE: &str = "store-version";
+
+/// Why the store cannot be used by this binary.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: `{found}` is not a store format version (a number such as {FORMAT_VERSION})")]
+    Garbled { path: String, found: String },
+    #[error(
+        "{path}: the certificate store has format version {found}, written by a newer oauth-relay; \
+         this one understands up to {FORMAT_VERSION}. Run the newer binary again, or restore the \
+         backup of the store taken before the upgrade (see README, Upgrades and rollbacks)"
+    )]
+    Newer { path: String, found: u32 },
+}
+
+/// Whether any site keeps state in the store (self-signed and ACME sources do; `files` do not).
+pub fn needed(config: &Config) -> bool {
+    config.sites.iter().any(|s| !matches!(s.tls, TlsSource::Files { .. }))
+}
+
+/// Checks the store's format version, recording it when the file is missing. Does nothing for a
+/// configuration that keeps no state in the store. Returns the version found.
+pub fn check(config: &Config) -> Result<Option<u32>, StorageError> {
+    if !needed(config) {
+        return Ok(None);
+    }
+    check_folder(&config.server.storage).map(Some)
+}
+
+/// [`check`] for one folder.
+pub fn check_folder(storage: &Path) -> Result<u32, StorageError> {
+    let path = storage.join(VERSION_FILE);
+    let shown = || path.display().to_string();
+    let found = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let t = text.trim();
+            t.parse::<u32>()
+                .map_err(|_| StorageError::Garbled { path: shown(), found: t.chars().take(20).collect() })?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
+        Err(source) => return Err(StorageError::Io { path: shown(), source }),
+    };
+    if found > FORMAT_VERSION {
+        return Err(StorageError::Newer { path: shown(), found });
+    }
+    // Migrations from older formats go here, each bumping the number it leaves behind.
+    if found < FORMAT_VERSION || !path.exists() {
+        write(&path)?;
+    }
+    Ok(found)
+}
+
+fn write(path: &Path) -> Result<(), StorageError> {
+    fsutil::write_private(path, format!("{FORMAT_VERSION}\n").as_bytes())
+        .map_err(|source| StorageError::Io { path: path.display().to_string(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_store_gets_the_current_version_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(check_folder(dir.path()).unwrap(), 1);
+        assert_eq!(std::fs::read_to_string(dir.path().join(VERSION_FILE)).unwrap(), "1\n");
+        assert_eq!(check_folder(dir.path()).unwrap(), 1, "an existing version-1 store is accepted");
+
+        std::fs::write(dir.path().join(VERSION_FILE), "2\n").unwrap();
+        let e = check_folder(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("store-version: the certificate store has format version 2"), "{e}");
+        assert!(e.contains("understands up to 1"), "{e}");
+
+        std::fs::write(dir.path().join(VERSION_FILE), "two").unwrap();
+        let e = check_folder(dir.path()).unwrap_err().to_string();
+        assert!(e.ends_with("store-version: `two` is not a store format version (a number such as 1)"), "{e}");
+    }
+}
