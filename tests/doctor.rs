@@ -440,9 +440,9 @@ async fn binary_exits_0_with_warnings_and_1_with_an_error_and_prints_what_to_pas
     let paste = &text[text.find("\npaste these\n").expect("paste section")..];
     assert_eq!(
         paste,
-        "\npaste these\n  site auth\n    Microsoft Entra app registration > Authentication > Web > Redirect URIs:\n      \
-         https://localhost:8443/v1/auth/callback\n    broker's portal, redirect / callback URL of your app's Microsoft \
-         OAuth settings:\n      https://localhost:8443/v1/auth/callback\n"
+        "\npaste these\n  site auth\n    redirect URI in the Entra app registration (Authentication > Web > \
+         Redirect URIs):\n      https://localhost:8443/v1/auth/callback\n    callback / return URL in the broker's \
+         portal (the same URI):\n      https://localhost:8443/v1/auth/callback\n"
     );
 
     // The same with a store that cannot be created: an error, status 1.

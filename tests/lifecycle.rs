@@ -16,29 +16,7 @@ use http_body_util::Full;
 
 /// A `files` relay for `auth.example.test`; `server` and `limits` are extra lines of those tables.
 fn config(pki: &Pki, server: &str, limits: &str, site: &str) -> String {
-    let leaf = pki.leaf("relay", &["auth.example.test"]);
-    format!(
-        r#"
-[server]
-https = ["127.0.0.1:0"]
-{server}
-
-[limits]
-{limits}
-
-[[site]]
-name = "auth"
-hostnames = ["auth.example.test"]
-{site}
-
-[site.tls]
-source = "files"
-cert = "{cert}"
-key = "{key}"
-"#,
-        cert = leaf.cert_path.display(),
-        key = leaf.key_path.display(),
-    )
+    common::one_site_config(pki, server, limits, site)
 }
 
 #[tokio::test]

@@ -16,28 +16,7 @@ use tokio::net::TcpStream;
 
 /// A relay for `auth.example.test` with the given `[limits]` lines and optional site lines.
 async fn relay(pki: &Pki, limits: &str, site_extra: &str) -> (RelayUnderTest, TlsClient) {
-    let leaf = pki.leaf("relay", &["auth.example.test"]);
-    let toml = format!(
-        r#"
-[server]
-https = ["127.0.0.1:0"]
-
-[limits]
-{limits}
-
-[[site]]
-name = "auth"
-hostnames = ["auth.example.test"]
-{site_extra}
-
-[site.tls]
-source = "files"
-cert = "{cert}"
-key = "{key}"
-"#,
-        cert = leaf.cert_path.display(),
-        key = leaf.key_path.display(),
-    );
+    let toml = common::one_site_config(pki, "", limits, site_extra);
     let relay = RelayUnderTest::start(&toml).await;
     let client = TlsClient::new(relay.https, pki.client_config(&[b"http/1.1"]));
     (relay, client)

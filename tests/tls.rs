@@ -18,22 +18,7 @@ use rustls::pki_types::pem::PemObject;
 
 /// One `[[site]]` block serving `hostnames` with the `files` certificate `leaf`.
 fn site(name: &str, hostnames: &[&str], leaf: &Leaf, extra: &str) -> String {
-    let hosts = hostnames.iter().map(|h| format!("\"{h}\"")).collect::<Vec<_>>().join(", ");
-    format!(
-        r#"
-[[site]]
-name = "{name}"
-hostnames = [{hosts}]
-{extra}
-
-[site.tls]
-source = "files"
-cert = "{cert}"
-key = "{key}"
-"#,
-        cert = leaf.cert_path.display(),
-        key = leaf.key_path.display(),
-    )
+    common::files_site(name, hostnames, leaf, extra)
 }
 
 /// `[server]` on an ephemeral HTTPS port, followed by `sites`.

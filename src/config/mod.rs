@@ -15,7 +15,7 @@ use http::{HeaderValue, Method, StatusCode};
 use url::Url;
 
 pub use raw::RawConfig;
-pub use report::report;
+pub use report::{redirect_uris_block, report};
 
 /// The built-in configuration (`config/local.toml`): HTTPS on `https://localhost:8443` with a
 /// self-signed certificate in front of Aurinko. `serve` without `--config` runs it.

@@ -85,8 +85,22 @@ pub fn report(c: &Config) -> String {
 /// The "register these" block of a site: the one URI that goes into the identity provider's app
 /// registration and into the broker's portal, and the URLs the application itself calls.
 fn register(out: &mut String, site: &super::Site, port: u16) {
-    let uris = site.redirect_uris(port);
     let _ = writeln!(out, "  register these");
+    let uris = redirect_uris_block(out, site, port);
+    let Some(first) = uris.first() else { return };
+    let origin = first.strip_suffix(site.callback.path.as_str()).unwrap_or(first);
+    let _ = writeln!(out, "    the application calls:");
+    if let Some(p) = site.authorize.paths.first() {
+        let _ = writeln!(out, "      authorize  {origin}{p}");
+    }
+    let _ = writeln!(out, "      token      {origin}{}{{code}}", site.token.path_prefix);
+}
+
+/// The redirect URIs of a site as two lists to paste: into the Entra app registration and into
+/// the broker's portal (the same URI); for wildcard-only sites, the pattern to register for each
+/// name. Shared by `check` and `doctor`. Returns the URIs.
+pub fn redirect_uris_block(out: &mut String, site: &super::Site, port: u16) -> Vec<String> {
+    let uris = site.redirect_uris(port);
     if uris.is_empty() {
         let _ = writeln!(
             out,
@@ -94,7 +108,7 @@ fn register(out: &mut String, site: &super::Site, port: u16) {
             if port == 443 { String::new() } else { format!(":{port}") },
             site.callback.path
         );
-        return;
+        return uris;
     }
     let _ = writeln!(out, "    redirect URI in the Entra app registration (Authentication > Web > Redirect URIs):");
     for uri in &uris {
@@ -104,12 +118,7 @@ fn register(out: &mut String, site: &super::Site, port: u16) {
     for uri in &uris {
         let _ = writeln!(out, "      {uri}");
     }
-    let origin = uris[0].strip_suffix(site.callback.path.as_str()).unwrap_or(&uris[0]);
-    let _ = writeln!(out, "    the application calls:");
-    if let Some(p) = site.authorize.paths.first() {
-        let _ = writeln!(out, "      authorize  {origin}{p}");
-    }
-    let _ = writeln!(out, "      token      {origin}{}{{code}}", site.token.path_prefix);
+    uris
 }
 
 /// The `certificate` line of an ACME site. The EAB HMAC key is a secret: only "set" is shown.

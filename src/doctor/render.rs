@@ -37,25 +37,8 @@ pub fn paste(config: &Config) -> String {
     let mut out = String::from("\npaste these\n");
     let port = config.server.public_https_port;
     for site in &config.sites {
-        let uris = site.redirect_uris(port);
         let _ = writeln!(out, "  site {}", site.name);
-        if uris.is_empty() {
-            let shown_port = if port == 443 { String::new() } else { format!(":{port}") };
-            let _ = writeln!(
-                out,
-                "    (wildcard hostnames only: use https://NAME{shown_port}{} for each name in use)",
-                site.callback.path
-            );
-            continue;
-        }
-        let _ = writeln!(out, "    Microsoft Entra app registration > Authentication > Web > Redirect URIs:");
-        for uri in &uris {
-            let _ = writeln!(out, "      {uri}");
-        }
-        let _ = writeln!(out, "    broker's portal, redirect / callback URL of your app's Microsoft OAuth settings:");
-        for uri in &uris {
-            let _ = writeln!(out, "      {uri}");
-        }
+        crate::config::redirect_uris_block(&mut out, site, port);
     }
     out
 }
