@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::client::plain_get;
+use common::process::{ChildGuard, free_addr};
 use common::{Pki, RelayUnderTest, TlsClient, Upstream, UpstreamBehaviour};
 use http::Response;
 use http_body_util::Full;
@@ -124,21 +124,6 @@ async fn shutdown_grace_bounds_the_drain() {
     assert!(result.expect("task").is_err(), "the request was cut off, not answered");
 }
 
-/// A free loopback port: bind port 0, read it, release it.
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
-}
-
-/// The relay binary as a child process, killed and reaped if the test ends early.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn stderr_of(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -146,7 +131,7 @@ fn stderr_of(path: &Path) -> String {
 #[tokio::test]
 async fn binary_exits_zero_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (https, admin) = (free_port(), free_port());
+    let (https, admin) = (free_addr(), free_addr());
     let toml = format!(
         "[server]\nhttps = [\"{https}\"]\nadmin = \"{admin}\"\nstorage = \"{storage}\"\n\n[[site]]\nname = \"local\"\n\
          hostnames = [\"localhost\"]\n\n[site.tls]\nsource = \"self-signed\"\n",
@@ -181,8 +166,7 @@ async fn binary_exits_zero_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let status = Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status().expect("run kill");
-    assert!(status.success());
+    child.signal("TERM");
     let until = Instant::now() + Duration::from_secs(10);
     let exit = loop {
         if let Some(exit) = child.0.try_wait().expect("try_wait") {

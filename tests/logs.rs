@@ -7,7 +7,7 @@ mod common;
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -59,15 +59,9 @@ struct Case {
     redact: bool,
 }
 
-/// A free loopback port: bound, read and released, then written into the config.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// The relay process; killed and reaped if the test ends early, so none is left behind.
 struct Relay {
-    child: Child,
+    child: common::process::ChildGuard,
     stdout: Option<std::thread::JoinHandle<String>>,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
@@ -94,17 +88,15 @@ impl Relay {
         };
         let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
         let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
-        Relay { child, stdout: Some(stdout), stderr: Some(stderr) }
+        Relay { child: common::process::ChildGuard(child), stdout: Some(stdout), stderr: Some(stderr) }
     }
 
     /// SIGTERM, then at most 20 s for a clean exit; returns the exit code and all output.
     async fn stop(mut self) -> (Option<i32>, String, String) {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
-        assert!(sent.success(), "kill -TERM {pid}");
+        self.child.signal("TERM");
         let deadline = Instant::now() + Duration::from_secs(20);
         let status = loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
+            if let Some(s) = self.child.0.try_wait().expect("try_wait") {
                 break s;
             }
             assert!(Instant::now() < deadline, "the relay did not exit within 20 s of SIGTERM");
@@ -113,15 +105,6 @@ impl Relay {
         let out = self.stdout.take().unwrap().join().expect("stdout reader");
         let err = self.stderr.take().unwrap().join().expect("stderr reader");
         (status.code(), out, err)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -189,7 +172,7 @@ async fn flow(case: Case) -> (Option<i32>, String, String) {
     let pki = Pki::new();
     let leaf = pki.leaf("relay", &[HOST]);
     let up = upstream().await;
-    let port = free_port();
+    let port = common::process::free_addr().port();
     let config = pki.dir.path().join("relay.toml");
     let toml = format!(
         r#"[server]

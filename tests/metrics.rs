@@ -14,7 +14,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -272,7 +272,7 @@ const FLOW_KEY: &str = "5c0f6ad1e2b3a4958677e8f9a0b1c2d3e4f5061728394a5b6c7d8e9f
 
 /// A relay process with its stderr captured; killed and reaped if the test ends early.
 struct Proc {
-    child: Child,
+    child: common::process::ChildGuard,
     /// Everything logged so far.
     log: Arc<Mutex<String>>,
     reader: Option<std::thread::JoinHandle<()>>,
@@ -298,7 +298,7 @@ impl Proc {
                 log.push('\n');
             }
         });
-        Proc { child, log, reader: Some(reader) }
+        Proc { child: common::process::ChildGuard(child), log, reader: Some(reader) }
     }
 
     /// The HTTPS address the relay bound (it listens on port 0 and logs the port it got), so no
@@ -321,24 +321,14 @@ impl Proc {
 
     /// SIGTERM, then at most 20 s for the exit; returns everything it logged.
     async fn stop(mut self) -> String {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+        self.child.signal("TERM");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().expect("try_wait").is_none() {
+        while self.child.0.try_wait().expect("try_wait").is_none() {
             assert!(Instant::now() < deadline, "the relay did not exit within 20 s of SIGTERM");
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         self.reader.take().expect("reader").join().expect("stderr reader");
         self.log.lock().expect("log").clone()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

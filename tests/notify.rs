@@ -6,29 +6,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Pki;
+use common::process::ChildGuard;
 use tokio::net::UnixDatagram;
 
 const BIN: &str = env!("CARGO_BIN_EXE_oauth-relay");
-
-struct Relay(Child);
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Relay {
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.0.id().to_string()).status().expect("kill");
-        assert!(ok.success());
-    }
-}
 
 /// The notify socket and every message received so far.
 struct Socket {
@@ -88,7 +73,7 @@ async fn the_binary_speaks_the_systemd_notify_protocol() {
     let config = pki.dir.path().join("relay.toml");
     write_config(&config, &pki, &https.to_string(), 302);
     let log = pki.dir.path().join("stderr.log");
-    let relay = Relay(
+    let relay = ChildGuard(
         Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&config)
@@ -154,7 +139,7 @@ async fn without_notify_socket_nothing_is_sent_and_the_relay_serves() {
     let config = pki.dir.path().join("relay.toml");
     write_config(&config, &pki, &https.to_string(), 302);
     let log = pki.dir.path().join("stderr.log");
-    let relay = Relay(
+    let relay = ChildGuard(
         Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&config)

@@ -8,7 +8,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -392,15 +392,10 @@ async fn the_embedded_config_cannot_be_reloaded() {
     assert!(matches!(handle.reload().await, Err(ReloadError::Stopped)));
 }
 
-/// A free loopback port: bind port 0, read it, release it.
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
-}
-
 /// The relay binary, killed and reaped if the test ends early. (Running the `reload` command
 /// blocks the test's runtime for a moment; the relay is another process, so that is fine.)
 struct Binary {
-    child: Child,
+    child: common::process::ChildGuard,
     log: PathBuf,
 }
 
@@ -416,13 +411,13 @@ impl Binary {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn oauth-relay");
-        let mut b = Binary { child, log };
+        let mut b = Binary { child: common::process::ChildGuard(child), log };
         let until = Instant::now() + Duration::from_secs(10);
         loop {
             if tokio::net::TcpStream::connect(admin).await.is_ok() {
                 break;
             }
-            assert!(b.child.try_wait().unwrap().is_none(), "the relay exited: {}", b.stderr());
+            assert!(b.child.0.try_wait().unwrap().is_none(), "the relay exited: {}", b.stderr());
             assert!(Instant::now() < until, "not listening within 10 s: {}", b.stderr());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -434,8 +429,7 @@ impl Binary {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().expect("kill");
-        assert!(ok.success());
+        self.child.signal(sig);
     }
 
     /// Waits (at most 10 s) until the log contains `needle`.
@@ -452,7 +446,7 @@ impl Binary {
         self.signal("TERM");
         let until = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
+            if let Some(s) = self.child.0.try_wait().unwrap() {
                 return s;
             }
             assert!(Instant::now() < until, "still running 10 s after SIGTERM");
@@ -461,17 +455,10 @@ impl Binary {
     }
 }
 
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_binary_under_load_and_keeps_it_on_a_bad_file() {
     let setup = Setup::new();
-    let (https, admin_addr) = (free_port(), free_port());
+    let (https, admin_addr) = (common::process::free_addr(), common::process::free_addr());
     let shape = Shape::new(&https.to_string(), Some(&admin_addr.to_string()));
     setup.write(&shape);
     let relay = Binary::start(&setup, admin_addr).await;
@@ -514,7 +501,7 @@ fn reload_cli(config: &Path) -> std::process::Output {
 #[tokio::test]
 async fn reload_command_talks_to_the_running_binary() {
     let setup = Setup::new();
-    let (https, admin_addr) = (free_port(), free_port());
+    let (https, admin_addr) = (common::process::free_addr(), common::process::free_addr());
     let shape = Shape::new(&https.to_string(), Some(&admin_addr.to_string()));
     setup.write(&shape);
     let relay = Binary::start(&setup, admin_addr).await;

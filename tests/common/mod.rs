@@ -7,6 +7,7 @@
 pub mod client;
 pub mod pebble;
 pub mod pki;
+pub mod process;
 pub mod relay;
 pub mod upstream;
 

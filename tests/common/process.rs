@@ -1,0 +1,29 @@
+//! The relay binary as a child process: a free loopback address to put in its config, and a
+//! guard that kills and reaps it when the test ends, however it ends.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+
+/// A free loopback address: bind port 0, read it, release it.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
+}
+
+/// A child process that is killed and reaped on drop, so none outlives its test.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Sends `sig` (e.g. "TERM", "HUP") with kill(1) and asserts it was delivered.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.0.id().to_string();
+        let sent = Command::new("kill").arg(format!("-{sig}")).arg(&pid).status().expect("run kill");
+        assert!(sent.success(), "kill -{sig} {pid}");
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
