@@ -78,18 +78,8 @@ impl Forward<'_> {
         let result = tokio::time::timeout(self.client.response_timeout, self.client.inner.request(up)).await;
         outcome.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         let resp = match result {
-            Err(_) => {
-                crate::metrics::global().upstream_error(UpstreamErrorKind::Timeout);
-                tracing::warn!(site = %self.site.name, "upstream did not answer within {:?}", self.client.response_timeout);
-                return plain(StatusCode::GATEWAY_TIMEOUT, "upstream did not answer in time\n");
-            }
-            Ok(Err(e)) => {
-                let kind = UpstreamErrorKind::of(&e, e.is_connect());
-                crate::metrics::global().upstream_error(kind);
-                let kind = kind.as_str();
-                tracing::warn!(site = %self.site.name, kind, error = %chain(&e), "upstream request failed");
-                return plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n");
-            }
+            Err(_) => return self.timed_out("response"),
+            Ok(Err(e)) => return self.failed(UpstreamErrorKind::of(&e, e.is_connect()), &e, "request"),
             Ok(Ok(resp)) => resp,
         };
         outcome.status = Some(resp.status());
@@ -107,21 +97,27 @@ impl Forward<'_> {
             // one write, and an upstream that breaks off mid-body still gets a clean 502.
             match tokio::time::timeout(self.client.response_timeout, body.collect()).await {
                 Ok(Ok(collected)) => RelayBody::full(collected.to_bytes()),
-                Ok(Err(e)) => {
-                    crate::metrics::global().upstream_error(UpstreamErrorKind::of(&e, false));
-                    tracing::warn!(site = %self.site.name, error = %chain(&e), "upstream response body failed");
-                    return plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n");
-                }
-                Err(_) => {
-                    crate::metrics::global().upstream_error(UpstreamErrorKind::Timeout);
-                    tracing::warn!(site = %self.site.name, "upstream body did not arrive within {:?}", self.client.response_timeout);
-                    return plain(StatusCode::GATEWAY_TIMEOUT, "upstream did not answer in time\n");
-                }
+                Ok(Err(e)) => return self.failed(UpstreamErrorKind::of(&e, false), &e, "response body"),
+                Err(_) => return self.timed_out("response body"),
             }
         } else {
             RelayBody::upstream(body, self.client.response_timeout)
         };
         Response::from_parts(parts, body)
+    }
+
+    /// `504` when the upstream stays silent past the response timeout (`what`: which part).
+    fn timed_out(&self, what: &str) -> Response<RelayBody> {
+        crate::metrics::global().upstream_error(UpstreamErrorKind::Timeout);
+        tracing::warn!(site = %self.site.name, "upstream {what} did not arrive within {:?}", self.client.response_timeout);
+        plain(StatusCode::GATEWAY_TIMEOUT, "upstream did not answer in time\n")
+    }
+
+    /// `502` for a failed exchange; the body says nothing about the upstream, the log says why.
+    fn failed(&self, kind: UpstreamErrorKind, e: &dyn std::error::Error, what: &str) -> Response<RelayBody> {
+        crate::metrics::global().upstream_error(kind);
+        tracing::warn!(site = %self.site.name, kind = kind.as_str(), error = %chain(e), "upstream {what} failed");
+        plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
     }
 
     /// Points upstream-origin `Location`s at the relay and cookie domains at the relay's host.
