@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use url::{Host, Url};
 
@@ -161,21 +159,5 @@ fn handshake_done(shown: &str, conn: &rustls::ClientConnection) -> Finding {
 
 /// The relay's upstream trust: web PKI roots plus the site's CA file.
 fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    if let Some(path) = ca_file {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect())
-            .map_err(|e| format!("cannot read upstream_ca_file {}: {e}", path.display()))?;
-        let (added, _) = roots.add_parsable_certificates(certs);
-        if added == 0 {
-            return Err(format!("no usable CA certificate in upstream_ca_file {}", path.display()));
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    crate::relay::upstream_tls(ca_file, &[b"h2", b"http/1.1"]).map(Arc::new).map_err(|e| e.to_string())
 }

@@ -20,8 +20,7 @@ use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -177,20 +176,10 @@ impl Target {
     /// A rustls client trusting what the relay's upstream client trusts (web PKI plus the
     /// site's CA file), HTTP/1.1 only.
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, ProbeError> {
-        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        if let Some(path) = &self.ca_file {
-            let ca_err = |detail: String| ProbeError::CaFile { path: path.display().to_string(), detail };
-            let certs: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_file_iter(path).and_then(|it| it.collect()).map_err(|e| ca_err(e.to_string()))?;
-            roots.add_parsable_certificates(certs);
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ProbeError::Tls(std::io::Error::other(e)))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        crate::relay::upstream_tls(self.ca_file.as_deref(), &[b"http/1.1"]).map(Arc::new).map_err(|e| {
+            let path = self.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            ProbeError::CaFile { path, detail: e.to_string() }
+        })
     }
 
     /// One probe: a new connection, the handshake, one request, the response head.

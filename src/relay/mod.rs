@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response, StatusCode, header};
 
 pub use body::RelayBody;
-pub use upstream::{UpstreamClient, UpstreamError};
+pub use upstream::{UpstreamClient, UpstreamError, upstream_tls};
 
 use crate::config::{Config, Mode, Site};
 use crate::flow::{FlowId, Flows};

@@ -2,6 +2,7 @@
 //! roots plus an optional extra CA), HTTP/2 when the upstream offers it, keep-alive, and a
 //! connect timeout. One per site, since sites may trust different CAs.
 
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +30,31 @@ pub enum UpstreamError {
     CaEmpty { path: String },
 }
 
+/// What the relay trusts in an upstream: the web PKI roots plus the site's `upstream_ca_file`
+/// (which must hold at least one usable certificate). The upstream client, the readiness probe
+/// and `doctor` all use it, so they agree on what a valid upstream certificate is. `alpn` is set
+/// as given (the pooled client sets its own).
+pub fn upstream_tls(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, UpstreamError> {
+    let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = ca_file {
+        let shown = path.display().to_string();
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect())
+            .map_err(|source| UpstreamError::CaRead { path: shown.clone(), source })?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(UpstreamError::CaEmpty { path: shown });
+        }
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("aws-lc-rs supports the default versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 /// A pooled HTTP(S) client for one site's upstream.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
@@ -39,23 +65,7 @@ pub struct UpstreamClient {
 impl UpstreamClient {
     /// Builds the client for `site`: its CA file, connect and response timeouts.
     pub fn new(site: &Site) -> Result<UpstreamClient, UpstreamError> {
-        let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        if let Some(path) = &site.upstream_ca_file {
-            let shown = path.display().to_string();
-            let certs: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_file_iter(path)
-                    .and_then(|it| it.collect())
-                    .map_err(|source| UpstreamError::CaRead { path: shown.clone(), source })?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(UpstreamError::CaEmpty { path: shown });
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .expect("aws-lc-rs supports the default versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = upstream_tls(site.upstream_ca_file.as_deref(), &[])?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
