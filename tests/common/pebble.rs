@@ -71,6 +71,26 @@ impl Pebble {
     /// Like [`Pebble::start`] with the listener CA made beforehand (a relay configured before
     /// Pebble runs already names its file).
     pub async fn start_with(pki: Pki, opts: PebbleOptions) -> Pebble {
+        // A free port is only free until someone binds it: a test running beside this one can
+        // take it between our check and Pebble's bind, and Pebble then exits. Start again on
+        // fresh ports (unless the test fixed the listen port).
+        let mut pki = pki;
+        for _ in 0..3 {
+            match Self::try_start(pki, &opts).await {
+                Ok(p) => return p,
+                Err((back, why)) if opts.listen_port.is_none() => {
+                    eprintln!("pebble exited during start ({why}); retrying on fresh ports");
+                    pki = back;
+                }
+                Err((_, why)) => panic!("pebble exited during start: {why}"),
+            }
+        }
+        panic!("pebble exited during start three times");
+    }
+
+    /// One start; `Err` (with the PKI back and the reason) when a child exits before the
+    /// directory answers.
+    async fn try_start(pki: Pki, opts: &PebbleOptions) -> Result<Pebble, (Pki, String)> {
         let leaf = pki.leaf("pebble-listener", &["localhost", "127.0.0.1"]);
         let dir = pki.dir.path().to_path_buf();
         let listen: SocketAddr = ([127, 0, 0, 1], opts.listen_port.unwrap_or_else(free_port)).into();
@@ -119,16 +139,21 @@ impl Pebble {
                 panic!("pebble (apt-get install pebble): {e}");
             }
         }
-        let p = Pebble { pki, listen, mgmt, children };
+        let mut p = Pebble { pki, listen, mgmt, children };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if p.get(&p.directory_url()).await.is_ok() {
-                break;
+                return Ok(p);
+            }
+            if p.children.iter_mut().any(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+                let why = std::fs::read_to_string(p.log_dir().join("pebble.err")).unwrap_or_default();
+                let why = why.lines().last().unwrap_or("no log").to_string();
+                p.stop();
+                return Err((std::mem::replace(&mut p.pki, Pki::new()), why));
             }
             assert!(Instant::now() < deadline, "pebble did not answer within 20 s; see {}", p.log_dir().display());
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        p
     }
 
     /// `https://127.0.0.1:{port}/dir`.
