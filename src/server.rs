@@ -6,6 +6,7 @@ mod activity;
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -260,7 +261,12 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
         drop(live);
         return serve_http(tcp, conn, &limits, shutdown).await;
     }
-    let hs = match tls::accept(tcp, &live.store, &live.tls, limits.handshake_timeout).await {
+    // The handshake and the serving are boxed: the task's own future is copied on spawn and
+    // sized for the largest of its states, while a box holds only the one in use. (The boxes
+    // are made in statements of their own and the handshake's output is taken apart in a plain
+    // function: whatever an async fn holds or borrows across an await keeps room in its future.)
+    let handshake = Box::pin(tls::accept(tcp, &live.store, &live.tls, limits.handshake_timeout));
+    let hs = match handshake.await {
         Ok(hs) => hs,
         Err(e) => {
             tracing::debug!(%remote, reason = e.reason(), error = %e, "TLS handshake failed");
@@ -269,19 +275,35 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
         }
     };
     crate::metrics::global().handshake_ok();
-    let info = ConnInfo { remote, https: true, sni_site: hs.sni.then_some(hs.site) };
-    let sni = hs.stream.get_ref().1.server_name().map(Arc::from);
-    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni, kind });
+    let serving = serve_tls(hs, remote, kind, shared, &live, &limits, shutdown);
     drop(live);
-    let activity = if hs.h2 { Activity::new_h2() } else { Activity::new() };
-    let io = TokioIo::new(ActivityIo::new(hs.stream, activity.clone()));
+    serving.await;
+}
+
+/// The serving half of an HTTPS connection, as a box of its own (see `connection`).
+fn serve_tls<'a>(
+    hs: tls::Handshake<TcpStream>,
+    remote: SocketAddr,
+    kind: Kind,
+    shared: &Arc<Shared>,
+    live: &Live,
+    limits: &'a Limits,
+    shutdown: &'a Arc<Shutdown>,
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    let tls::Handshake { stream, site, server_name: sni, h2 } = hs;
+    let info = ConnInfo { remote, https: true, sni_site: sni.is_some().then_some(site) };
+    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni, kind });
+    let activity = if h2 { Activity::new_h2() } else { Activity::new() };
+    let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
     let svc = service(conn, activity.clone());
-    if hs.h2 {
+    if h2 {
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-        activity.drive(b.serve_connection(io, svc), &limits, shutdown).await;
+        let conn = b.serve_connection(io, svc);
+        Box::pin(async move { activity.drive(conn, limits, shutdown).await })
     } else {
-        activity.drive(http1_builder(&limits).serve_connection(io, svc), &limits, shutdown).await;
+        let conn = http1_builder(limits).serve_connection(io, svc);
+        Box::pin(async move { activity.drive(conn, limits, shutdown).await })
     }
 }
 
@@ -321,8 +343,8 @@ async fn serve_http(tcp: TcpStream, conn: Arc<Conn>, limits: &Limits, shutdown: 
     let activity = Activity::new();
     let io = TokioIo::new(ActivityIo::new(tcp, activity.clone()));
     let svc = service(conn, activity.clone());
-    let conn = http1_builder(limits).serve_connection(io, svc);
-    activity.drive(conn, limits, shutdown).await;
+    let serving = Box::pin(activity.drive(http1_builder(limits).serve_connection(io, svc), limits, shutdown));
+    serving.await;
 }
 
 /// The per-connection service: marks the connection busy for as long as a response is in
@@ -344,7 +366,7 @@ fn service(
             let info = conn.info_for(&live);
             let resp = match conn.kind {
                 Kind::Admin if req.uri().path() == "/reload" => {
-                    crate::reload::admin_endpoint(req.method(), &conn.shared.reload).await
+                    Box::pin(crate::reload::admin_endpoint(req.method(), &conn.shared.reload)).await
                 }
                 Kind::Admin => live.relay.handle_admin(req, &info),
                 _ => live.relay.handle(req, &info).await,

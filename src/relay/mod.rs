@@ -191,7 +191,7 @@ impl Relay {
         }
         if !conn.https {
             if let Some(token) = req.uri().path().strip_prefix("/.well-known/acme-challenge/") {
-                return (RouteName::AcmeChallenge, self.acme_http01(token).await);
+                return (RouteName::AcmeChallenge, Box::pin(self.acme_http01(token)).await);
             }
         }
         let Some(host) = request_host(&req) else {
@@ -217,7 +217,11 @@ impl Relay {
         let (route, action) = decide(&req, routes);
         let resp = match action {
             Action::Respond(r) => r,
-            Action::Forward { base, token } => self.forward(req, routes, base, &host, conn, upstream, token).await,
+            // Boxed: the trip upstream is a large future, and hyper keeps room for the largest
+            // request future in every connection; redirects and health answers need none of it.
+            Action::Forward { base, token } => {
+                Box::pin(self.forward(req, routes, base, &host, conn, upstream, token)).await
+            }
         };
         (route, resp)
     }

@@ -52,8 +52,8 @@ pub struct Handshake<IO> {
     pub stream: TlsStream<IO>,
     /// Index of the site whose certificate was served.
     pub site: usize,
-    /// True when the client sent an SNI hostname (false: default site by IP or no SNI).
-    pub sni: bool,
+    /// The SNI hostname the client sent (`None`: default site by IP or no SNI).
+    pub server_name: Option<Arc<str>>,
     /// True when ALPN picked HTTP/2.
     pub h2: bool,
 }
@@ -95,7 +95,8 @@ where
         }
     }
     let hello = start.client_hello();
-    let sni = hello.server_name().is_some();
+    let server_name: Option<Arc<str>> = hello.server_name().map(Arc::from);
+    let sni = server_name.is_some();
     let site = match store.lookup(hello.server_name()) {
         Some(slot) => slot.site,
         None => {
@@ -111,5 +112,5 @@ where
     };
     let stream = start.into_stream(config.clone()).await?;
     let h2 = stream.get_ref().1.alpn_protocol() == Some(super::ALPN_H2);
-    Ok(Handshake { stream, site, sni, h2 })
+    Ok(Handshake { stream, site, server_name, h2 })
 }
