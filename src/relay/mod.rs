@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response, StatusCode, header};
 
 pub use body::RelayBody;
-pub use upstream::{UpstreamClient, UpstreamError, upstream_tls};
+pub use upstream::{UpstreamBase, UpstreamClient, UpstreamError, upstream_tls};
 
 use crate::config::{Config, Mode, Site};
 use crate::flow::{FlowId, Flows};
@@ -79,6 +79,10 @@ struct SiteRoutes {
     /// One target per authorize path, in the same order as `site.authorize.paths`.
     authorize_targets: Vec<String>,
     client: UpstreamClient,
+    /// The upstreams of the callback, authorize and token routes, ready for forwarding.
+    callback_base: UpstreamBase,
+    authorize_base: UpstreamBase,
+    token_base: UpstreamBase,
     /// The `Allow` value of the callback route.
     callback_allow: &'static str,
     token_allow: http::HeaderValue,
@@ -102,11 +106,16 @@ impl Relay {
         let mut sites = Vec::new();
         for site in &config.sites {
             let target = |base: &url::Url, path: &str| format!("{}{path}", base.as_str().trim_end_matches('/'));
+            let base =
+                |url: &url::Url| UpstreamBase::new(url).ok_or_else(|| UpstreamError::Base { url: url.to_string() });
             let token_allow = site.token.methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
             sites.push(SiteRoutes {
                 callback_target: target(&site.callback.upstream, &site.callback.path),
                 authorize_targets: site.authorize.paths.iter().map(|p| target(&site.authorize.upstream, p)).collect(),
                 client: UpstreamClient::new(site)?,
+                callback_base: base(&site.callback.upstream)?,
+                authorize_base: base(&site.authorize.upstream)?,
+                token_base: base(&site.token.upstream)?,
                 callback_allow: if site.callback.form_post { "GET, HEAD, POST" } else { "GET, HEAD" },
                 token_allow: http::HeaderValue::from_str(&token_allow).expect("method names are valid header text"),
                 site: site.clone(),
@@ -247,7 +256,7 @@ impl Relay {
         &self,
         req: Request<B>,
         routes: &SiteRoutes,
-        base: &url::Url,
+        base: &UpstreamBase,
         host: &str,
         conn: &ConnInfo,
         outcome: &mut UpstreamOutcome,
@@ -278,7 +287,7 @@ impl Relay {
 /// What a request on a site's HTTPS listener gets: an answer now, or a trip upstream.
 enum Action<'a> {
     Respond(Response<RelayBody>),
-    Forward { base: &'a url::Url, token: bool },
+    Forward { base: &'a UpstreamBase, token: bool },
 }
 
 /// Picks the route and what to do, from the path and method alone.
@@ -292,8 +301,10 @@ fn decide<'a, B>(req: &Request<B>, routes: &'a SiteRoutes) -> (RouteName, Action
         let action = match cb.mode {
             Mode::Redirect if get => Action::Respond(redirect::callback_get(req, routes)),
             Mode::Redirect if post => Action::Respond(redirect::callback_form_post(req, routes)),
-            Mode::Proxy if get => Action::Forward { base: &cb.upstream, token: false },
-            Mode::Proxy if post && redirect::is_form(req) => Action::Forward { base: &cb.upstream, token: false },
+            Mode::Proxy if get => Action::Forward { base: &routes.callback_base, token: false },
+            Mode::Proxy if post && redirect::is_form(req) => {
+                Action::Forward { base: &routes.callback_base, token: false }
+            }
             Mode::Proxy if post => Action::Respond(redirect::not_a_form()),
             _ => Action::Respond(with_allow(routes.callback_allow)),
         };
@@ -305,7 +316,7 @@ fn decide<'a, B>(req: &Request<B>, routes: &'a SiteRoutes) -> (RouteName, Action
             Mode::Redirect if get => {
                 Action::Respond(redirect::to_upstream(&routes.authorize_targets[ix], req.uri().query(), az.status))
             }
-            Mode::Proxy if get => Action::Forward { base: &az.upstream, token: false },
+            Mode::Proxy if get => Action::Forward { base: &routes.authorize_base, token: false },
             _ => Action::Respond(with_allow("GET, HEAD")),
         };
         return (RouteName::Authorize, action);
@@ -313,7 +324,7 @@ fn decide<'a, B>(req: &Request<B>, routes: &'a SiteRoutes) -> (RouteName, Action
     if let Some(code) = path.strip_prefix(site.token.path_prefix.as_str()) {
         if !code.is_empty() && !code.contains('/') {
             let action = if site.token.methods.contains(method) {
-                Action::Forward { base: &site.token.upstream, token: true }
+                Action::Forward { base: &routes.token_base, token: true }
             } else {
                 Action::Respond(respond::with_allow_value(routes.token_allow.clone()))
             };

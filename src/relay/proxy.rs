@@ -11,7 +11,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 
 use super::respond::plain;
-use super::{ConnInfo, RelayBody, UpstreamClient, UpstreamOutcome};
+use super::{ConnInfo, RelayBody, UpstreamBase, UpstreamClient, UpstreamOutcome};
 use crate::config::{Limits, Site};
 use crate::metrics::UpstreamErrorKind;
 
@@ -19,7 +19,7 @@ use crate::metrics::UpstreamErrorKind;
 pub struct Forward<'a> {
     pub client: &'a UpstreamClient,
     pub site: &'a Site,
-    pub base: &'a url::Url,
+    pub base: &'a UpstreamBase,
     /// The request's host (no port), for `X-Forwarded-Host` and rewriting.
     pub host: &'a str,
     pub conn: &'a ConnInfo,
@@ -55,11 +55,9 @@ impl Forward<'_> {
             Ok(Ok(collected)) => collected.to_bytes(),
         };
 
-        let pq = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
-        let uri = format!("{}{pq}", self.base.as_str().trim_end_matches('/'));
         let mut up = Request::new(Full::new(body));
         *up.method_mut() = parts.method;
-        *up.uri_mut() = match uri.parse() {
+        *up.uri_mut() = match self.base.uri(parts.uri.into_parts().path_and_query) {
             Ok(u) => u,
             Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request target\n"),
         };
@@ -122,7 +120,7 @@ impl Forward<'_> {
 
     /// Points upstream-origin `Location`s at the relay and cookie domains at the relay's host.
     fn rewrite_headers(&self, headers: &mut HeaderMap) {
-        let upstream_origin = self.base.origin().ascii_serialization();
+        let upstream_origin = &self.base.origin;
         let relay_origin = if self.public_https_port == 443 {
             format!("https://{}", self.host)
         } else {

@@ -6,6 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Uri;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http_body_util::Full;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -28,6 +30,8 @@ pub enum UpstreamError {
     },
     #[error("{path}: no usable CA certificate in the upstream CA file")]
     CaEmpty { path: String },
+    #[error("{url}: an upstream URL needs a host")]
+    Base { url: String },
 }
 
 /// What the relay trusts in an upstream: the web PKI roots plus the site's `upstream_ca_file`
@@ -53,6 +57,41 @@ pub fn upstream_tls(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<rustls::Cl
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
+}
+
+/// An upstream base URL (`upstream` of a route) taken apart once, so a forwarded request's URI
+/// is put together from parts instead of formatted and parsed again on every request.
+#[derive(Debug)]
+pub struct UpstreamBase {
+    /// `scheme://host[:port]`, what upstream `Location`s are recognised by.
+    pub origin: String,
+    scheme: Scheme,
+    authority: Authority,
+    /// The base's path without its trailing `/` (usually empty).
+    prefix: String,
+}
+
+impl UpstreamBase {
+    /// Takes `url` apart; `None` if it has no host (config validation refuses those, and
+    /// credentials, queries and fragments in it).
+    pub fn new(url: &url::Url) -> Option<UpstreamBase> {
+        let scheme = Scheme::try_from(url.scheme()).ok()?;
+        let host = url.host_str()?;
+        let authority = match url.port() {
+            Some(port) => Authority::try_from(format!("{host}:{port}")).ok()?,
+            None => Authority::try_from(host).ok()?,
+        };
+        let prefix = url.path().trim_end_matches('/').to_string();
+        Some(UpstreamBase { origin: url.origin().ascii_serialization(), scheme, authority, prefix })
+    }
+
+    /// The upstream URI for a request's path and query: the base's path, then the request's
+    /// bytes as received.
+    pub fn uri(&self, pq: Option<PathAndQuery>) -> Result<Uri, http::Error> {
+        let pq = pq.unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = if self.prefix.is_empty() { pq } else { PathAndQuery::try_from(format!("{}{pq}", self.prefix))? };
+        Uri::builder().scheme(self.scheme.clone()).authority(self.authority.clone()).path_and_query(pq).build()
+    }
 }
 
 /// A pooled HTTP(S) client for one site's upstream.
@@ -83,5 +122,30 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(50))
             .build(connector);
         Ok(UpstreamClient { inner, response_timeout: site.response_timeout })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uri(base: &str, pq: &str) -> String {
+        let base = UpstreamBase::new(&url::Url::parse(base).unwrap()).unwrap();
+        base.uri(Some(PathAndQuery::try_from(pq).unwrap())).unwrap().to_string()
+    }
+
+    #[test]
+    fn the_request_bytes_follow_the_base_path() {
+        assert_eq!(
+            uri("https://api.aurinko.io", "/v1/auth/token/c%2Bd?x=a+b"),
+            "https://api.aurinko.io/v1/auth/token/c%2Bd?x=a+b"
+        );
+        assert_eq!(
+            uri("http://127.0.0.1:8080/broker/", "/v1/auth/token/c"),
+            "http://127.0.0.1:8080/broker/v1/auth/token/c"
+        );
+        assert_eq!(uri("http://[::1]:8080/b", "/t?q"), "http://[::1]:8080/b/t?q");
+        let base = UpstreamBase::new(&url::Url::parse("https://h:8443/").unwrap()).unwrap();
+        assert_eq!(base.origin, "https://h:8443");
     }
 }
