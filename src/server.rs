@@ -366,7 +366,9 @@ fn service(
             let info = conn.info_for(&live);
             let resp = match conn.kind {
                 Kind::Admin if req.uri().path() == "/reload" => {
-                    Box::pin(crate::reload::admin_endpoint(req.method(), &conn.shared.reload)).await
+                    // Boxed (in a statement of its own), so serving requests keeps no room for it.
+                    let reload = Box::pin(crate::reload::admin_endpoint(req.method(), &conn.shared.reload));
+                    reload.await
                 }
                 Kind::Admin => live.relay.handle_admin(req, &info),
                 _ => live.relay.handle(req, &info).await,

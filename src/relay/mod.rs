@@ -9,6 +9,7 @@ mod respond;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -153,7 +154,10 @@ impl Relay {
         // The flow id is read from the query (or the token's path) once the route is known.
         let flow_uri = self.flows.is_some().then(|| req.uri().clone());
         let mut upstream = UpstreamOutcome::default();
-        let (route, mut resp) = self.route(req, conn, &mut upstream).await;
+        let (route, mut resp) = match self.route(req, conn, &mut upstream) {
+            (route, Answer::Now(resp)) => (route, resp),
+            (route, Answer::Later(trip)) => (route, trip.await),
+        };
         if conn.https {
             let h = resp.headers_mut();
             h.insert(header::REFERRER_POLICY, http::HeaderValue::from_static("no-referrer"));
@@ -185,54 +189,56 @@ impl Relay {
         }
     }
 
-    async fn route<B>(
-        &self,
+    /// Picks the route and answers, or says which trip gets the answer. Not async itself: the
+    /// request moves into a trip only when there is one, and redirects never touch a future.
+    fn route<'a, B>(
+        &'a self,
         req: Request<B>,
-        conn: &ConnInfo,
-        upstream: &mut UpstreamOutcome,
-    ) -> (RouteName, Response<RelayBody>)
+        conn: &'a ConnInfo,
+        upstream: &'a mut UpstreamOutcome,
+    ) -> (RouteName, Answer<'a>)
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if let Some(r) = health::answer(req.uri().path(), req.method(), &self.health) {
-            return r;
+        if let Some((route, r)) = health::answer(req.uri().path(), req.method(), &self.health) {
+            return (route, Answer::Now(r));
         }
         if !conn.https {
             if let Some(token) = req.uri().path().strip_prefix("/.well-known/acme-challenge/") {
-                return (RouteName::AcmeChallenge, Box::pin(self.acme_http01(token)).await);
+                let token = token.to_string();
+                return (
+                    RouteName::AcmeChallenge,
+                    Answer::Later(Box::pin(async move { self.acme_http01(&token).await })),
+                );
             }
         }
         let Some(host) = request_host(&req) else {
-            return (RouteName::None, plain(StatusCode::BAD_REQUEST, "missing or invalid Host header\n"));
+            return (RouteName::None, Answer::Now(plain(StatusCode::BAD_REQUEST, "missing or invalid Host header\n")));
         };
         let Some((site_ix, by_name)) = self.site_for_host(&host, conn) else {
-            return (RouteName::None, plain(StatusCode::MISDIRECTED_REQUEST, "this relay does not serve that host\n"));
+            return (RouteName::None, Answer::Now(misdirected()));
         };
         if !conn.https {
             // Only configured names are redirect targets, never an arbitrary Host or IP.
             if !by_name {
-                return (
-                    RouteName::None,
-                    plain(StatusCode::MISDIRECTED_REQUEST, "this relay does not serve that host\n"),
-                );
+                return (RouteName::None, Answer::Now(misdirected()));
             }
-            return (RouteName::HttpsRedirect, redirect::to_https(&req, &host, self.config.server.public_https_port));
+            let to = redirect::to_https(&req, &host, self.config.server.public_https_port);
+            return (RouteName::HttpsRedirect, Answer::Now(to));
         }
         if req.uri().query().is_some_and(|q| q.len() > self.config.limits.max_query_bytes) {
-            return (RouteName::None, plain(StatusCode::URI_TOO_LONG, "query string too long\n"));
+            return (RouteName::None, Answer::Now(plain(StatusCode::URI_TOO_LONG, "query string too long\n")));
         }
         let routes = &self.sites[site_ix];
         let (route, action) = decide(&req, routes);
-        let resp = match action {
-            Action::Respond(r) => r,
-            // Boxed: the trip upstream is a large future, and hyper keeps room for the largest
-            // request future in every connection; redirects and health answers need none of it.
+        let answer = match action {
+            Action::Respond(r) => Answer::Now(r),
             Action::Forward { base, token } => {
-                Box::pin(self.forward(req, routes, base, &host, conn, upstream, token)).await
+                Answer::Later(Box::pin(self.forward(req, routes, base, host, conn, upstream, token)))
             }
         };
-        (route, resp)
+        (route, answer)
     }
 
     /// The site a request's Host names, checked against the SNI site of its connection.
@@ -257,7 +263,7 @@ impl Relay {
         req: Request<B>,
         routes: &SiteRoutes,
         base: &UpstreamBase,
-        host: &str,
+        host: String,
         conn: &ConnInfo,
         outcome: &mut UpstreamOutcome,
         token: bool,
@@ -270,7 +276,7 @@ impl Relay {
             client: &routes.client,
             site: &routes.site,
             base,
-            host,
+            host: &host,
             conn,
             limits: &self.config.limits,
             rewrite: !token,
@@ -282,6 +288,19 @@ impl Relay {
         }
         resp
     }
+}
+
+/// A route's answer: ready now, or at the end of a trip (upstream, or to the challenge store).
+/// The trip is boxed because hyper keeps room for a whole request future in every connection,
+/// and only forwarded requests need the large one.
+enum Answer<'a> {
+    Now(Response<RelayBody>),
+    Later(Pin<Box<dyn Future<Output = Response<RelayBody>> + Send + 'a>>),
+}
+
+/// `421` for a Host this relay does not serve (or, on plain HTTP, serves only as a default).
+fn misdirected() -> Response<RelayBody> {
+    plain(StatusCode::MISDIRECTED_REQUEST, "this relay does not serve that host\n")
 }
 
 /// What a request on a site's HTTPS listener gets: an answer now, or a trip upstream.
