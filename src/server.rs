@@ -3,6 +3,7 @@
 //! header-read deadlines per connection, and a bounded drain on shutdown.
 
 mod activity;
+mod trim;
 
 use std::io;
 use std::net::SocketAddr;
@@ -189,8 +190,10 @@ pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: Cancellation
         let (shared, permits, shutdown, tracker) = (shared.clone(), permits.clone(), shutdown.clone(), tracker.clone());
         loops.spawn(accept_loop(listener, kind, shared, permits, shutdown, tracker, stop.clone()));
     }
+    let trimmer = tokio::spawn(trim::after_bursts(tracker.clone(), stop.clone()));
     // The loops return once `stop` fires; then in-flight requests get the grace period.
     while loops.join_next().await.is_some() {}
+    let _ = trimmer.await;
     permits.close();
     tracker.close();
     let grace = shared.current().limits().shutdown_grace;
