@@ -262,7 +262,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
         let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind });
         // Each request loads the configuration in force; the connection pins none.
         drop(live);
-        return serve_http(tcp, conn, &limits, shutdown).await;
+        return serve_h1(tcp, conn, &limits, shutdown).await;
     }
     // The handshake and the serving are boxed: the task's own future is copied on spawn and
     // sized for the largest of its states, while a box holds only the one in use. (The boxes
@@ -296,18 +296,16 @@ fn serve_tls<'a>(
     let tls::Handshake { stream, site, server_name: sni, h2 } = hs;
     let info = ConnInfo { remote, https: true, sni_site: sni.is_some().then_some(site) };
     let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni, kind });
-    let activity = if h2 { Activity::new_h2() } else { Activity::new() };
+    if !h2 {
+        return serve_h1(stream, conn, limits, shutdown);
+    }
+    let activity = Activity::new_h2();
     let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
     let svc = service(conn, activity.clone());
-    if h2 {
-        let mut b = http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-        let conn = b.serve_connection(io, svc);
-        Box::pin(async move { activity.drive(conn, limits, shutdown).await })
-    } else {
-        let conn = http1_builder(limits).serve_connection(io, svc);
-        Box::pin(async move { activity.drive(conn, limits, shutdown).await })
-    }
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+    let conn = b.serve_connection(io, svc);
+    Box::pin(async move { activity.drive(conn, limits, shutdown).await })
 }
 
 /// What a request needs to know about its connection (one `Arc` per connection, so a request
@@ -342,12 +340,22 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
     b
 }
 
-async fn serve_http(tcp: TcpStream, conn: Arc<Conn>, limits: &Limits, shutdown: &Arc<Shutdown>) {
+/// An HTTP/1.1 connection (plain, or TLS after the handshake) served in a box of its own (see
+/// `connection`).
+fn serve_h1<'a, IO>(
+    io: IO,
+    conn: Arc<Conn>,
+    limits: &'a Limits,
+    shutdown: &'a Arc<Shutdown>,
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Activity::new();
-    let io = TokioIo::new(ActivityIo::new(tcp, activity.clone()));
+    let io = TokioIo::new(ActivityIo::new(io, activity.clone()));
     let svc = service(conn, activity.clone());
-    let serving = Box::pin(activity.drive(http1_builder(limits).serve_connection(io, svc), limits, shutdown));
-    serving.await;
+    let conn = http1_builder(limits).serve_connection(io, svc);
+    Box::pin(async move { activity.drive(conn, limits, shutdown).await })
 }
 
 /// The per-connection service: marks the connection busy for as long as a response is in
