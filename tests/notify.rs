@@ -6,14 +6,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Pki;
-use common::process::ChildGuard;
+use common::process::{free_addr, serve};
 use tokio::net::UnixDatagram;
-
-const BIN: &str = env!("CARGO_BIN_EXE_oauth-relay");
 
 /// The notify socket and every message received so far.
 struct Socket {
@@ -69,24 +66,14 @@ async fn the_binary_speaks_the_systemd_notify_protocol() {
     let pki = Pki::new();
     let socket_path = pki.dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
-    let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let https = free_addr();
     let config = pki.dir.path().join("relay.toml");
     write_config(&config, &pki, &https.to_string(), 302);
     let log = pki.dir.path().join("stderr.log");
-    let relay = ChildGuard(
-        Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &socket_path)
-            // 200 ms: a ping every 100 ms.
-            .env("WATCHDOG_USEC", "200000")
-            .env_remove("WATCHDOG_PID")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn oauth-relay"),
-    );
+    let relay = serve(&config, &[], &log, |cmd| {
+        // WATCHDOG_USEC 200 ms: a ping every 100 ms.
+        cmd.env("NOTIFY_SOCKET", &socket_path).env("WATCHDOG_USEC", "200000").env_remove("WATCHDOG_PID");
+    });
     let mut s = Socket { sock, seen: Vec::new(), log };
 
     let ready = s.until("READY=1", |m| field(m, "READY") == Some("1")).await;
@@ -135,22 +122,13 @@ async fn without_notify_socket_nothing_is_sent_and_the_relay_serves() {
     // The in-process relay of every other test runs without NOTIFY_SOCKET; this one checks the
     // binary too: no socket, no error in the log.
     let pki = Pki::new();
-    let https = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let https = free_addr();
     let config = pki.dir.path().join("relay.toml");
     write_config(&config, &pki, &https.to_string(), 302);
     let log = pki.dir.path().join("stderr.log");
-    let relay = ChildGuard(
-        Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn oauth-relay"),
-    );
+    let relay = serve(&config, &[], &log, |cmd| {
+        cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC");
+    });
     let until = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(https).await.is_err() {
         assert!(Instant::now() < until, "not serving within 10 s");

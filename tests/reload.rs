@@ -402,16 +402,10 @@ struct Binary {
 impl Binary {
     async fn start(setup: &Setup, admin: SocketAddr) -> Binary {
         let log = setup.pki.dir.path().join("stderr.log");
-        let child = Command::new(BIN)
-            .args(["serve", "--log-format", "json", "--config"])
-            .arg(&setup.path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn oauth-relay");
-        let mut b = Binary { child: common::process::ChildGuard(child), log };
+        let child = common::process::serve(&setup.path, &["--log-format", "json"], &log, |cmd| {
+            cmd.env("RUST_LOG", "info");
+        });
+        let mut b = Binary { child, log };
         let until = Instant::now() + Duration::from_secs(10);
         loop {
             if tokio::net::TcpStream::connect(admin).await.is_ok() {

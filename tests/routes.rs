@@ -483,7 +483,7 @@ async fn token_body_over_the_limit_is_413_and_never_sent() {
 #[tokio::test]
 async fn token_on_a_closed_upstream_port_is_502_without_detail() {
     let kit = Kit::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::process::free_addr().port();
     let url = format!("https://127.0.0.1:{port}");
     let relay = kit.relay(Conf { upstream: &url, ..Conf::default() }).await;
     let reply = relay.send("POST", "/v1/auth/token/abc", &form(), "a=1").await;

@@ -1,12 +1,25 @@
-//! The relay binary as a child process: a free loopback address to put in its config, and a
-//! guard that kills and reaps it when the test ends, however it ends.
+//! The relay binary as a child process: a free loopback address to put in its config, a way to
+//! start `oauth-relay serve`, and a guard that kills and reaps it when the test ends, however it
+//! ends.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 /// A free loopback address: bind port 0, read it, release it.
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
+}
+
+/// Starts `oauth-relay serve [extra...] --config CONFIG` with stdin and stdout closed and stderr
+/// written to `log`; `env` adjusts the environment first.
+pub fn serve(config: &Path, extra: &[&str], log: &Path, env: impl FnOnce(&mut Command)) -> ChildGuard {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_oauth-relay"));
+    cmd.arg("serve").args(extra).arg("--config").arg(config);
+    env(&mut cmd);
+    let stderr = std::fs::File::create(log).expect("create the log file");
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn().expect("spawn oauth-relay");
+    ChildGuard(child)
 }
 
 /// A child process that is killed and reaped on drop, so none outlives its test.
