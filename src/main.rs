@@ -123,12 +123,27 @@ fn main() -> ExitCode {
             match serve(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
+                    tracing::error!("{}", causes(&e));
                     ExitCode::FAILURE
                 }
             }
         }
     }
+}
+
+/// An error and its causes on one line, as `{:#}` prints them, except that a cause its error
+/// already quotes is not repeated: this crate's errors name their source in their own message.
+fn causes(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+    }
+    line
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
@@ -204,7 +219,7 @@ fn reload(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("no answer from the relay's admin listener at {admin}: {e:#}");
+            eprintln!("no answer from the relay's admin listener at {admin}: {}", causes(&e));
             eprintln!("is the relay running with this configuration? Otherwise send it SIGHUP: kill -HUP <pid>");
             ExitCode::FAILURE
         }
@@ -307,7 +322,7 @@ fn cert(action: CertCommand) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("{hostname}: not renewed: {e:#}");
+                    eprintln!("{hostname}: not renewed: {}", causes(&e));
                     ExitCode::FAILURE
                 }
             }

@@ -186,6 +186,25 @@ fn a_missing_config_file_exits_64() {
 }
 
 #[test]
+fn serve_on_a_taken_port_names_it_once_and_exits_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let store = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "[server]\nhttps = [\"{addr}\"]\nstorage = \"{}\"\n\n[[site]]\nhostnames = [\"localhost\"]\n\n\
+         [site.tls]\nsource = \"self-signed\"\n",
+        store.path().display()
+    );
+    let (_d, path) = temp_config("taken.toml", &text);
+    let o = run(&["serve", "--config", &path]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    let line = format!("cannot listen on {addr} (https): Address already in use (os error 98)\n");
+    assert!(err.ends_with(&line), "{err}");
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+}
+
+#[test]
 fn check_prints_warnings_for_plain_http_upstream_and_mixed_modes() {
     let text = "[server]\nhttps = [\"127.0.0.1:8443\"]\n\n[[site]]\nhostnames = [\"auth.example.test\"]\n\
                 upstream = \"http://127.0.0.1:9000\"\n\n[site.callback]\nmode = \"proxy\"\n";
