@@ -65,15 +65,16 @@ lab_wait_ready() {
   return 1
 }
 
-# lab_drive WORKLOAD SECONDS [CONNS]: runs W1, W2 or W3 against the relay; prints the units
+# lab_drive WORKLOAD SECONDS [CONNS]: runs W1, W2 or W3 against the relay (8 connections, 4 for
+# W2's handshake loops, unless CONNS); prints the units
 # completed, or nothing when any answer was not the expected one (an error path is cheaper and
 # would pass for an improvement).
 lab_drive() {
-  local conns="${3:-8}"
+  local conns="${3:-}"
   case "$1" in
-    W1) BENCH_HOST=relay.test wrk -t1 -c"$conns" -d"$2"s -s "$work/scripts/wrk.lua" "$origin$callback" ;;
-    W3) BENCH_METHOD=POST BENCH_HOST=relay.test wrk -t1 -c"$conns" -d"$2"s -s "$work/scripts/wrk.lua" "$origin/v1/auth/token/abc123" ;;
-    W2) "$hsload" --addr 127.0.0.1:18446 --sni relay.test --path "$callback" --expect 302 --conns 4 --duration "$2" --warmup 0 ;;
+    W1) BENCH_HOST=relay.test wrk -t1 -c"${conns:-8}" -d"$2"s -s "$work/scripts/wrk.lua" "$origin$callback" ;;
+    W3) BENCH_METHOD=POST BENCH_HOST=relay.test wrk -t1 -c"${conns:-8}" -d"$2"s -s "$work/scripts/wrk.lua" "$origin/v1/auth/token/abc123" ;;
+    W2) "$hsload" --addr 127.0.0.1:18446 --sni relay.test --path "$callback" --expect 302 --conns "${conns:-4}" --duration "$2" --warmup 0 ;;
   esac > "$tmp/drive.out"
   if grep -qE 'err_status=[1-9]|errors=[1-9]' "$tmp/drive.out"; then
     echo "$1 got unexpected answers: $(cat "$tmp/drive.out")" >&2
