@@ -1,4 +1,4 @@
-# Sourced by scripts/bench-instructions and scripts/symbol-order: the harness's fake token
+# Sourced by scripts/bench-instructions, bench-memory and symbol-order: the harness's fake token
 # upstream and its workloads, driven against a relay on https://127.0.0.1:18446, without the
 # peers or the quiet gates of a full scripts/bench run.
 #
@@ -20,9 +20,15 @@ lab_setup() {
   for t in "$@" wrk nginx curl; do command -v "$t" >/dev/null 2>&1 || need+=("$t"); done
   if (( ${#need[@]} )); then
     echo "$name: installing what is missing: ${need[*]}" >&2
-    local pkgs=(wrk nginx-light curl)
-    [[ " ${need[*]} " == *" valgrind "* || " ${need[*]} " == *" callgrind_control "* ]] && pkgs+=(valgrind)
-    [[ " ${need[*]} " == *" perf "* ]] && pkgs+=(linux-perf)
+    local pkgs=()
+    for t in "${need[@]}"; do
+      case "$t" in
+        callgrind_control) pkgs+=(valgrind) ;;
+        perf) pkgs+=(linux-perf) ;;
+        nginx) pkgs+=(nginx-light) ;;
+        *) pkgs+=("$t") ;;
+      esac
+    done
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
   fi
@@ -66,9 +72,8 @@ lab_wait_ready() {
 }
 
 # lab_drive WORKLOAD SECONDS [CONNS]: runs W1, W2 or W3 against the relay (8 connections, 4 for
-# W2's handshake loops, unless CONNS); prints the units
-# completed, or nothing when any answer was not the expected one (an error path is cheaper and
-# would pass for an improvement).
+# W2's handshake loops, unless CONNS); prints the units completed, or nothing when any answer
+# was not the expected one (an error path is cheaper and would pass for an improvement).
 lab_drive() {
   local conns="${3:-}"
   case "$1" in
