@@ -285,6 +285,24 @@ async fn reload_under_load_switches_routes_and_sites_without_failed_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_across_a_reload() {
+    let setup = Setup::new();
+    let shape = Shape::new("127.0.0.1:0", None);
+    setup.write(&shape);
+    let relay = InProcess::start(&setup.path).await;
+    let client = setup.client(relay.https);
+    // A request reads the session ticket that follows the handshake.
+    assert_eq!(client.get(HOST, CALLBACK).await.status, 302);
+    setup.write(&Shape { callback_status: 303, ..shape });
+    relay.reload.reload().await.expect("reload");
+    let tls = client.connect(HOST).await.expect("handshake");
+    assert_eq!(tls.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+    drop(tls);
+    assert_eq!(client.get(HOST, CALLBACK).await.status, 303);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_config_is_refused_and_the_old_one_stays_in_force() {
     let setup = Setup::new();
     let shape = Shape::new("127.0.0.1:0", None);

@@ -1,6 +1,7 @@
 //! TLS termination over real handshakes: SNI refusal with `unrecognized_name`, the default site
-//! for clients without SNI, per-site certificates, protocol versions and ALPN, hot reload of
-//! `files` certificates, the `self-signed` source, and readiness tracking certificate validity.
+//! for clients without SNI, per-site certificates, protocol versions and ALPN, session
+//! resumption, hot reload of `files` certificates, the `self-signed` source, and readiness
+//! tracking certificate validity.
 
 mod common;
 
@@ -145,6 +146,42 @@ async fn alpn_picks_what_the_client_offers() {
     let plain = TlsClient::new(relay.https, pki.client_config(&[]));
     let reply = plain.get("auth.example.test", "/v1/auth/callback?x=1").await;
     assert_eq!(reply.status, 302);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_on_tls13_and_tls12_after_many_other_handshakes() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("relay", &["auth.example.test"]);
+    let relay = RelayUnderTest::start(&config("", &[site("auth", &["auth.example.test"], &leaf, "")])).await;
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        // rustls clients keep the sessions they are given, as browsers do.
+        let client = TlsClient::new(relay.https, client_for_version(&pki, version));
+        // A request reads the ticket that follows a TLS 1.3 handshake.
+        assert_eq!(client.get("auth.example.test", "/healthz").await.status, 200);
+
+        // More full handshakes than a server-side cache of 256 sessions holds, as a busy relay
+        // sees while a user is away at the identity provider.
+        let mut others = (*client_for_version(&pki, version)).clone();
+        others.resumption = rustls::client::Resumption::disabled();
+        let others = TlsClient::new(relay.https, Arc::new(others));
+        let mut running = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let others = others.clone();
+            running.spawn(async move {
+                for _ in 0..20 {
+                    assert_eq!(others.get("auth.example.test", "/healthz").await.status, 200);
+                }
+            });
+        }
+        while let Some(done) = running.join_next().await {
+            done.expect("other clients");
+        }
+
+        let tls = client.connect("auth.example.test").await.expect("handshake");
+        assert_eq!(tls.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed), "{version:?}");
+        drop(tls);
+        assert_eq!(client.get("auth.example.test", "/healthz").await.status, 200, "{version:?}");
+    }
 }
 
 /// Replaces `path` the way cert-manager and certbot do: write a temp file, then rename it over.

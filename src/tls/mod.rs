@@ -6,13 +6,13 @@ mod accept;
 mod sources;
 mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::ServerConfig;
+use rustls::server::{ProducesTickets, ServerConfig};
 use rustls::sign::CertifiedKey;
 
 pub use accept::{Handshake, HandshakeError, accept};
@@ -81,7 +81,30 @@ pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
     // One ticket is enough for a browser to resume; the default of two doubles the work.
     config.send_tls13_tickets = 1;
+    if let Some(ticketer) = ticketer() {
+        config.ticketer = ticketer;
+    }
     Arc::new(config)
+}
+
+/// Session tickets for every configuration this process serves. Stateless: the session is
+/// sealed into the ticket under a key only this process holds, so a browser coming back from
+/// the identity provider resumes however many handshakes came in between (rustls's default
+/// server-side cache keeps the last 256 sessions, and a new one came with every reload). The
+/// key is rotated every 6 hours and the previous one accepted for one more period, as rustls's
+/// rotator does; never written anywhere. `None` if the system's random source failed, and
+/// resumption falls back to that cache.
+fn ticketer() -> Option<Arc<dyn ProducesTickets>> {
+    static TICKETER: OnceLock<Option<Arc<dyn ProducesTickets>>> = OnceLock::new();
+    TICKETER
+        .get_or_init(|| match rustls::crypto::aws_lc_rs::Ticketer::new() {
+            Ok(ticketer) => Some(ticketer),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make a session ticket key; resuming from a 256-session cache instead");
+                None
+            }
+        })
+        .clone()
 }
 
 /// A certificate chain with its signing key and the facts readiness and `check` need.
