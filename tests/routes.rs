@@ -184,6 +184,40 @@ async fn callback_form_post_is_re_posted_with_307() {
 }
 
 #[tokio::test]
+async fn callback_form_post_on_http2_is_answered_once_its_body_is_in() {
+    // Browsers send a form POST on HTTP/2 as HEADERS, then DATA. The relay reads the body before
+    // answering, so the stream ends cleanly; answering first would end it with RST_STREAM, which
+    // curl before 8.1 reports as a failed request.
+    let kit = Kit::new();
+    let relay = kit.relay(Conf::default()).await;
+    let h2_client = TlsClient::new(relay.relay.https, kit.pki.client_config(&[b"h2"]));
+    let tls = h2_client.connect(HOST).await.expect("handshake");
+    let (mut h2, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://{HOST}/v1/auth/callback"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(())
+        .unwrap();
+    let (mut response, mut body) = h2.send_request(req, false).expect("send headers");
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut response).await;
+    assert!(early.is_err(), "answered before the body came: {early:?}");
+    body.send_data(Bytes::from_static(b"code=c%2B1&state=s+1"), true).expect("send body");
+    let response = tokio::time::timeout(Duration::from_secs(10), response).await.expect("answer").expect("response");
+    assert_eq!(response.status(), 307);
+    assert_eq!(response.headers()["location"], "https://api.aurinko.io/v1/auth/callback");
+    let mut answer = response.into_body();
+    assert!(answer.is_end_stream(), "a 307 without a body");
+    // The request's stream was not reset: the relay read all of it.
+    let reset = std::future::poll_fn(|cx| match body.poll_reset(cx) {
+        std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await;
+    assert!(reset.is_none(), "the stream was reset: {reset:?}");
+    assert!(answer.data().await.is_none());
+}
+
+#[tokio::test]
 async fn callback_post_is_405_when_form_post_is_off() {
     let kit = Kit::new();
     let relay = kit.relay(Conf { tables: "[site.callback]\nform_post = false\n", ..Conf::default() }).await;

@@ -38,6 +38,26 @@ impl RelayBody {
     }
 }
 
+/// Reads and drops a request body the answer does not need, up to `max` bytes and for at most
+/// `within`; what is left after that is not waited for (HTTP/2 then resets the rest of the
+/// stream, HTTP/1.1 closes the connection).
+pub async fn discard<B>(mut body: B, max: u64, within: Duration)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    use http_body_util::BodyExt;
+    let drain = async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > max {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, drain).await;
+}
+
 /// The upstream went silent in the middle of a response body.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream response body stalled")]

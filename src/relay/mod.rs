@@ -173,8 +173,21 @@ impl Relay {
             flow_uri: self.flows.is_some().then(|| req.uri().clone()),
         };
         match self.route(req, conn) {
-            (route, Answer::Now(resp)) => {
+            (route, Answer::Now(resp, None)) => {
                 Reply::ready(self.finish(received, route, resp, UpstreamOutcome::default(), conn))
+            }
+            (route, Answer::Now(resp, Some(rest))) => {
+                // The answer is known but the request's body is still arriving (a form POST on
+                // HTTP/2 often comes as HEADERS, then DATA). It is read first, within the body
+                // limit and the header-read deadline, so the exchange ends cleanly: answering
+                // before it ends the stream with RST_STREAM(NO_ERROR), which RFC 9113 allows
+                // but curl before 8.1 and other clients report as a failed request.
+                let (relay, conn) = (self.clone(), conn.clone());
+                Reply::Later(Box::pin(async move {
+                    let limits = &relay.config.limits;
+                    body::discard(rest, limits.max_body_bytes, limits.header_read_timeout).await;
+                    relay.finish(received, route, resp, UpstreamOutcome::default(), &conn)
+                }))
             }
             (route, Answer::Later(trip)) => {
                 let (relay, conn) = (self.clone(), conn.clone());

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use http::{Method, Request, Response, StatusCode, header};
+use http_body::Body;
 
 use super::respond::{self, plain, with_allow};
 use super::{ConnInfo, Relay, RelayBody, RouteName, SiteRoutes, UpstreamBase, health, redirect};
@@ -11,9 +12,9 @@ use crate::config::Mode;
 
 impl Relay {
     /// Picks the route and answers, or says which trip gets the answer.
-    pub(super) fn route<B>(&self, req: Request<B>, conn: &ConnInfo) -> (RouteName, Answer<B>) {
+    pub(super) fn route<B: Body>(&self, req: Request<B>, conn: &ConnInfo) -> (RouteName, Answer<B>) {
         if let Some((route, r)) = health::answer(req.uri().path(), req.method(), &self.health) {
-            return (route, Answer::Now(r));
+            return (route, now(req, r));
         }
         if !conn.https {
             if let Some(token) = req.uri().path().strip_prefix("/.well-known/acme-challenge/") {
@@ -21,25 +22,25 @@ impl Relay {
             }
         }
         let Some(host) = request_host(&req) else {
-            return (RouteName::None, Answer::Now(plain(StatusCode::BAD_REQUEST, "missing or invalid Host header\n")));
+            return (RouteName::None, now(req, plain(StatusCode::BAD_REQUEST, "missing or invalid Host header\n")));
         };
         let Some((site_ix, by_name)) = self.site_for_host(&host, conn) else {
-            return (RouteName::None, Answer::Now(misdirected()));
+            return (RouteName::None, now(req, misdirected()));
         };
         if !conn.https {
             // Only configured names are redirect targets, never an arbitrary Host or IP.
             if !by_name {
-                return (RouteName::None, Answer::Now(misdirected()));
+                return (RouteName::None, now(req, misdirected()));
             }
             let to = redirect::to_https(&req, &host, self.config.server.public_https_port);
-            return (RouteName::HttpsRedirect, Answer::Now(to));
+            return (RouteName::HttpsRedirect, now(req, to));
         }
         if req.uri().query().is_some_and(|q| q.len() > self.config.limits.max_query_bytes) {
-            return (RouteName::None, Answer::Now(plain(StatusCode::URI_TOO_LONG, "query string too long\n")));
+            return (RouteName::None, now(req, plain(StatusCode::URI_TOO_LONG, "query string too long\n")));
         }
         let (route, action) = decide(&req, &self.sites[site_ix]);
         let answer = match action {
-            Action::Respond(r) => Answer::Now(r),
+            Action::Respond(r) => now(req, r),
             Action::Forward(to) => Answer::Later(Trip::Forward { req, site: site_ix, to, host }),
         };
         (route, answer)
@@ -64,8 +65,15 @@ impl Relay {
 
 /// A route's answer: ready now, or at the end of a trip.
 pub(super) enum Answer<B> {
-    Now(Response<RelayBody>),
+    /// The response, and the request's body when more of it is still to come.
+    Now(Response<RelayBody>, Option<B>),
     Later(Trip<B>),
+}
+
+/// An answer that does not need the request: its body goes along only if more of it is to come.
+fn now<B: Body>(req: Request<B>, resp: Response<RelayBody>) -> Answer<B> {
+    let body = req.into_body();
+    Answer::Now(resp, (!body.is_end_stream()).then_some(body))
 }
 
 /// Where a request goes for its answer.
