@@ -143,6 +143,17 @@ impl InProcess {
     }
 }
 
+/// A configuration of `Shape::new("127.0.0.1:0", admin)`, the relay started in-process on it,
+/// and a client for it.
+async fn start_in_process(admin: Option<&str>) -> (Setup, Shape, InProcess, TlsClient) {
+    let setup = Setup::new();
+    let shape = Shape::new("127.0.0.1:0", admin);
+    setup.write(&shape);
+    let relay = InProcess::start(&setup.path).await;
+    let client = setup.client(relay.https);
+    (setup, shape, relay, client)
+}
+
 /// Requests sent continuously while a test reloads: one keep-alive connection opened before the
 /// reload, and a new connection for every other request.
 struct Load {
@@ -255,11 +266,7 @@ fn assert_switched(report: &LoadReport) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_switches_routes_and_sites_without_failed_requests() {
-    let setup = Setup::new();
-    let shape = Shape::new("127.0.0.1:0", None);
-    setup.write(&shape);
-    let relay = InProcess::start(&setup.path).await;
-    let client = setup.client(relay.https);
+    let (setup, shape, relay, client) = start_in_process(None).await;
     let serial_before = client.peer_serial(HOST).await;
     assert!(client.connect(NEW_HOST).await.is_err(), "the new hostname is not served yet");
 
@@ -286,11 +293,7 @@ async fn reload_under_load_switches_routes_and_sites_without_failed_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_resume_across_a_reload() {
-    let setup = Setup::new();
-    let shape = Shape::new("127.0.0.1:0", None);
-    setup.write(&shape);
-    let relay = InProcess::start(&setup.path).await;
-    let client = setup.client(relay.https);
+    let (setup, shape, relay, client) = start_in_process(None).await;
     // A request reads the session ticket that follows the handshake.
     assert_eq!(client.get(HOST, CALLBACK).await.status, 302);
     setup.write(&Shape { callback_status: 303, ..shape });
@@ -304,11 +307,7 @@ async fn sessions_resume_across_a_reload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_config_is_refused_and_the_old_one_stays_in_force() {
-    let setup = Setup::new();
-    let shape = Shape::new("127.0.0.1:0", None);
-    setup.write(&shape);
-    let relay = InProcess::start(&setup.path).await;
-    let client = setup.client(relay.https);
+    let (setup, shape, relay, client) = start_in_process(None).await;
     let load = Load::start(client.clone()).await;
     let_load_run(&client, 5).await;
 
@@ -348,12 +347,8 @@ async fn an_invalid_config_is_refused_and_the_old_one_stays_in_force() {
 
 #[tokio::test]
 async fn admin_reload_endpoint_answers_200_400_and_405() {
-    let setup = Setup::new();
-    let shape = Shape::new("127.0.0.1:0", Some("127.0.0.1:0"));
-    setup.write(&shape);
-    let relay = InProcess::start(&setup.path).await;
+    let (setup, shape, relay, client) = start_in_process(Some("127.0.0.1:0")).await;
     let addr = relay.admin.expect("admin");
-    let client = setup.client(relay.https);
 
     let r = admin(addr, "GET", "/reload").await;
     assert_eq!((r.status, r.header("allow")), (405, "POST"));
