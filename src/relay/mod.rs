@@ -173,21 +173,8 @@ impl Relay {
             flow_uri: self.flows.is_some().then(|| req.uri().clone()),
         };
         match self.route(req, conn) {
-            (route, Answer::Now(resp, None)) => {
+            (route, Answer::Now(resp)) => {
                 Reply::ready(self.finish(received, route, resp, UpstreamOutcome::default(), conn))
-            }
-            (route, Answer::Now(resp, Some(rest))) => {
-                // The answer is known but the request's body is still arriving (a form POST on
-                // HTTP/2 often comes as HEADERS, then DATA). It is read first, within the body
-                // limit and the header-read deadline, so the exchange ends cleanly: answering
-                // before it ends the stream with RST_STREAM(NO_ERROR), which RFC 9113 allows
-                // but curl before 8.1 and other clients report as a failed request.
-                let (relay, conn) = (self.clone(), conn.clone());
-                Reply::Later(Box::pin(async move {
-                    let limits = &relay.config.limits;
-                    body::discard(rest, limits.max_body_bytes, limits.header_read_timeout).await;
-                    relay.finish(received, route, resp, UpstreamOutcome::default(), &conn)
-                }))
             }
             (route, Answer::Later(trip)) => {
                 let (relay, conn) = (self.clone(), conn.clone());
@@ -236,7 +223,7 @@ impl Relay {
         resp
     }
 
-    /// Makes a trip: to the upstream, or to the challenge store.
+    /// Makes a trip: to the upstream, to the challenge store, or through the rest of a body.
     async fn travel<B>(&self, trip: Trip<B>, conn: &ConnInfo, upstream: &mut UpstreamOutcome) -> Response<RelayBody>
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
@@ -248,6 +235,15 @@ impl Relay {
                 self.forward(req, routes, routes.base(to), host, conn, upstream, to == Upstream::Token).await
             }
             Trip::AcmeHttp01(token) => self.acme_http01(&token).await,
+            Trip::Discard { rest, resp } => {
+                // A form POST on HTTP/2 often comes as HEADERS, then DATA. Answering before the
+                // body is in ends the stream with RST_STREAM(NO_ERROR), which RFC 9113 allows
+                // but curl before 8.1 and other clients report as a failed request; so the body
+                // is read first, within the body limit and the header-read deadline.
+                let limits = &self.config.limits;
+                body::discard(rest, limits.max_body_bytes, limits.header_read_timeout).await;
+                resp
+            }
         }
     }
 

@@ -65,15 +65,15 @@ impl Relay {
 
 /// A route's answer: ready now, or at the end of a trip.
 pub(super) enum Answer<B> {
-    /// The response, and the request's body when more of it is still to come.
-    Now(Response<RelayBody>, Option<B>),
+    Now(Response<RelayBody>),
     Later(Trip<B>),
 }
 
-/// An answer that does not need the request: its body goes along only if more of it is to come.
+/// An answer that does not need the request: ready now, unless the request's body is still
+/// arriving, which is then read first (a `Discard` trip).
 fn now<B: Body>(req: Request<B>, resp: Response<RelayBody>) -> Answer<B> {
     let body = req.into_body();
-    Answer::Now(resp, (!body.is_end_stream()).then_some(body))
+    if body.is_end_stream() { Answer::Now(resp) } else { Answer::Later(Trip::Discard { rest: body, resp }) }
 }
 
 /// Where a request goes for its answer.
@@ -85,6 +85,8 @@ pub(super) enum Trip<B> {
     Forward { req: Request<B>, site: usize, to: Upstream, host: String },
     /// To the challenge store, for an HTTP-01 token.
     AcmeHttp01(String),
+    /// Nowhere: the answer `resp` is known, but the rest of the request's body is read first.
+    Discard { rest: B, resp: Response<RelayBody> },
 }
 
 /// Which of a site's upstreams a forwarded request goes to.
