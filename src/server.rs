@@ -3,6 +3,7 @@
 //! header-read deadlines per connection, and a bounded drain on shutdown.
 
 mod activity;
+mod gather;
 mod trim;
 
 use std::borrow::Cow;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use activity::{Activity, ActivityIo, Shutdown, TrackedBody};
+use gather::{Gather, LastAnswer};
 
 use crate::config::{Config, Limits};
 use crate::relay::{ConnInfo, Relay, Reply};
@@ -261,7 +263,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
     let limits = live.limits().clone();
     if kind != Kind::Https {
         let info = ConnInfo::new(remote, false, None);
-        let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind });
+        let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind, last: None });
         // Each request loads the configuration in force; the connection pins none.
         drop(live);
         return serve_h1(tcp, conn, &limits, shutdown).await;
@@ -270,8 +272,8 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
     // sized for the largest of its states, while a box holds only the one in use. (The boxes
     // are made in statements of their own and the handshake's output is taken apart in a plain
     // function: whatever an async fn holds or borrows across an await keeps room in its future.)
-    let handshake = Box::pin(tls::accept(tcp, &live.store, &live.tls, limits.handshake_timeout));
-    let hs = match handshake.await {
+    let handshake = Box::pin(tls::accept(Gather::new(tcp), &live.store, &live.tls, limits.handshake_timeout));
+    let mut hs = match handshake.await {
         Ok(hs) => hs,
         Err(e) => {
             tracing::debug!(%remote, reason = e.reason(), error = %e, "TLS handshake failed");
@@ -280,6 +282,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
         }
     };
     crate::metrics::global().handshake_ok();
+    hs.stream.get_mut().0.handshake_done();
     let serving = serve_tls(hs, remote, kind, shared, &live, &limits, shutdown);
     drop(live);
     serving.await;
@@ -287,7 +290,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
 
 /// The serving half of an HTTPS connection, as a box of its own (see `connection`).
 fn serve_tls<'a>(
-    hs: tls::Handshake<TcpStream>,
+    hs: tls::Handshake<Gather>,
     remote: SocketAddr,
     kind: Kind,
     shared: &Arc<Shared>,
@@ -297,7 +300,9 @@ fn serve_tls<'a>(
 ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
     let tls::Handshake { stream, site, server_name: sni, h2 } = hs;
     let info = ConnInfo::new(remote, true, sni.is_some().then_some(site));
-    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni, kind });
+    // HTTP/2 ends a connection with GOAWAY, not with the end of an answer.
+    let last = (!h2).then(|| stream.get_ref().0.last_answer());
+    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni, kind, last });
     if !h2 {
         return serve_h1(stream, conn, limits, shutdown);
     }
@@ -320,6 +325,8 @@ struct Conn {
     /// The SNI hostname the client sent, to find its site again after a reload.
     sni: Option<Arc<str>>,
     kind: Kind,
+    /// Where an HTTP/1 TLS connection learns that an answer is its last (see `gather`).
+    last: Option<LastAnswer>,
 }
 
 impl Conn {
@@ -360,6 +367,16 @@ where
     Box::pin(async move { activity.drive(conn, limits, shutdown).await })
 }
 
+/// Whether hyper closes an HTTP/1 connection after answering `req` (RFC 9112 section 9.3).
+fn ends_connection<B>(req: &http::Request<B>) -> bool {
+    let mut tokens = crate::relay::connection_tokens(req.headers());
+    match req.version() {
+        http::Version::HTTP_11 => tokens.any(|t| t.eq_ignore_ascii_case("close")),
+        http::Version::HTTP_10 => !tokens.any(|t| t.eq_ignore_ascii_case("keep-alive")),
+        _ => false,
+    }
+}
+
 /// The per-connection service: marks the connection busy for as long as a response is in
 /// flight, then hands the request to the relay in force (one `ArcSwap` load per request).
 fn service(
@@ -373,6 +390,7 @@ fn service(
 > + Clone {
     service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let guard = activity.begin();
+        let last = conn.last.as_ref().filter(|_| ends_connection(&req));
         let live = conn.shared.current();
         let info = conn.info_for(&live);
         // Answered here, in hyper's call rather than in the future it polls later (see
@@ -385,6 +403,9 @@ fn service(
             Kind::Admin => Reply::ready(live.relay.handle_admin(req, &info)),
             _ => live.relay.handle(req, &info),
         };
+        if let (Some(last), Reply::Ready(_)) = (last, &reply) {
+            last.mark();
+        }
         reply.map(|resp| Ok(resp.map(|body| TrackedBody::new(body, guard))))
     })
 }

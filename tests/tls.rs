@@ -27,6 +27,14 @@ fn config(server_extra: &str, sites: &[String]) -> String {
     format!("[server]\nhttps = [\"127.0.0.1:0\"]\n{server_extra}\n{}", sites.concat())
 }
 
+/// A relay serving one site, `auth.example.test`, with a certificate from a fresh test CA.
+async fn auth_site() -> (Pki, Leaf, RelayUnderTest) {
+    let pki = Pki::new();
+    let leaf = pki.leaf("relay", &["auth.example.test"]);
+    let relay = RelayUnderTest::start(&config("", &[site("auth", &["auth.example.test"], &leaf, "")])).await;
+    (pki, leaf, relay)
+}
+
 /// The rustls error inside a failed handshake's `io::Error`.
 fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
     e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -58,9 +66,7 @@ fn client_for_version(pki: &Pki, version: &'static rustls::SupportedProtocolVers
 
 #[tokio::test]
 async fn unknown_sni_is_refused_with_unrecognized_name() {
-    let pki = Pki::new();
-    let leaf = pki.leaf("relay", &["auth.example.test"]);
-    let relay = RelayUnderTest::start(&config("", &[site("auth", &["auth.example.test"], &leaf, "")])).await;
+    let (pki, leaf, relay) = auth_site().await;
     let client = TlsClient::new(relay.https, pki.client_config(&[b"http/1.1"]));
     expect_unrecognized_name(client.connect("other.example.test").await);
     // No default site: a client without SNI (an IP literal sends none) is refused the same way.
@@ -105,9 +111,7 @@ async fn sni_picks_each_sites_certificate() {
 
 #[tokio::test]
 async fn tls13_and_tls12_both_handshake() {
-    let pki = Pki::new();
-    let leaf = pki.leaf("relay", &["auth.example.test"]);
-    let relay = RelayUnderTest::start(&config("", &[site("auth", &["auth.example.test"], &leaf, "")])).await;
+    let (pki, _, relay) = auth_site().await;
     for (version, expected) in [
         (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
         (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
@@ -122,9 +126,7 @@ async fn tls13_and_tls12_both_handshake() {
 
 #[tokio::test]
 async fn alpn_picks_what_the_client_offers() {
-    let pki = Pki::new();
-    let leaf = pki.leaf("relay", &["auth.example.test"]);
-    let relay = RelayUnderTest::start(&config("", &[site("auth", &["auth.example.test"], &leaf, "")])).await;
+    let (pki, _, relay) = auth_site().await;
     // What the client offers, and what the relay must pick.
     type Offer = (&'static [&'static [u8]], Option<&'static [u8]>);
     let offers: [Offer; 4] = [
@@ -148,11 +150,52 @@ async fn alpn_picks_what_the_client_offers() {
     assert_eq!(reply.status, 302);
 }
 
+/// Sends `request` on a fresh connection and reads until the relay closes it; an error if it
+/// closes without TLS's `close_notify`.
+async fn exchange_until_close(client: &TlsClient, request: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = client.connect("auth.example.test").await?;
+    tls.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test]
+async fn a_last_answer_arrives_whole_and_then_close_notify() {
+    let (pki, _, relay) = auth_site().await;
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let client = TlsClient::new(relay.https, client_for_version(&pki, version));
+        // HTTP/1.1 asking to close, and HTTP/1.0 (which closes unless asked not to): the relay
+        // holds the answer until close_notify can go with it.
+        let answer = exchange_until_close(
+            &client,
+            "GET /v1/auth/callback?code=c&state=s HTTP/1.1\r\nHost: auth.example.test\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .expect("the whole answer, then close_notify");
+        assert!(answer.starts_with("HTTP/1.1 302 Found\r\n"), "{version:?}: {answer}");
+        assert!(
+            answer.contains("\r\nlocation: https://api.aurinko.io/v1/auth/callback?code=c&state=s\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\n"), "{answer}");
+
+        let answer = exchange_until_close(&client, "GET /healthz HTTP/1.0\r\nHost: auth.example.test\r\n\r\n")
+            .await
+            .expect("the whole answer, then close_notify");
+        assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{version:?}: {answer}");
+        assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+
+        // Kept-alive connections are not held up.
+        assert_eq!(client.get("auth.example.test", "/healthz").await.status, 200);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_resume_on_tls13_and_tls12_after_many_other_handshakes() {
-    let pki = Pki::new();
-    let leaf = pki.leaf("relay", &["auth.example.test"]);
-    let relay = RelayUnderTest::start(&config("", &[site("auth", &["auth.example.test"], &leaf, "")])).await;
+    let (pki, _, relay) = auth_site().await;
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
         // rustls clients keep the sessions they are given, as browsers do.
         let client = TlsClient::new(relay.https, client_for_version(&pki, version));

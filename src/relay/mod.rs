@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response, StatusCode, header};
 
 pub use body::RelayBody;
+pub use proxy::connection_tokens;
 pub use upstream::{UpstreamBase, UpstreamClient, UpstreamError, upstream_tls};
 
 use crate::config::{Config, Site};

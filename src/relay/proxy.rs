@@ -174,11 +174,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     let mut named = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
-        for token in v.to_str().unwrap_or_default().split(',').map(str::trim) {
-            if !HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(token)) && headers.contains_key(token) {
-                named.extend(HeaderName::from_bytes(token.as_bytes()).ok());
-            }
+    for token in connection_tokens(headers) {
+        if !HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(token)) && headers.contains_key(token) {
+            named.extend(HeaderName::from_bytes(token.as_bytes()).ok());
         }
     }
     for n in named {
@@ -189,6 +187,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(n);
         }
     }
+}
+
+/// The options of every `Connection` header field, trimmed (a field that is not text has none).
+pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers.get_all(header::CONNECTION).iter().flat_map(|v| v.to_str().unwrap_or_default().split(',').map(str::trim))
 }
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1, plus `Proxy-*` and the legacy `Keep-Alive` and
