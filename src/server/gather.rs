@@ -120,10 +120,10 @@ impl AsyncWrite for Gather {
         let this = self.get_mut();
         if this.holding() {
             this.holds_last |= !this.handshaking;
-            let mut n = 0;
+            let n = bufs.iter().map(|b| b.len()).sum();
+            this.held.reserve(n);
             for b in bufs {
                 this.held.extend_from_slice(b);
-                n += b.len();
             }
             return Poll::Ready(Ok(n));
         }
