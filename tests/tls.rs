@@ -129,10 +129,12 @@ async fn alpn_picks_what_the_client_offers() {
     let (pki, _, relay) = auth_site().await;
     // What the client offers, and what the relay must pick.
     type Offer = (&'static [&'static [u8]], Option<&'static [u8]>);
-    let offers: [Offer; 4] = [
+    let offers: [Offer; 6] = [
         (&[b"h2", b"http/1.1"], Some(b"h2")),
         (&[b"http/1.1", b"h2"], Some(b"h2")),
         (&[b"http/1.1"], Some(b"http/1.1")),
+        (&[b"http/1.0", b"http/1.1"], Some(b"http/1.1")),
+        (&[b"http/1.0"], Some(b"http/1.0")),
         (&[], None),
     ];
     for (offer, picked) in offers {
@@ -148,6 +150,11 @@ async fn alpn_picks_what_the_client_offers() {
     let plain = TlsClient::new(relay.https, pki.client_config(&[]));
     let reply = plain.get("auth.example.test", "/v1/auth/callback?x=1").await;
     assert_eq!(reply.status, 302);
+    // http/1.0, as `curl --http1.0` offers it alone.
+    let http10 = TlsClient::new(relay.https, pki.client_config(&[b"http/1.0"]));
+    let answer = exchange_until_close(&http10, "GET /healthz HTTP/1.0\r\nHost: auth.example.test\r\n\r\n").await;
+    let answer = answer.expect("an answer, then close_notify");
+    assert!(answer.starts_with("HTTP/1.0 200 OK\r\n") && answer.ends_with("\r\n\r\nok"), "{answer}");
 }
 
 /// Sends `request` on a fresh connection and reads until the relay closes it; an error if it

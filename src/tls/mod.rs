@@ -69,8 +69,11 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// ALPN identifiers we serve, in preference order.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// Offered alone by HTTP/1.0 clients (`curl --http1.0`); nginx accepts it too, where refusing
+/// it fails their handshake with `no_application_protocol`.
+pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 
-/// The one server configuration: TLS 1.3 and 1.2, ALPN h2 and http/1.1, certificates from the
+/// The one server configuration: TLS 1.3 and 1.2, ALPN h2, http/1.1 and http/1.0, certificates from the
 /// store picked by SNI at handshake time.
 pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(provider())
@@ -78,7 +81,7 @@ pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
         .expect("aws-lc-rs supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(store);
-    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec(), ALPN_HTTP10.to_vec()];
     // One ticket is enough for a browser to resume; the default of two doubles the work.
     config.send_tls13_tickets = 1;
     if let Some(ticketer) = ticketer() {
