@@ -283,7 +283,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
     // are made in statements of their own and the handshake's output is taken apart in a plain
     // function: whatever an async fn holds or borrows across an await keeps room in its future.)
     let handshake = Box::pin(tls::accept(Gather::new(tcp), &live.store, &live.tls, limits.handshake_timeout));
-    let mut hs = match handshake.await {
+    let hs = match handshake.await {
         Ok(hs) => hs,
         Err(e) => {
             tracing::debug!(%remote, reason = e.reason(), error = %e, "TLS handshake failed");
@@ -292,7 +292,6 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
         }
     };
     crate::metrics::global().handshake_ok();
-    hs.stream.get_mut().0.handshake_done();
     let serving = serve_tls(hs, remote, kind, shared, &live, &limits, shutdown);
     drop(live);
     serving.await;
@@ -308,7 +307,8 @@ fn serve_tls<'a>(
     limits: &'a Limits,
     shutdown: &'a Arc<Shutdown>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-    let tls::Handshake { stream, site, server_name: sni, h2 } = hs;
+    let tls::Handshake { mut stream, site, server_name: sni, h2 } = hs;
+    stream.get_mut().0.handshake_done();
     let info = ConnInfo::new(remote, true, sni.is_some().then_some(site));
     // HTTP/2 ends a connection with GOAWAY, not with the end of an answer.
     let last = (!h2).then(|| stream.get_ref().0.last_answer());
@@ -423,6 +423,23 @@ fn service(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of the future an async fn returns, without calling it.
+    fn future_size<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(TcpStream, SocketAddr, Kind, &'static Arc<Shared>, &'static Arc<Shutdown>) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Each open connection holds its task's future for its whole life, and the handshake's
+    /// output (a whole TLS connection, 1.3 KB) takes room there if `connection` keeps it, or a
+    /// borrow of it, across an await. 270 bytes when it does not.
+    #[test]
+    fn a_connection_task_keeps_no_room_for_its_handshake() {
+        let size = future_size(connection);
+        assert!(size <= 512, "the connection future is {size} bytes");
+    }
 
     #[tokio::test]
     async fn accepted_connections_have_nodelay() {
