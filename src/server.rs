@@ -400,7 +400,8 @@ fn service(
 > + Clone {
     service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let guard = activity.begin();
-        let last = conn.last.as_ref().filter(|_| ends_connection(&req));
+        // Only a connection's first answer may be held for close_notify (see `gather`).
+        let last = conn.last.as_ref().filter(|l| l.is_first()).map(|l| (l, ends_connection(&req)));
         let live = conn.shared.current();
         let info = conn.info_for(&live);
         // Answered here, in hyper's call rather than in the future it polls later (see
@@ -413,8 +414,8 @@ fn service(
             Kind::Admin => Reply::ready(live.relay.handle_admin(req, &info)),
             _ => live.relay.handle(req, &info),
         };
-        if let (Some(last), Reply::Ready(_)) = (last, &reply) {
-            last.mark();
+        if let Some((last, ends)) = last {
+            last.decide(ends && matches!(reply, Reply::Ready(_)));
         }
         reply.map(|resp| Ok(resp.map(|body| TrackedBody::new(body, guard))))
     })
