@@ -33,8 +33,13 @@ lab_setup() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
   fi
 
-  cargo build --release --manifest-path "$repo/Cargo.toml" >&2
-  bin="$repo/target/release/oauth-relay"
+  # RELAY_BIN=path measures another build (an A/B of two commits) instead of this checkout's.
+  if [[ -n "${RELAY_BIN:-}" ]]; then
+    bin="$(realpath "$RELAY_BIN")"
+  else
+    cargo build --release --manifest-path "$repo/Cargo.toml" >&2
+    bin="$repo/target/release/oauth-relay"
+  fi
   hsload="$work/tools/hsload/target/release/hsload"
   [[ -x "$hsload" ]] || cargo build --release --manifest-path "$work/tools/hsload/Cargo.toml" >&2
 
