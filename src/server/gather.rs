@@ -125,8 +125,11 @@ impl AsyncRead for Gather {
 impl Gather {
     #[cold]
     fn release_before_waiting(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.last.clear();
-        self.holds_last = false;
+        // A handshake's flight leaves the first answer's mark alone; a held answer spends it.
+        if self.holds_last {
+            self.last.clear();
+            self.holds_last = false;
+        }
         self.poll_send_held(cx)
     }
 
@@ -287,12 +290,9 @@ mod tests {
         assert_eq!(arrived(&mut client, SOON).await, b"final flight");
     }
 
-    #[tokio::test]
-    async fn a_last_answer_goes_out_with_what_shutdown_writes() {
-        let (mut gather, mut client) = connected().await;
-        gather.handshake_done();
-        gather.last_answer().decide(true);
-        read_would_block(&mut gather).await;
+    /// A marked answer is written and flushed, and nothing goes out until shutdown sends it with
+    /// what shutdown writes.
+    async fn answer_waits_for_close_notify(mut gather: Gather, mut client: TcpStream) {
         gather.write_all(b"answer|").await.expect("write");
         gather.flush().await.expect("flush");
         assert_eq!(arrived(&mut client, NOTHING).await, b"");
@@ -301,6 +301,28 @@ mod tests {
         let mut all = Vec::new();
         client.read_to_end(&mut all).await.expect("read to the end");
         assert_eq!(all, b"answer|close_notify");
+    }
+
+    #[tokio::test]
+    async fn a_last_answer_goes_out_with_what_shutdown_writes() {
+        let (mut gather, client) = connected().await;
+        gather.handshake_done();
+        gather.last_answer().decide(true);
+        read_would_block(&mut gather).await;
+        answer_waits_for_close_notify(gather, client).await;
+    }
+
+    #[tokio::test]
+    async fn the_first_answer_can_be_the_last_after_a_handshake_that_waited() {
+        let (mut gather, mut client) = connected().await;
+        let last = gather.last_answer();
+        gather.write_all(b"flight|").await.expect("write");
+        read_would_block(&mut gather).await;
+        assert_eq!(arrived(&mut client, SOON).await, b"flight|");
+        gather.handshake_done();
+        assert!(last.is_first());
+        last.decide(true);
+        answer_waits_for_close_notify(gather, client).await;
     }
 
     #[tokio::test]
