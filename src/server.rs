@@ -248,7 +248,6 @@ async fn accept_loop(
     }
 }
 
-/// An accept error ends one connection, never the loop; running out of descriptors backs off.
 /// Sets `TCP_NODELAY` on the listener and says whether the connections it accepts inherit it,
 /// as they do on Linux: one system call per listener instead of one per connection. (Answers
 /// are whole writes; Nagle's algorithm would only hold the last packet of one back.)
@@ -256,6 +255,7 @@ fn nodelay_for_accepted(listener: &TcpListener) -> bool {
     cfg!(target_os = "linux") && socket2::SockRef::from(listener).set_tcp_nodelay(true).is_ok()
 }
 
+/// An accept error ends one connection, never the loop; running out of descriptors backs off.
 async fn accept_error(e: io::Error) {
     // EMFILE (24) and ENFILE (23): the process or the system is out of descriptors.
     let exhausted = matches!(e.raw_os_error(), Some(24 | 23));
