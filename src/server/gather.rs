@@ -65,10 +65,6 @@ impl LastAnswer {
     fn is_set(&self) -> bool {
         self.0.load(Ordering::Relaxed) == MARKED
     }
-
-    fn clear(&self) {
-        self.0.store(PAST, Ordering::Relaxed);
-    }
 }
 
 impl Gather {
@@ -127,7 +123,7 @@ impl Gather {
     fn release_before_waiting(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // A handshake's flight leaves the first answer's mark alone; a held answer spends it.
         if self.holds_last {
-            self.last.clear();
+            self.last.decide(false);
             self.holds_last = false;
         }
         self.poll_send_held(cx)
