@@ -579,6 +579,27 @@ async fn host_header_picks_the_site() {
     assert_eq!(reply.header("allow"), "GET, HEAD, POST");
 }
 
+/// RFC 9112 section 3.2: two `Host` lines are a bad request, even when one names this site
+/// (a proxy in front may have routed by the other); an absolute-form target's authority wins
+/// over `Host` (section 3.2.2).
+#[tokio::test]
+async fn two_host_lines_are_a_bad_request() {
+    let kit = Kit::new();
+    let relay = kit.relay(Conf::default()).await;
+    for hosts in [[HOST, "evil.example"], ["evil.example", HOST], [HOST, HOST]] {
+        let reply = relay.send("GET", "/v1/auth/callback?code=c", &[("host", hosts[0]), ("host", hosts[1])], "").await;
+        assert_eq!((reply.status, reply.text()), (400, "more than one Host header\n"), "{hosts:?}");
+    }
+    let reply = relay.send("GET", "/v1/auth/callback?code=c", &[("host", "")], "").await;
+    assert_eq!((reply.status, reply.text()), (400, "missing or invalid Host header\n"));
+    let absolute = format!(
+        "GET https://{HOST}/v1/auth/callback?code=c HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    );
+    let reply = relay.raw(absolute.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 302 Found\r\n"), "{reply}");
+    assert!(reply.contains("\r\nlocation: https://api.aurinko.io/v1/auth/callback?code=c\r\n"), "{reply}");
+}
+
 #[tokio::test]
 async fn sni_of_one_site_with_host_of_another_is_421() {
     let kit = Kit::new();

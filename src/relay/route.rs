@@ -21,8 +21,9 @@ impl Relay {
                 return (RouteName::AcmeChallenge, Answer::Later(Trip::AcmeHttp01(token.to_string())));
             }
         }
-        let Some(host) = request_host(&req) else {
-            return (RouteName::None, now(req, plain(StatusCode::BAD_REQUEST, "missing or invalid Host header\n")));
+        let host = match request_host(&req) {
+            Ok(host) => host,
+            Err(why) => return (RouteName::None, now(req, plain(StatusCode::BAD_REQUEST, why))),
         };
         let Some((site_ix, by_name)) = self.site_for_host(&host, conn) else {
             return (RouteName::None, now(req, misdirected()));
@@ -160,16 +161,25 @@ fn decide<B>(req: &Request<B>, routes: &SiteRoutes) -> (RouteName, Action) {
     (RouteName::None, Action::Respond(plain(StatusCode::NOT_FOUND, "not found\n")))
 }
 
-/// The request's host without port, lower-cased: the URI authority (HTTP/2) or `Host`.
+/// The request's host without port, lower-cased: the URI authority (HTTP/2, or an HTTP/1.1
+/// absolute-form target, whose `Host` RFC 9112 section 3.2.2 says to ignore) or `Host`; else
+/// the body of the `400` that says why there is none.
 ///
 /// An HTTP/2 authority is already parsed by hyper. A `Host` header is only split from its port
 /// here, not parsed further: the result is never used except to compare with configured
 /// hostnames or to parse as an IP address, so a malformed value simply matches nothing (421).
-fn request_host<B>(req: &Request<B>) -> Option<String> {
+/// Two `Host` lines are refused whatever they say (RFC 9112 section 3.2), as nginx does: a
+/// front proxy may have picked the other one.
+fn request_host<B>(req: &Request<B>) -> Result<String, &'static str> {
+    const MISSING: &str = "missing or invalid Host header\n";
     let host = match req.uri().authority() {
         Some(a) => a.host(),
         None => {
-            let raw = req.headers().get(header::HOST)?.to_str().ok()?;
+            let mut lines = req.headers().get_all(header::HOST).iter();
+            let raw = lines.next().and_then(|v| v.to_str().ok()).ok_or(MISSING)?;
+            if lines.next().is_some() {
+                return Err("more than one Host header\n");
+            }
             match raw.rsplit_once(':') {
                 Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
                 _ => raw,
@@ -177,7 +187,7 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
         }
     };
     let host = host.trim_end_matches('.');
-    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+    if host.is_empty() { Err(MISSING) } else { Ok(host.to_ascii_lowercase()) }
 }
 
 /// Whether a configured hostname (maybe `*.example.com`) matches a request host.
