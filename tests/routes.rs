@@ -477,7 +477,7 @@ async fn token_works_over_http2_end_to_end() {
     let (upstream, url) = kit.upstream(&[b"h2"], UpstreamBehaviour::fixed(200, &[], "{}")).await;
     let relay = kit.relay(Conf { upstream: &url, ..Conf::default() }).await;
     let h2 = TlsClient::new(relay.relay.https, kit.pki.client_config(&[b"h2"]));
-    let reply = h2.send_h2(HOST, "POST", "/v1/auth/token/abc", "grant_type=authorization_code").await;
+    let reply = h2.send_h2(HOST, "POST", "/v1/auth/token/abc", &[], "grant_type=authorization_code").await;
     assert_eq!((reply.status, reply.text()), (200, "{}"));
     assert_eq!(reply.header("cache-control"), "no-store");
     let seen = upstream.last();
@@ -581,7 +581,8 @@ async fn host_header_picks_the_site() {
 
 /// RFC 9112 section 3.2: two `Host` lines are a bad request, even when one names this site
 /// (a proxy in front may have routed by the other); an absolute-form target's authority wins
-/// over `Host` (section 3.2.2).
+/// over `Host` (section 3.2.2). Over HTTP/2 a `Host` naming another host than `:authority` is
+/// malformed (RFC 9113 section 8.3.1); the same host with its port, in capitals, is not.
 #[tokio::test]
 async fn two_host_lines_are_a_bad_request() {
     let kit = Kit::new();
@@ -598,6 +599,13 @@ async fn two_host_lines_are_a_bad_request() {
     let reply = relay.raw(absolute.as_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 302 Found\r\n"), "{reply}");
     assert!(reply.contains("\r\nlocation: https://api.aurinko.io/v1/auth/callback?code=c\r\n"), "{reply}");
+
+    let h2 = TlsClient::new(relay.relay.https, kit.pki.client_config(&[b"h2"]));
+    let reply = h2.send_h2(HOST, "GET", "/v1/auth/callback?code=c", &[("host", "evil.example")], "").await;
+    assert_eq!((reply.status, reply.text()), (400, "Host names another host than :authority\n"));
+    let reply = h2.send_h2(HOST, "GET", "/v1/auth/callback?code=c", &[("host", "AUTH.example.test:443")], "").await;
+    assert_eq!(reply.status, 302);
+    assert_eq!(reply.header("location"), "https://api.aurinko.io/v1/auth/callback?code=c");
 }
 
 #[tokio::test]

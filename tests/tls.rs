@@ -143,7 +143,7 @@ async fn alpn_picks_what_the_client_offers() {
         assert_eq!(tls.get_ref().1.alpn_protocol(), picked, "offer {offer:?}");
     }
     let h2 = TlsClient::new(relay.https, pki.client_config(&[b"h2"]));
-    let reply = h2.send_h2("auth.example.test", "GET", "/v1/auth/callback?x=1", "").await;
+    let reply = h2.send_h2("auth.example.test", "GET", "/v1/auth/callback?x=1", &[], "").await;
     assert_eq!(reply.status, 302);
     assert_eq!(reply.header("location"), "https://api.aurinko.io/v1/auth/callback?x=1");
     // No ALPN at all: HTTP/1.1.

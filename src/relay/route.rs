@@ -168,26 +168,38 @@ fn decide<B>(req: &Request<B>, routes: &SiteRoutes) -> (RouteName, Action) {
 /// An HTTP/2 authority is already parsed by hyper. A `Host` header is only split from its port
 /// here, not parsed further: the result is never used except to compare with configured
 /// hostnames or to parse as an IP address, so a malformed value simply matches nothing (421).
-/// Two `Host` lines are refused whatever they say (RFC 9112 section 3.2), as nginx does: a
-/// front proxy may have picked the other one.
+/// Refused whatever they say, as a proxy in front may have routed by the other value: two
+/// `Host` lines (RFC 9112 section 3.2; nginx answers 400 too), and an HTTP/2 `Host` that names
+/// another host than `:authority` (RFC 9113 section 8.3.1).
 fn request_host<B>(req: &Request<B>) -> Result<String, &'static str> {
     const MISSING: &str = "missing or invalid Host header\n";
+    let mut lines = req.headers().get_all(header::HOST).iter();
+    let line = lines.next();
+    if lines.next().is_some() {
+        return Err("more than one Host header\n");
+    }
     let host = match req.uri().authority() {
-        Some(a) => a.host(),
-        None => {
-            let mut lines = req.headers().get_all(header::HOST).iter();
-            let raw = lines.next().and_then(|v| v.to_str().ok()).ok_or(MISSING)?;
-            if lines.next().is_some() {
-                return Err("more than one Host header\n");
+        Some(a) => {
+            if let Some(v) = line.filter(|_| req.version() == http::Version::HTTP_2) {
+                let named = v.to_str().map(without_port).map_err(|_| MISSING)?;
+                if !named.trim_end_matches('.').eq_ignore_ascii_case(a.host().trim_end_matches('.')) {
+                    return Err("Host names another host than :authority\n");
+                }
             }
-            match raw.rsplit_once(':') {
-                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-                _ => raw,
-            }
+            a.host()
         }
+        None => without_port(line.and_then(|v| v.to_str().ok()).ok_or(MISSING)?),
     };
     let host = host.trim_end_matches('.');
     if host.is_empty() { Err(MISSING) } else { Ok(host.to_ascii_lowercase()) }
+}
+
+/// A `Host` value without its `:port` (an IPv6 literal keeps its brackets).
+fn without_port(raw: &str) -> &str {
+    match raw.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => raw,
+    }
 }
 
 /// Whether a configured hostname (maybe `*.example.com`) matches a request host.

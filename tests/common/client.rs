@@ -87,15 +87,20 @@ impl TlsClient {
         self.send(sni, "GET", target, &[], "").await
     }
 
-    /// One HTTP/2 request (the client config must offer `h2`).
-    pub async fn send_h2(&self, sni: &str, method: &str, target: &str, body: &str) -> Reply {
+    /// One HTTP/2 request to `https://{sni}{target}` (the client config must offer `h2`); the
+    /// `headers` go as sent (a `host` among them as well as `:authority`).
+    pub async fn send_h2(&self, sni: &str, method: &str, target: &str, headers: &[(&str, &str)], body: &str) -> Reply {
         let tls = self.connect(sni).await.expect("handshake");
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN picked h2");
         let (mut sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.expect("h2");
         tokio::spawn(conn);
         let uri = format!("https://{sni}{target}");
-        let req = Request::builder().method(method).uri(uri).body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
         let resp = sender.send_request(req).await.expect("response");
         collect(resp).await
     }
