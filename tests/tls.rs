@@ -158,13 +158,16 @@ async fn alpn_picks_what_the_client_offers() {
 }
 
 /// Sends `request` on a fresh connection and reads until the relay closes it; an error if it
-/// closes without TLS's `close_notify`.
+/// closes without TLS's `close_notify`. Panics if the relay has not closed within 10 s (an
+/// answer held for a `close_notify` that never comes).
 async fn exchange_until_close(client: &TlsClient, request: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tls = client.connect("auth.example.test").await?;
     tls.write_all(request.as_bytes()).await?;
     let mut answer = Vec::new();
-    tls.read_to_end(&mut answer).await?;
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer))
+        .await
+        .expect("the relay closes the connection within 10 s")?;
     Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
