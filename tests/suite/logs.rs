@@ -3,7 +3,7 @@
 //! formats, with `RUST_LOG=debug` (hyper, h2, rustls and hyper-util included) and with the
 //! default filter; then everything it printed is searched for every secret of the flow.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::net::SocketAddr;

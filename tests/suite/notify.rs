@@ -3,7 +3,7 @@
 //! at half of WATCHDOG_USEC, RELOADING=1 (with MONOTONIC_USEC) then READY=1 around each reload,
 //! good or refused, and STOPPING=1 on SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Listeners and lifecycle: the plain-HTTP listener's redirects, the admin listener, graceful
 //! shutdown in-process, and the real binary stopping cleanly on SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

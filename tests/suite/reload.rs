@@ -4,7 +4,7 @@
 //! In-process through `run_with`, over `POST /reload` on the admin listener, and on the real
 //! binary with SIGHUP and `oauth-relay reload`.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

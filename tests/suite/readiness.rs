@@ -3,7 +3,7 @@
 //! expires within the margin while nothing renews it (`files`, and `acme` whose renewal keeps
 //! failing), and reports clock skew from the upstream's `Date` header.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! answering the challenges: issuance over TLS-ALPN-01 and HTTP-01, restart without an order,
 //! renewal with hot swap under load, faults, two replicas sharing one store, and the CLI.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

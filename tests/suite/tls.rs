@@ -3,7 +3,7 @@
 //! resumption, hot reload of `files` certificates, the `self-signed` source, and readiness
 //! tracking certificate validity.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -75,7 +75,7 @@ fn multi_site_example_has_two_sites_and_one_default() {
 /// source of `src/config/raw.rs` so that a key added there fails this test until it is
 /// documented. A field whose type names another `Raw*` struct is a table of that struct.
 fn raw_keys() -> BTreeSet<String> {
-    let src = include_str!("../src/config/raw.rs");
+    let src = include_str!("../../src/config/raw.rs");
     let mut structs: Vec<(String, Vec<(String, String)>)> = Vec::new();
     let mut current: Option<(String, Vec<(String, String)>)> = None;
     for l in src.lines() {

@@ -1,7 +1,7 @@
 //! The limits over real sockets: oversized headers and queries, slow header senders, idle
 //! keep-alive connections, silent TLS clients, and the cap on concurrent connections.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

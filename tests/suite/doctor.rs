@@ -3,7 +3,7 @@
 //! Pebble), and the real binary for exit statuses, the paste section and what an unprivileged
 //! user sees.
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

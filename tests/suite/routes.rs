@@ -2,7 +2,7 @@
 //! headers and bytes. Every test starts its own relay (and, when the route goes upstream, a real
 //! upstream server) on ephemeral loopback ports with a throwaway PKI.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -1,0 +1,25 @@
+//! The integration suite, one module per area, linked into one test binary.
+//!
+//! One binary, not one per file: each test binary links the whole relay and its dependencies,
+//! so fourteen of them cost fourteen links and gigabytes of disk on a clean build. Tests that
+//! need a process of their own stay outside: `tests/metrics.rs` counts into the process-wide
+//! metrics registry and installs a counting allocator.
+//!
+//! Run one area with `scripts/test --test suite routes::`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod acme;
+mod cli;
+mod config;
+mod deploy;
+mod doctor;
+mod lifecycle;
+mod limits;
+mod logs;
+mod notify;
+mod readiness;
+mod reload;
+mod routes;
+mod tls;
