@@ -1,9 +1,11 @@
 //! Listeners and connections: accept loops that never die on an accept error, a cap on
-//! concurrent connections, the TLS handshake deadline, HTTP/1.1 or HTTP/2 by ALPN, idle and
-//! header-read deadlines per connection, and a bounded drain on shutdown.
+//! concurrent connections, the PROXY protocol header behind a load balancer, the TLS handshake
+//! deadline, HTTP/1.1 or HTTP/2 by ALPN, idle and header-read deadlines per connection, and a
+//! bounded drain on shutdown.
 
 mod activity;
 mod gather;
+mod proxy_header;
 mod trim;
 
 use std::borrow::Cow;
@@ -267,10 +269,24 @@ async fn accept_error(e: io::Error) {
     }
 }
 
-async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc<Shared>, shutdown: &Arc<Shutdown>) {
+async fn connection(
+    mut tcp: TcpStream,
+    mut remote: SocketAddr,
+    kind: Kind,
+    shared: &Arc<Shared>,
+    shutdown: &Arc<Shutdown>,
+) {
     // The configuration at accept time sets this connection's handshake and deadlines.
     let live = shared.current();
     let limits = live.limits().clone();
+    let balancers = &live.relay.config().server.proxy_protocol_from;
+    if !balancers.is_empty() && kind != Kind::Admin {
+        // Boxed: only connections behind a balancer carry this wait in their task.
+        match Box::pin(behind_balancer(&mut tcp, remote, balancers, limits.handshake_timeout)).await {
+            Some(client) => remote = client,
+            None => return,
+        }
+    }
     if kind != Kind::Https {
         let info = ConnInfo::new(remote, false, None);
         let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind, last: None });
@@ -295,6 +311,31 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, kind: Kind, shared: &Arc
     let serving = serve_tls(hs, remote, kind, shared, &live, &limits, shutdown);
     drop(live);
     serving.await;
+}
+
+/// The client's address from the PROXY protocol header `tcp` starts with, read within the
+/// handshake deadline; `None` (logged) when the connection is to be closed.
+async fn behind_balancer(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    from: &[ipnet::IpNet],
+    within: Duration,
+) -> Option<SocketAddr> {
+    match tokio::time::timeout(within, proxy_header::read(tcp, peer, from)).await {
+        Ok(Ok(client)) => Some(client),
+        Ok(Err(e)) if e.is_misconfiguration() => {
+            tracing::warn!(%peer, error = %e, "closed a connection from a load balancer");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "closed a connection");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no PROXY protocol header within the handshake timeout");
+            None
+        }
+    }
 }
 
 /// The serving half of an HTTPS connection, as a box of its own (see `connection`).

@@ -94,6 +94,9 @@ pub struct Server {
     pub storage: PathBuf,
     /// `Strict-Transport-Security` value on HTTPS responses; `None` when set to "".
     pub hsts: Option<HeaderValue>,
+    /// Load balancers that put a PROXY protocol header before each connection to the public
+    /// listeners; empty: none, peers are the clients themselves.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 /// Bounds on every wait and size.

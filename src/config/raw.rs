@@ -34,6 +34,7 @@ pub struct RawServer {
     pub public_https_port: Option<u16>,
     pub storage: String,
     pub hsts: String,
+    pub proxy_protocol_from: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -45,6 +46,7 @@ impl Default for RawServer {
             public_https_port: None,
             storage: "certs".into(),
             hsts: "max-age=31536000".into(),
+            proxy_protocol_from: Vec::new(),
         }
     }
 }

@@ -18,6 +18,12 @@ pub fn report(c: &Config) -> String {
     let _ = writeln!(out, "  public https port   {}", s.public_https_port);
     let _ = writeln!(out, "  certificate store   {}", s.storage.display());
     let _ = writeln!(out, "  hsts                {}", s.hsts.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("off"));
+    let proxy = s.proxy_protocol_from.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+    let _ = writeln!(
+        out,
+        "  proxy protocol      {}",
+        if proxy.is_empty() { "off".into() } else { format!("from {proxy}") }
+    );
     let l = &c.limits;
     let _ = writeln!(out, "\nlimits");
     let _ = writeln!(

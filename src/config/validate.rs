@@ -1,7 +1,7 @@
 //! Turns [`RawConfig`] into [`Config`], collecting every problem with its key path and line.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use http::{HeaderValue, Method, StatusCode};
@@ -124,6 +124,7 @@ impl Validator<'_> {
         if s.storage.is_empty() {
             self.error(&[Seg::Key("server"), Seg::Key("storage")], "must name a folder");
         }
+        let proxy_protocol_from = self.networks(&s.proxy_protocol_from);
         let public_https_port = s.public_https_port.or_else(|| https.first().map(|a| a.port())).unwrap_or(443);
         (self.problems.len() == before).then(|| Server {
             https,
@@ -132,7 +133,30 @@ impl Validator<'_> {
             public_https_port,
             storage: PathBuf::from(&s.storage),
             hsts,
+            proxy_protocol_from,
         })
+    }
+
+    /// `server.proxy_protocol_from`: networks (`10.0.0.0/8`) or single addresses.
+    fn networks(&mut self, raw: &[String]) -> Vec<ipnet::IpNet> {
+        let mut out = Vec::new();
+        for (i, n) in raw.iter().enumerate() {
+            match n.parse::<ipnet::IpNet>().or_else(|_| n.parse::<IpAddr>().map(ipnet::IpNet::from)) {
+                Ok(net) if net.prefix_len() == 0 => {
+                    self.warn(
+                        &[Seg::Key("server"), Seg::Key("proxy_protocol_from"), Seg::Index(i)],
+                        format!("`{n}` lets any peer name its own client address: make sure only the load balancer can reach the listeners"),
+                    );
+                    out.push(net);
+                }
+                Ok(net) => out.push(net.trunc()),
+                Err(_) => self.error(
+                    &[Seg::Key("server"), Seg::Key("proxy_protocol_from"), Seg::Index(i)],
+                    format!("`{n}` is not a network or an IP address (e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\")"),
+                ),
+            }
+        }
+        out
     }
 
     fn limits(&mut self, raw: &RawConfig) -> Option<Limits> {

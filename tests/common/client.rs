@@ -37,16 +37,30 @@ impl Reply {
 pub struct TlsClient {
     pub addr: SocketAddr,
     pub config: Arc<rustls::ClientConfig>,
+    /// Bytes written before the handshake, as a load balancer's PROXY header; each part is
+    /// written on its own, 50 ms after the one before.
+    pub preamble: Vec<Vec<u8>>,
 }
 
 impl TlsClient {
     pub fn new(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Self {
-        TlsClient { addr, config }
+        TlsClient { addr, config, preamble: Vec::new() }
+    }
+
+    /// The same client, writing `parts` on every new connection before its handshake.
+    pub fn with_preamble(&self, parts: &[&[u8]]) -> Self {
+        TlsClient { preamble: parts.iter().map(|p| p.to_vec()).collect(), ..self.clone() }
     }
 
     /// A TLS connection with SNI `sni` (an IP literal sends no SNI).
     pub async fn connect(&self, sni: &str) -> std::io::Result<TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(self.addr).await?;
+        let mut tcp = TcpStream::connect(self.addr).await?;
+        for (i, part) in self.preamble.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, part).await?;
+        }
         let name = ServerName::try_from(sni.to_string()).expect("server name");
         tokio::time::timeout(Duration::from_secs(10), TlsConnector::from(self.config.clone()).connect(name, tcp))
             .await

@@ -382,3 +382,27 @@ fn unknown_tables_and_mistyped_tables_are_read_past() {
         assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
     }
 }
+
+#[test]
+fn proxy_protocol_sources_are_networks_or_addresses() {
+    let text = "[server]\nhttps = [\"127.0.0.1:8443\"]\nproxy_protocol_from = [\"10.0.0.0/8\", \"192.0.2.7\",\n  \"lb.internal\"]\n\n[[site]]\nhostnames = [\"a.example.com\"]\n";
+    assert_eq!(
+        problems(text),
+        vec![format!(
+            "test.toml:{}: server.proxy_protocol_from[2]: `lb.internal` is not a network or an IP address \
+             (e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\")",
+            line(text, "lb.internal")
+        )]
+    );
+
+    let text = "[server]\nhttps = [\"127.0.0.1:8443\"]\nproxy_protocol_from = [\"10.1.2.3/8\", \"::/0\"]\n\n[[site]]\nhostnames = [\"a.example.com\"]\n";
+    let c = Config::parse("test.toml", text).expect("accepted with a warning");
+    let nets: Vec<String> = c.server.proxy_protocol_from.iter().map(ToString::to_string).collect();
+    assert_eq!(nets, ["10.0.0.0/8", "::/0"]);
+    let w: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        w,
+        ["test.toml:3: server.proxy_protocol_from[1]: `::/0` lets any peer name its own client address: \
+             make sure only the load balancer can reach the listeners"]
+    );
+}

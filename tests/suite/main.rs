@@ -11,6 +11,7 @@
 mod common;
 
 mod acme;
+mod balancer;
 mod cli;
 mod config;
 mod deploy;

@@ -306,6 +306,19 @@ async fn sessions_resume_across_a_reload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_balancer_put_in_front_takes_a_reload() {
+    let (setup, shape, relay, client) = start_in_process(None).await;
+    assert_eq!(client.get(HOST, CALLBACK).await.status, 302);
+    setup.write(&Shape { server_extra: "proxy_protocol_from = [\"127.0.0.1\"]".into(), ..shape });
+    relay.reload.reload().await.expect("reload");
+    // New connections now need the balancer's header.
+    assert!(client.connect(HOST).await.is_err(), "a handshake without a PROXY header");
+    let behind = client.with_preamble(&[b"PROXY TCP4 203.0.113.7 127.0.0.1 51234 443\r\n"]);
+    assert_eq!(behind.get(HOST, CALLBACK).await.status, 302);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_config_is_refused_and_the_old_one_stays_in_force() {
     let (setup, shape, relay, client) = start_in_process(None).await;
     let load = Load::start(client.clone()).await;

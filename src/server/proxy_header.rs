@@ -1,0 +1,127 @@
+//! The PROXY protocol: the client's address as a TCP load balancer in front saw it.
+//!
+//! The relay terminates TLS itself (it must, to answer ACME challenges), so a load balancer in
+//! front can only pass TCP through, and the relay's peer is then the balancer. HAProxy's PROXY
+//! protocol (v1 text or v2 binary, as AWS NLB, HAProxy `send-proxy`, DigitalOcean, Hetzner and
+//! Kubernetes load balancers send it) puts the client's address in front of the first TLS byte.
+//! With `server.proxy_protocol_from` set, every connection to the public listeners must come
+//! from one of those networks and start with such a header; its source address then stands for
+//! the client in `X-Forwarded-For` and the logs. Anything else is closed before a byte is
+//! answered, so a client that reaches the port directly cannot choose its own address.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use ppp::{HeaderResult, PartialResult};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// The longest header read: a v1 header is at most 107 bytes, a v2 header 16 bytes plus its
+/// addresses (at most 216) and the balancer's TLVs (AWS sends a VPC endpoint id, about 30).
+const MAX_HEADER: usize = 1024;
+
+/// How long to wait for the rest of a header that arrived in parts (senders are meant to send
+/// it whole, so this is rare) before peeking again.
+const PARTIAL_PAUSE: Duration = Duration::from_millis(5);
+
+/// Why a connection was closed before its header was read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyHeaderError {
+    #[error("peer is not in server.proxy_protocol_from")]
+    Untrusted,
+    #[error("connection does not start with a PROXY protocol header")]
+    Missing,
+    #[error("PROXY protocol header is longer than {MAX_HEADER} bytes")]
+    TooLong,
+    #[error("peer closed the connection before the PROXY protocol header ended")]
+    Closed,
+    #[error("reading the PROXY protocol header: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ProxyHeaderError {
+    /// Whether a configured balancer sent something else than a PROXY header: a configuration
+    /// mistake on one side, worth a warning. (A balancer's TCP health check connects and closes
+    /// without a byte, and a stranger is no news; neither is.)
+    pub fn is_misconfiguration(&self) -> bool {
+        matches!(self, ProxyHeaderError::Missing | ProxyHeaderError::TooLong)
+    }
+}
+
+/// Whether `ip` is in one of `from` (an IPv4 address mapped into IPv6 counts as IPv4).
+pub fn trusted(from: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    from.iter().any(|net| net.contains(&ip))
+}
+
+/// Reads the PROXY header at the start of `tcp`, taking exactly its bytes off the stream, and
+/// returns the client's address: the header's source for a proxied TCP connection, `peer` for
+/// the balancer's own connections (`LOCAL`, `UNKNOWN`: health checks). The caller bounds it.
+pub async fn read(tcp: &mut TcpStream, peer: SocketAddr, from: &[IpNet]) -> Result<SocketAddr, ProxyHeaderError> {
+    if !trusted(from, peer.ip()) {
+        return Err(ProxyHeaderError::Untrusted);
+    }
+    let mut buf = vec![0u8; MAX_HEADER];
+    let mut seen = 0;
+    loop {
+        // Peeking leaves the TLS bytes behind the header where the handshake will read them.
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(ProxyHeaderError::Closed);
+        }
+        let (len, client) = match HeaderResult::parse(&buf[..n]) {
+            HeaderResult::V1(Ok(h)) => (h.header.len(), v1_source(&h.addresses)),
+            HeaderResult::V2(Ok(h)) => (h.len(), v2_source(&h)),
+            incomplete if incomplete.is_incomplete() => {
+                if n == MAX_HEADER {
+                    return Err(ProxyHeaderError::TooLong);
+                }
+                if n == seen {
+                    // The bytes stay readable, so a peek would return at once: wait a little.
+                    tokio::time::sleep(PARTIAL_PAUSE).await;
+                }
+                seen = n;
+                continue;
+            }
+            _ => return Err(ProxyHeaderError::Missing),
+        };
+        tcp.read_exact(&mut buf[..len]).await?;
+        return Ok(client.unwrap_or(peer));
+    }
+}
+
+fn v1_source(a: &ppp::v1::Addresses) -> Option<SocketAddr> {
+    match a {
+        ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Unknown => None,
+    }
+}
+
+fn v2_source(h: &ppp::v2::Header<'_>) -> Option<SocketAddr> {
+    if h.command != ppp::v2::Command::Proxy {
+        return None;
+    }
+    match h.addresses {
+        ppp::v2::Addresses::IPv4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v2::Addresses::IPv6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v2::Addresses::Unix(_) | ppp::v2::Addresses::Unspecified => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_ipv4_peers_match_ipv4_networks() {
+        let from: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+        assert!(trusted(&from, "10.1.2.3".parse().unwrap()));
+        assert!(trusted(&from, "::ffff:10.1.2.3".parse().unwrap()));
+        assert!(trusted(&from, "2001:db8::5".parse().unwrap()));
+        assert!(!trusted(&from, "11.0.0.1".parse().unwrap()));
+        assert!(!trusted(&[], "10.1.2.3".parse().unwrap()));
+    }
+}

@@ -1,0 +1,152 @@
+//! Behind a TCP load balancer: with `server.proxy_protocol_from`, every connection to the public
+//! listeners starts with a PROXY protocol header (v1 text or v2 binary, built here with the
+//! `ppp` crate), and its source address is the client the upstream hears about in
+//! `X-Forwarded-For`. Connections without one, or from elsewhere, are closed unanswered.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::common;
+use common::{Pki, RelayUnderTest, TlsClient, Upstream, UpstreamBehaviour};
+use ppp::v2::{Builder, Command, Protocol, Version};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HOST: &str = "auth.example.test";
+const V1: &[u8] = b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 443\r\n";
+
+/// A relay whose HTTPS and HTTP listeners take PROXY headers from `from`, in front of a plain
+/// HTTP upstream that records what it receives.
+struct Behind {
+    /// Holds the certificate files the relay reads.
+    _pki: Pki,
+    relay: RelayUnderTest,
+    upstream: Upstream,
+    client: TlsClient,
+}
+
+async fn behind(from: &str) -> Behind {
+    let pki = Pki::new();
+    let leaf = pki.leaf("relay", &[HOST]);
+    let upstream =
+        Upstream::start(None, UpstreamBehaviour::fixed(200, &[("content-type", "application/json")], "{}")).await;
+    let toml = format!(
+        "[server]\nhttps = [\"127.0.0.1:0\"]\nhttp = [\"127.0.0.1:0\"]\nadmin = \"127.0.0.1:0\"\n\
+         proxy_protocol_from = [{from}]\n\n[limits]\nhandshake_timeout = \"3s\"\n{site}",
+        site = common::files_site("auth", &[HOST], &leaf, &format!("upstream = \"http://{}\"", upstream.addr)),
+    );
+    let relay = RelayUnderTest::start(&toml).await;
+    let client = TlsClient::new(relay.https, pki.client_config(&[b"http/1.1"]));
+    Behind { _pki: pki, relay, upstream, client }
+}
+
+/// A v2 header for a proxied TCP connection from `source`, with an AWS-style TLV after the
+/// addresses, as an NLB sends it.
+fn v2(source: &str) -> Vec<u8> {
+    let source: SocketAddr = source.parse().unwrap();
+    let destination: SocketAddr = if source.is_ipv4() { "192.0.2.1:443" } else { "[2001:db8::1]:443" }.parse().unwrap();
+    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (source, destination))
+        .write_tlv(0xEA, b"\x01vpce-0123456789abcdef0")
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+/// What the relay sends back on a plain TCP connection after `bytes`, until it closes (at most
+/// 5 s): empty when it closes without answering.
+async fn raw_reply(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+            reply.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the relay closes the connection within 5 s");
+    reply
+}
+
+#[tokio::test]
+async fn the_proxy_headers_source_is_the_forwarded_client() {
+    let b = behind("\"127.0.0.0/8\"").await;
+    let token = |client: TlsClient| async move {
+        client.send(HOST, "POST", "/v1/auth/token/abc", &[("authorization", "Basic dXNlcjpwYXNz")], "").await
+    };
+
+    // v1, as HAProxy's `send-proxy` writes it.
+    let reply = token(b.client.with_preamble(&[V1])).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "{}");
+    assert_eq!(b.upstream.last().headers["x-forwarded-for"], "203.0.113.7");
+
+    // v2 over IPv6 with a TLV, as an NLB writes it.
+    let header = v2("[2001:db8::7]:40000");
+    let reply = token(b.client.with_preamble(&[&header])).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(b.upstream.last().headers["x-forwarded-for"], "2001:db8::7");
+
+    // A header that arrives in two parts, 50 ms apart.
+    let header = v2("198.51.100.9:40000");
+    let reply = token(b.client.with_preamble(&[&header[..10], &header[10..]])).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(b.upstream.last().headers["x-forwarded-for"], "198.51.100.9");
+
+    // The balancer's own connections (health checks) say LOCAL or UNKNOWN: the peer stands.
+    let local =
+        Builder::with_addresses(Version::Two | Command::Local, Protocol::Unspecified, ppp::v2::Addresses::Unspecified)
+            .build()
+            .unwrap();
+    for header in [&local[..], b"PROXY UNKNOWN\r\n"] {
+        let reply = token(b.client.with_preamble(&[header])).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(b.upstream.last().headers["x-forwarded-for"], "127.0.0.1");
+    }
+    assert_eq!(b.upstream.hits(), 5);
+
+    // The plain-HTTP listener reads the header too.
+    let mut request = V1.to_vec();
+    request.extend_from_slice(
+        b"GET /v1/auth/callback?code=c HTTP/1.1\r\nHost: auth.example.test\r\nConnection: close\r\n\r\n",
+    );
+    let reply = String::from_utf8(raw_reply(b.relay.http.unwrap(), &request).await).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 308 Permanent Redirect\r\n"), "{reply}");
+    assert!(
+        reply.contains(&format!(
+            "\r\nlocation: https://auth.example.test:{}/v1/auth/callback?code=c\r\n",
+            b.relay.https.port()
+        )),
+        "{reply}"
+    );
+
+    // The admin listener does not: it is for the operator, not the balancer.
+    let reply = common::client::plain_get(b.relay.admin.unwrap(), "localhost", "/healthz").await;
+    assert_eq!((reply.status, reply.text()), (200, "ok"));
+}
+
+#[tokio::test]
+async fn connections_without_a_header_or_from_elsewhere_are_closed_unanswered() {
+    let b = behind("\"127.0.0.0/8\"").await;
+    // A client that reaches the port directly: its ClientHello is not a PROXY header.
+    let err = b.client.connect(HOST).await.expect_err("no handshake without a header");
+    assert!(matches!(err.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset), "{err:?}");
+    let http = b.relay.http.unwrap();
+    assert_eq!(raw_reply(http, b"GET /healthz HTTP/1.1\r\nHost: auth.example.test\r\n\r\n").await, b"");
+    // A header that never ends is cut off at 1 KiB, and one that stops short at the deadline.
+    let mut long = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff".to_vec();
+    long.resize(2000, 0);
+    let started = std::time::Instant::now();
+    assert_eq!(raw_reply(http, &long).await, b"");
+    assert!(started.elapsed() < Duration::from_secs(2), "closed at the 1 KiB cap, not at the 3 s deadline");
+    assert_eq!(raw_reply(http, &V1[..20]).await, b"");
+    assert_eq!(b.upstream.hits(), 0);
+
+    // A peer outside the configured networks is closed even with a good header.
+    let b = behind("\"192.0.2.0/24\", \"2001:db8::/32\"").await;
+    let mut request = V1.to_vec();
+    request.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: auth.example.test\r\n\r\n");
+    assert_eq!(raw_reply(b.relay.http.unwrap(), &request).await, b"");
+    assert!(b.client.with_preamble(&[V1]).connect(HOST).await.is_err());
+}
