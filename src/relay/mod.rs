@@ -212,6 +212,7 @@ impl Relay {
         if self.config.log.access {
             let flow = received.flow_uri.and_then(|u| self.flow_id(route, &u));
             access_log(
+                conn.client_ip.to_str().unwrap_or("?"),
                 &received.method,
                 route,
                 resp.status(),
@@ -326,8 +327,11 @@ impl Future for Reply {
 }
 
 /// One access-log line. Never carries any header value, nor (unless `raw_uri` is given because
-/// the operator set `[log] redact = false`) the path's code or the query.
+/// the operator set `[log] redact = false`) the path's code or the query. `client` is the
+/// client's address (a PROXY protocol header's source behind a load balancer).
+#[allow(clippy::too_many_arguments)]
 fn access_log(
+    client: &str,
     method: &Method,
     route: RouteName,
     status: StatusCode,
@@ -339,6 +343,7 @@ fn access_log(
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     tracing::info!(
         target: "access",
+        client = %client,
         method = %method,
         route = %route.as_str(),
         status = status.as_u16(),

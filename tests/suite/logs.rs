@@ -279,7 +279,7 @@ fn access_lines(format: Format, logs: &str) -> Vec<(String, u64, Option<u64>, Op
                 v.as_object().expect("object").clone()
             }
             Format::Pretty => {
-                // `... INFO access: method=GET route=callback status=302 latency_ms=0.068`
+                // `... INFO access: client=127.0.0.1 method=GET route=callback status=302 latency_ms=0.068`
                 let Some((_, rest)) = line.split_once(" access: ") else { continue };
                 rest.split_whitespace()
                     .map(|kv| kv.split_once('=').unwrap_or_else(|| panic!("`{kv}` is not key=value in: {line}")))
@@ -290,6 +290,7 @@ fn access_lines(format: Format, logs: &str) -> Vec<(String, u64, Option<u64>, Op
                     .collect()
             }
         };
+        assert_eq!(fields.get("client").and_then(|v| v.as_str()), Some("127.0.0.1"), "client address in: {line}");
         let route = fields["route"].as_str().expect("route").to_string();
         if route == "healthz" {
             continue;
@@ -329,7 +330,10 @@ async fn redacted(case: Case) {
     );
     if case.format == Format::Pretty {
         let token_line = stderr.lines().find(|l| l.contains(" route=token ")).expect("token access line");
-        assert!(token_line.contains(" INFO access: method=POST route=token status=200 latency_ms="), "{token_line}");
+        assert!(
+            token_line.contains(" INFO access: client=127.0.0.1 method=POST route=token status=200 latency_ms="),
+            "{token_line}"
+        );
         assert!(token_line.contains(" upstream_status=200 upstream_ms="), "{token_line}");
     }
     if case.rust_log == Some("debug") {
