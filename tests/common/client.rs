@@ -40,11 +40,13 @@ pub struct TlsClient {
     /// Bytes written before the handshake, as a load balancer's PROXY header; each part is
     /// written on its own, 50 ms after the one before.
     pub preamble: Vec<Vec<u8>>,
+    /// The local address to connect from (a second loopback address, say); `None`: the system's.
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl TlsClient {
     pub fn new(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Self {
-        TlsClient { addr, config, preamble: Vec::new() }
+        TlsClient { addr, config, preamble: Vec::new(), source: None }
     }
 
     /// The same client, writing `parts` on every new connection before its handshake.
@@ -52,9 +54,22 @@ impl TlsClient {
         TlsClient { preamble: parts.iter().map(|p| p.to_vec()).collect(), ..self.clone() }
     }
 
+    /// The same client, connecting from `source`.
+    pub fn with_source(&self, source: std::net::IpAddr) -> Self {
+        TlsClient { source: Some(source), ..self.clone() }
+    }
+
     /// A TLS connection with SNI `sni` (an IP literal sends no SNI).
     pub async fn connect(&self, sni: &str) -> std::io::Result<TlsStream<TcpStream>> {
-        let mut tcp = TcpStream::connect(self.addr).await?;
+        let mut tcp = match self.source {
+            None => TcpStream::connect(self.addr).await?,
+            Some(ip) => {
+                let socket =
+                    if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(self.addr).await?
+            }
+        };
         for (i, part) in self.preamble.iter().enumerate() {
             if i > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;

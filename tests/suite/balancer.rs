@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::common;
+use common::process::ChildGuard;
 use common::{Pki, RelayUnderTest, TlsClient, Upstream, UpstreamBehaviour};
 use ppp::v2::{Builder, Command, Protocol, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -149,4 +150,48 @@ async fn connections_without_a_header_or_from_elsewhere_are_closed_unanswered() 
     request.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: auth.example.test\r\n\r\n");
     assert_eq!(raw_reply(b.relay.http.unwrap(), &request).await, b"");
     assert!(b.client.with_preamble(&[V1]).connect(HOST).await.is_err());
+}
+
+/// Debian's HAProxy in TCP mode in front of the relay, as a production balancer would be, with
+/// `send-proxy-v2` (and `send-proxy`, v1): the address the browser connected from reaches the
+/// upstream. The client connects from 127.0.0.3, so the relay's peer (HAProxy, 127.0.0.1) and
+/// the client differ.
+#[tokio::test]
+async fn haproxy_in_front_passes_the_client_address_on() {
+    let b = behind("\"127.0.0.1\"").await;
+    for send_proxy in ["send-proxy-v2", "send-proxy"] {
+        let port = common::pebble::free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+                 frontend front\n  bind 127.0.0.2:{port}\n  default_backend relay\n\
+                 backend relay\n  server relay {relay} {send_proxy}\n",
+                relay = b.relay.https,
+            ),
+        )
+        .unwrap();
+        let haproxy = std::process::Command::new("haproxy")
+            .arg("-f")
+            .arg(&cfg)
+            .arg("-db")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run haproxy (scripts/test installs Debian's haproxy)");
+        let _haproxy = ChildGuard(haproxy);
+        let front: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(front).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "haproxy listens on {front} within 10 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let client = TlsClient { addr: front, ..b.client.clone() }.with_source("127.0.0.3".parse().unwrap());
+        let reply = client.send(HOST, "POST", "/v1/auth/token/abc", &[], "").await;
+        assert_eq!(reply.status, 200, "{send_proxy}");
+        assert_eq!(b.upstream.last().headers["x-forwarded-for"], "127.0.0.3", "{send_proxy}");
+    }
+    assert_eq!(b.upstream.hits(), 2);
 }
