@@ -321,21 +321,22 @@ async fn behind_balancer(
     from: &[ipnet::IpNet],
     within: Duration,
 ) -> Option<SocketAddr> {
-    match tokio::time::timeout(within, proxy_header::read(tcp, peer, from)).await {
-        Ok(Ok(client)) => Some(client),
-        Ok(Err(e)) if e.is_misconfiguration() => {
-            tracing::warn!(%peer, error = %e, "closed a connection from a load balancer");
-            None
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "closed a connection");
-            None
-        }
+    let e = match tokio::time::timeout(within, proxy_header::read(tcp, peer, from)).await {
+        Ok(Ok(client)) => return Some(client),
+        Ok(Err(e)) => e,
         Err(_) => {
             tracing::debug!(%peer, "no PROXY protocol header within the handshake timeout");
-            None
+            crate::metrics::global().proxy_header_failed("timeout");
+            return None;
         }
+    };
+    if e.is_misconfiguration() {
+        tracing::warn!(%peer, error = %e, "closed a connection from a load balancer");
+    } else {
+        tracing::debug!(%peer, error = %e, "closed a connection");
     }
+    crate::metrics::global().proxy_header_failed(e.reason());
+    None
 }
 
 /// The serving half of an HTTPS connection, as a box of its own (see `connection`).

@@ -102,6 +102,10 @@ impl Listener {
 /// Handshake failure reasons exported from the start (see `HandshakeError::reason`).
 const HANDSHAKE_REASONS: [&str; 6] = ["timeout", "no_sni", "unknown_sni", "protocol_version", "tls_error", "io"];
 
+/// Why a connection behind a load balancer was closed before its handshake, exported from the
+/// start (see `ProxyHeaderError::reason`).
+pub const PROXY_HEADER_REASONS: [&str; 6] = ["untrusted", "missing", "too_long", "closed", "timeout", "io"];
+
 /// The relay's metrics. Call sites use [`global`]; tests may make their own.
 #[derive(Debug)]
 pub struct Metrics {
@@ -112,6 +116,7 @@ pub struct Metrics {
     upstream_errors: [Counter; UpstreamErrorKind::ALL.len()],
     handshakes: Counter,
     handshake_failures: Family<Label, Counter>,
+    proxy_header_failures: Family<Label, Counter>,
     open_connections: [Gauge; Listener::ALL.len()],
     acme_orders: Family<Hostname, Counter>,
     acme_failures: Family<HostProblem, Counter>,
@@ -134,6 +139,19 @@ fn precreate<M: Clone + Default, const N: usize>(
     values: [&'static str; N],
 ) -> [M; N] {
     values.map(|v| family.get_or_create(&[(key, v)]).clone())
+}
+
+/// A counter family by `reason`, registered with every reason exported from the start.
+fn by_reason<const N: usize>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+    reasons: [&'static str; N],
+) -> Family<Label, Counter> {
+    let family = Family::<Label, Counter>::default();
+    let _ = precreate(&family, "reason", reasons);
+    r.register(name, help, family.clone());
+    family
 }
 
 impl Default for Metrics {
@@ -170,12 +188,17 @@ impl Metrics {
 
         let handshakes = Counter::default();
         r.register("tls_handshakes", "TLS handshakes completed on the HTTPS listeners", handshakes.clone());
-        let handshake_failures = Family::<Label, Counter>::default();
-        let _ = precreate(&handshake_failures, "reason", HANDSHAKE_REASONS);
-        r.register(
+        let handshake_failures = by_reason(
+            &mut r,
             "tls_handshake_failures",
             "TLS handshakes that did not complete, by reason",
-            handshake_failures.clone(),
+            HANDSHAKE_REASONS,
+        );
+        let proxy_header_failures = by_reason(
+            &mut r,
+            "proxy_header_failures",
+            "Connections closed for their PROXY protocol header (server.proxy_protocol_from), by reason",
+            PROXY_HEADER_REASONS,
         );
 
         let conns = Family::<Label, Gauge>::default();
@@ -217,6 +240,7 @@ impl Metrics {
             upstream_errors,
             handshakes,
             handshake_failures,
+            proxy_header_failures,
             open_connections,
             acme_orders,
             acme_failures,
@@ -256,6 +280,12 @@ impl Metrics {
         if !matches!(e, HandshakeError::AcmeChallenge) {
             self.handshake_failures.get_or_create(&[("reason", e.reason())]).inc();
         }
+    }
+
+    /// A connection closed because its PROXY protocol header was missing, bad, late or from a
+    /// peer not in `server.proxy_protocol_from`; `reason` is one of [`PROXY_HEADER_REASONS`].
+    pub fn proxy_header_failed(&self, reason: &'static str) {
+        self.proxy_header_failures.get_or_create(&[("reason", reason)]).inc();
     }
 
     /// Counts a connection as open until the returned guard is dropped.

@@ -48,6 +48,17 @@ impl ProxyHeaderError {
     pub fn is_misconfiguration(&self) -> bool {
         matches!(self, ProxyHeaderError::Missing | ProxyHeaderError::TooLong)
     }
+
+    /// The `reason` label of `oauth_relay_proxy_header_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyHeaderError::Untrusted => "untrusted",
+            ProxyHeaderError::Missing => "missing",
+            ProxyHeaderError::TooLong => "too_long",
+            ProxyHeaderError::Closed => "closed",
+            ProxyHeaderError::Io(_) => "io",
+        }
+    }
 }
 
 /// Whether `ip` is in one of `from` (an IPv4 address mapped into IPv6 counts as IPv4).

@@ -3,6 +3,7 @@
 //! `ppp` crate), and its source address is the client the upstream hears about in
 //! `X-Forwarded-For`. Connections without one, or from elsewhere, are closed unanswered.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -70,6 +71,31 @@ async fn raw_reply(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     reply
 }
 
+/// `oauth_relay_proxy_header_failures_total` by reason, scraped from the admin listener. The
+/// registry is process-wide, so tests running beside this one can only add to the counts.
+async fn proxy_failures(admin: SocketAddr) -> BTreeMap<String, u64> {
+    let reply = common::client::plain_get(admin, "localhost", "/metrics").await;
+    assert_eq!(reply.status, 200);
+    let prefix = "oauth_relay_proxy_header_failures_total{reason=\"";
+    let counts: BTreeMap<String, u64> = reply
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .map(|rest| {
+            let (reason, n) = rest.split_once("\"} ").expect("a labelled sample");
+            (reason.to_string(), n.parse().expect("a count"))
+        })
+        .collect();
+    let reasons: Vec<&str> = counts.keys().map(String::as_str).collect();
+    assert_eq!(reasons, ["closed", "io", "missing", "timeout", "too_long", "untrusted"], "exported from the start");
+    counts
+}
+
+/// How much each reason grew from `before` to `after`.
+fn grown(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, reason: &str) -> u64 {
+    after[reason] - before[reason]
+}
+
 #[tokio::test]
 async fn the_proxy_headers_source_is_the_forwarded_client() {
     let b = behind("\"127.0.0.0/8\"").await;
@@ -130,6 +156,7 @@ async fn the_proxy_headers_source_is_the_forwarded_client() {
 #[tokio::test]
 async fn connections_without_a_header_or_from_elsewhere_are_closed_unanswered() {
     let b = behind("\"127.0.0.0/8\"").await;
+    let before = proxy_failures(b.relay.admin.unwrap()).await;
     // A client that reaches the port directly: its ClientHello is not a PROXY header.
     let err = b.client.connect(HOST).await.expect_err("no handshake without a header");
     assert!(matches!(err.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset), "{err:?}");
@@ -143,6 +170,10 @@ async fn connections_without_a_header_or_from_elsewhere_are_closed_unanswered() 
     assert!(started.elapsed() < Duration::from_secs(2), "closed at the 1 KiB cap, not at the 3 s deadline");
     assert_eq!(raw_reply(http, &V1[..20]).await, b"");
     assert_eq!(b.upstream.hits(), 0);
+    let after = proxy_failures(b.relay.admin.unwrap()).await;
+    assert!(grown(&before, &after, "missing") >= 2, "{before:?} -> {after:?}");
+    assert!(grown(&before, &after, "too_long") >= 1, "{before:?} -> {after:?}");
+    assert!(grown(&before, &after, "timeout") >= 1, "{before:?} -> {after:?}");
 
     // A peer outside the configured networks is closed even with a good header.
     let b = behind("\"192.0.2.0/24\", \"2001:db8::/32\"").await;
@@ -150,6 +181,8 @@ async fn connections_without_a_header_or_from_elsewhere_are_closed_unanswered() 
     request.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: auth.example.test\r\n\r\n");
     assert_eq!(raw_reply(b.relay.http.unwrap(), &request).await, b"");
     assert!(b.client.with_preamble(&[V1]).connect(HOST).await.is_err());
+    let untrusted = proxy_failures(b.relay.admin.unwrap()).await;
+    assert!(grown(&after, &untrusted, "untrusted") >= 2, "{after:?} -> {untrusted:?}");
 }
 
 /// Debian's HAProxy in TCP mode in front of the relay, as a production balancer would be, with
