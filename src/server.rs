@@ -321,14 +321,10 @@ async fn behind_balancer(
     from: &[ipnet::IpNet],
     within: Duration,
 ) -> Option<SocketAddr> {
-    let e = match tokio::time::timeout(within, proxy_header::read(tcp, peer, from)).await {
-        Ok(Ok(client)) => return Some(client),
-        Ok(Err(e)) => e,
-        Err(_) => {
-            tracing::debug!(%peer, "no PROXY protocol header within the handshake timeout");
-            crate::metrics::global().proxy_header_failed("timeout");
-            return None;
-        }
+    let read = tokio::time::timeout(within, proxy_header::read(tcp, peer, from));
+    let e = match read.await.unwrap_or(Err(proxy_header::ProxyHeaderError::Timeout)) {
+        Ok(client) => return Some(client),
+        Err(e) => e,
     };
     if e.is_misconfiguration() {
         tracing::warn!(%peer, error = %e, "closed a connection from a load balancer");

@@ -142,14 +142,15 @@ impl Validator<'_> {
         let mut out = Vec::new();
         for (i, n) in raw.iter().enumerate() {
             match n.parse::<ipnet::IpNet>().or_else(|_| n.parse::<IpAddr>().map(ipnet::IpNet::from)) {
-                Ok(net) if net.prefix_len() == 0 => {
-                    self.warn(
-                        &[Seg::Key("server"), Seg::Key("proxy_protocol_from"), Seg::Index(i)],
-                        format!("`{n}` lets any peer name its own client address: make sure only the load balancer can reach the listeners"),
-                    );
-                    out.push(net);
+                Ok(net) => {
+                    if net.prefix_len() == 0 {
+                        self.warn(
+                            &[Seg::Key("server"), Seg::Key("proxy_protocol_from"), Seg::Index(i)],
+                            format!("`{n}` lets any peer name its own client address: make sure only the load balancer can reach the listeners"),
+                        );
+                    }
+                    out.push(net.trunc());
                 }
-                Ok(net) => out.push(net.trunc()),
                 Err(_) => self.error(
                     &[Seg::Key("server"), Seg::Key("proxy_protocol_from"), Seg::Index(i)],
                     format!("`{n}` is not a network or an IP address (e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\")"),

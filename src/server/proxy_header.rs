@@ -37,6 +37,8 @@ pub enum ProxyHeaderError {
     TooLong,
     #[error("peer closed the connection before the PROXY protocol header ended")]
     Closed,
+    #[error("no PROXY protocol header within the handshake timeout")]
+    Timeout,
     #[error("reading the PROXY protocol header: {0}")]
     Io(#[from] io::Error),
 }
@@ -56,6 +58,7 @@ impl ProxyHeaderError {
             ProxyHeaderError::Missing => "missing",
             ProxyHeaderError::TooLong => "too_long",
             ProxyHeaderError::Closed => "closed",
+            ProxyHeaderError::Timeout => "timeout",
             ProxyHeaderError::Io(_) => "io",
         }
     }
