@@ -20,6 +20,10 @@ use tokio::time::Instant;
 use crate::config::Limits;
 use crate::relay::RelayBody;
 
+/// How long an idle connection that has been told goodbye (GOAWAY, `close_notify`) may take to
+/// go before it is dropped: a round trip for HTTP/2's closing PING, with room to spare.
+pub const GOODBYE: Duration = Duration::from_secs(1);
+
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
@@ -178,13 +182,19 @@ impl Activity {
         })
     }
 
-    /// Runs the connection until it ends or misses a deadline (then it is dropped: closed).
+    /// Runs the connection until it ends or misses a deadline.
     ///
     /// One timer per connection, re-armed lazily: when it fires, the deadline is recomputed from
     /// the atomics and the timer moved if the connection is busy or was active since. Only a
     /// deadline that moves earlier than the timer (the first header byte after a long idle, or
     /// an idle timeout shorter than the header one) wakes the watchdog, so a steady stream of
     /// requests costs about two timer resets per header-read period instead of two per request.
+    ///
+    /// A connection that misses the header-read deadline is dropped (closed at once). One that
+    /// stayed idle is closed the way nginx and Go close theirs: HTTP/2 gets a GOAWAY, so a client
+    /// that sent a request at that moment learns it was not processed and may safely retry it,
+    /// and TLS gets its `close_notify`. The client has [`GOODBYE`] to take that before the
+    /// connection is dropped anyway.
     pub async fn drive<C>(self: &Arc<Self>, conn: C, limits: &Limits, shutdown: &Arc<Shutdown>)
     where
         C: GracefulConnection,
@@ -194,6 +204,8 @@ impl Activity {
         let _registered = shutdown.register(self);
         let mut conn = std::pin::pin!(conn);
         let mut finishing = false;
+        // Set once an idle connection has been told goodbye: when it must be gone.
+        let mut goodbye: Option<Instant> = None;
         let sleep = tokio::time::sleep_until(self.arm(limits));
         let mut sleep = std::pin::pin!(sleep);
         loop {
@@ -208,13 +220,26 @@ impl Activity {
             tokio::select! {
                 biased;
                 _ = &mut conn => return,
-                _ = self.changed.notified() => sleep.as_mut().reset(self.arm(limits)),
+                _ = self.changed.notified(), if goodbye.is_none() => sleep.as_mut().reset(self.arm(limits)),
                 _ = sleep.as_mut() => {
-                    if self.deadline(limits).is_some_and(|d| d <= Instant::now()) {
-                        tracing::debug!("connection closed: idle or header-read deadline passed");
+                    let now = Instant::now();
+                    if self.deadline(limits).is_none_or(|d| d > now) {
+                        // Busy, or active since the timer was set. A request that came in
+                        // after a goodbye (HTTP/2 streams already on their way) is bounded by
+                        // the upstream timeouts; its connection gets a fresh idle period.
+                        goodbye = None;
+                        sleep.as_mut().reset(self.arm(limits));
+                    } else if goodbye.is_some() || finishing || self.first_byte.load(Ordering::Acquire) != 0 {
+                        tracing::debug!("connection closed: header-read deadline passed, or the goodbye went unanswered");
                         return;
+                    } else {
+                        tracing::debug!("idle connection: closing it gracefully");
+                        finishing = true;
+                        conn.as_mut().graceful_shutdown();
+                        let at = now + GOODBYE;
+                        goodbye = Some(at);
+                        sleep.as_mut().reset(at);
                     }
-                    sleep.as_mut().reset(self.arm(limits));
                 }
             }
         }

@@ -1,5 +1,6 @@
-//! The limits over real sockets: oversized headers and queries, slow header senders, idle
-//! keep-alive connections, silent TLS clients, and the cap on concurrent connections.
+//! The limits over real sockets: oversized headers and queries (HTTP/1.1 and HTTP/2), slow
+//! header senders, idle keep-alive connections and how they are closed, silent TLS clients, and
+//! the cap on concurrent connections.
 
 use crate::common;
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{Pki, RelayUnderTest, TlsClient, Upstream, UpstreamBehaviour};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -22,22 +23,28 @@ async fn relay(pki: &Pki, limits: &str, site_extra: &str) -> (RelayUnderTest, Tl
     (relay, client)
 }
 
-/// Reads until the peer closes (EOF or an error) and returns how long that took; panics after
-/// `bound`.
-async fn time_until_closed(mut read: impl tokio::io::AsyncRead + Unpin, bound: Duration) -> Duration {
+/// Reads until the peer closes and returns how long that took; panics after `bound`.
+async fn time_until_closed(read: impl tokio::io::AsyncRead + Unpin, bound: Duration) -> Duration {
+    until_closed(read, bound).await.0
+}
+
+/// Reads until the peer closes: how long that took, and how it closed (`Ok` for a clean end,
+/// which over TLS means the relay sent `close_notify`); panics after `bound`.
+async fn until_closed(mut read: impl tokio::io::AsyncRead + Unpin, bound: Duration) -> (Duration, std::io::Result<()>) {
     let start = Instant::now();
     let mut buf = [0u8; 1024];
-    tokio::time::timeout(bound, async {
+    let end = tokio::time::timeout(bound, async {
         loop {
             match read.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return Ok(()),
+                Err(e) => return Err(e),
                 Ok(_) => {}
             }
         }
     })
     .await
     .unwrap_or_else(|_| panic!("the relay kept the connection open for {bound:?}"));
-    start.elapsed()
+    (start.elapsed(), end)
 }
 
 #[tokio::test]
@@ -115,17 +122,63 @@ fn request(method: &str, target: &str) -> http::Request<Full<Bytes>> {
 }
 
 #[tokio::test]
-async fn idle_keep_alive_connection_is_closed() {
+async fn idle_keep_alive_connection_is_closed_with_close_notify() {
     let pki = Pki::new();
     let (_relay, client) = relay(&pki, "idle_timeout = \"300ms\"", "").await;
-    let (mut sender, conn) = keep_alive(&client).await;
-    let resp = sender.send_request(request("GET", "/healthz")).await.expect("response");
+    let mut tls = client.connect("auth.example.test").await.expect("handshake");
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: auth.example.test\r\n\r\n").await.expect("write");
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await.expect("reply").expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200 OK\r\n"), "answered: {:?}", String::from_utf8_lossy(&buf[..n]));
+    let (took, end) = until_closed(tls, Duration::from_secs(5)).await;
+    assert!(took >= Duration::from_millis(250), "closed only once idle for 300 ms: {took:?}");
+    // A clean end: rustls reports a close without `close_notify` as UnexpectedEof.
+    end.expect("the relay ended TLS with close_notify");
+}
+
+#[tokio::test]
+async fn idle_http2_connection_gets_goaway_even_while_the_client_pings() {
+    // Browsers keep HTTP/2 connections open with PINGs; those are not requests and keep no
+    // connection alive. The idle close is a GOAWAY, so the client's connection ends without error.
+    let pki = Pki::new();
+    let (relay, _) = relay(&pki, "idle_timeout = \"300ms\"", "").await;
+    let tls =
+        TlsClient::new(relay.https, pki.client_config(&[b"h2"])).connect("auth.example.test").await.expect("handshake");
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_millis(100))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(tls))
+        .await
+        .expect("h2");
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("https://auth.example.test/healthz").body(Full::new(Bytes::new())).unwrap();
+    let resp = sender.send_request(req).await.expect("response");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.into_body().collect().await.expect("body").to_bytes(), "ok");
     let start = Instant::now();
-    tokio::time::timeout(Duration::from_secs(5), conn).await.expect("closed within 5 s").expect("driver");
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await.expect("closed within 5 s").expect("task");
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(250), "closed only once idle for 300 ms: {took:?}");
+    ended.expect("the connection ended with GOAWAY, not a reset");
+}
+
+#[tokio::test]
+async fn http2_requests_meet_the_same_header_and_query_limits() {
+    let pki = Pki::new();
+    let (relay, _) = relay(&pki, "max_header_bytes = 8192\nmax_query_bytes = 100", "").await;
+    let h2 = TlsClient::new(relay.https, pki.client_config(&[b"h2"]));
+    let big = "a".repeat(9000);
+    let reply = h2.send_h2("auth.example.test", "GET", "/v1/auth/callback?x=1", &[("x-big", &big)], "").await;
+    assert_eq!(reply.status, 431);
+    let fits = "a".repeat(7000);
+    let reply = h2.send_h2("auth.example.test", "GET", "/v1/auth/callback?x=1", &[("x-big", &fits)], "").await;
+    assert_eq!(reply.status, 302);
+    let at_limit = format!("state={}", "s".repeat(94));
+    let reply = h2.send_h2("auth.example.test", "GET", &format!("/v1/auth/callback?{at_limit}"), &[], "").await;
+    assert_eq!(reply.status, 302);
+    let reply = h2.send_h2("auth.example.test", "GET", &format!("/v1/auth/callback?{at_limit}x"), &[], "").await;
+    assert_eq!((reply.status, reply.text()), (414, "query string too long\n"));
 }
 
 #[tokio::test]
