@@ -9,6 +9,7 @@
 //! - [`acme`]: automatic certificates (issuance, renewal, challenge answers, shared store).
 //! - [`relay`]: the routes (callback relay, authorize fronting, token proxy) and the upstream
 //!   client.
+//! - [`egress`]: how upstreams and the ACME CA are reached: directly, or through an HTTP proxy.
 //! - [`health`]: liveness and readiness (certificates, upstream probes, clock skew).
 //! - [`reload`]: re-reading the configuration (SIGHUP, `oauth-relay reload`, `POST /reload`).
 //! - [`notify`]: systemd notifications (READY, RELOADING, STOPPING, WATCHDOG).
@@ -27,6 +28,7 @@
 pub mod acme;
 pub mod config;
 pub mod doctor;
+pub mod egress;
 pub mod flow;
 pub mod fsutil;
 pub mod health;

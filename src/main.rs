@@ -163,6 +163,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
         if let Some(l) = &listeners.admin {
             tracing::info!(addr = %l.local_addr()?, "serving admin (health)");
         }
+        if config.outbound != oauth_relay::egress::Egress::direct() {
+            tracing::info!(proxy = %config.outbound.summary(), "outbound connections go through a proxy");
+        }
         let reloads = oauth_relay::reload::Requests::new();
         forward_sighup(reloads.handle())?;
         oauth_relay::run_with(Arc::new(config), listeners, shutdown_signal(), reloads).await?;

@@ -233,6 +233,7 @@ async fn a_scripted_flow_shows_in_the_metrics_of_the_admin_listener_only() {
         r#"oauth_relay_upstream_errors_total{kind="timeout"} 1"#,
         r#"oauth_relay_upstream_errors_total{kind="status_5xx"} 1"#,
         r#"oauth_relay_upstream_errors_total{kind="request"} 0"#,
+        r#"oauth_relay_upstream_errors_total{kind="proxy"} 0"#,
         // Three callbacks, one authorize, five tokens, the 404 and /metrics: one connection each.
         "oauth_relay_tls_handshakes_total 11",
         r#"oauth_relay_tls_handshake_failures_total{reason="unknown_sni"} 1"#,

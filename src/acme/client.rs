@@ -26,9 +26,12 @@ use super::lock::{self, Acquire};
 use super::store::AcmeStore;
 use super::{AcmeError, counters};
 use crate::config::AcmeSettings;
+use crate::egress::Egress;
 
 /// Longest wait for one ACME HTTP request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest connect to the CA (TCP, and through a proxy its `CONNECT` answer as well).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `account.lock` is held at most (creation is one or two requests).
 const ACCOUNT_LOCK_TTL: Duration = Duration::from_secs(120);
 
@@ -52,8 +55,8 @@ impl HttpClient for TimedClient {
     }
 }
 
-/// The HTTP client for one directory.
-pub fn http_client(ca_file: Option<&Path>) -> Result<Box<dyn HttpClient>, AcmeError> {
+/// The HTTP client for one directory, reached as `egress` says (directly or through a proxy).
+pub fn http_client(ca_file: Option<&Path>, egress: &Egress) -> Result<Box<dyn HttpClient>, AcmeError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -77,13 +80,13 @@ pub fn http_client(ca_file: Option<&Path>) -> Result<Box<dyn HttpClient>, AcmeEr
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(egress.connector(http, CONNECT_TIMEOUT));
     let client: Client<_, BodyWrapper<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
     Ok(Box::new(TimedClient(Box::new(client))))
 }
@@ -158,5 +161,5 @@ impl AccountCell {
 }
 
 fn builder(settings: &AcmeSettings) -> Result<instant_acme::AccountBuilder, AcmeError> {
-    Ok(Account::builder_with_http(http_client(settings.directory_ca_file.as_deref())?))
+    Ok(Account::builder_with_http(http_client(settings.directory_ca_file.as_deref(), &settings.egress)?))
 }

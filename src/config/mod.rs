@@ -74,6 +74,8 @@ pub struct Config {
     pub limits: Limits,
     pub log: LogSettings,
     pub health: HealthSettings,
+    /// How upstreams, their probes and the ACME CA are reached (`[outbound]`).
+    pub outbound: crate::egress::Egress,
     pub sites: Vec<Site>,
     /// Things that are allowed but probably not meant (printed by `check`, logged by `serve`).
     pub warnings: Vec<Problem>,
@@ -196,6 +198,8 @@ pub struct AcmeSettings {
     /// First retry delay after a failed attempt; doubles (with jitter) up to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// How the CA is reached: `[outbound]`, filled in once the whole file is read.
+    pub egress: crate::egress::Egress,
 }
 
 /// External Account Binding credentials. `Debug` never shows the HMAC key.

@@ -21,6 +21,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub health: RawHealth,
     #[serde(default)]
+    pub outbound: RawOutbound,
+    #[serde(default)]
     pub site: Vec<RawSite>,
 }
 
@@ -137,6 +139,22 @@ impl Default for RawHealth {
             clock_skew_warn: Duration::from_secs(30),
             clock_skew_fail: Duration::from_secs(300),
         }
+    }
+}
+
+/// `[outbound]`: how the relay reaches upstreams and the ACME CA.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOutbound {
+    /// "env" (HTTPS_PROXY and friends), "direct", or an `http://` proxy URL.
+    pub proxy: String,
+    /// With a proxy URL: destinations reached directly (curl's `NO_PROXY` entries).
+    pub no_proxy: Vec<String>,
+}
+
+impl Default for RawOutbound {
+    fn default() -> Self {
+        Self { proxy: "env".into(), no_proxy: Vec::new() }
     }
 }
 

@@ -24,6 +24,7 @@ pub fn report(c: &Config) -> String {
         "  proxy protocol      {}",
         if proxy.is_empty() { "off".into() } else { format!("from {proxy}") }
     );
+    let _ = writeln!(out, "  outbound proxy      {}", c.outbound.summary());
     let l = &c.limits;
     let _ = writeln!(out, "\nlimits");
     let _ = writeln!(
@@ -39,7 +40,9 @@ pub fn report(c: &Config) -> String {
     for site in &c.sites {
         let _ = writeln!(out, "\nsite {}{}", site.name, if site.default { " (default)" } else { "" });
         let _ = writeln!(out, "  hostnames           {}", site.hostnames.join(", "));
-        let _ = writeln!(out, "  upstream            {}", site.upstream.as_str().trim_end_matches('/'));
+        let upstream = site.upstream.as_str().trim_end_matches('/');
+        let route = upstream.parse().map(|u| c.outbound.describe(&u)).unwrap_or_else(|_| "direct".into());
+        let _ = writeln!(out, "  upstream            {upstream} ({route})");
         let tls = match &site.tls {
             TlsSource::SelfSigned => "self-signed".to_string(),
             TlsSource::Files { cert, key, .. } => {

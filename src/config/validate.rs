@@ -10,6 +10,7 @@ use url::Url;
 use super::locate::{self, Seg};
 use super::raw::{RawConfig, RawSite};
 use super::*;
+use crate::egress::Egress;
 
 mod acme;
 
@@ -46,6 +47,7 @@ impl Validator<'_> {
         let server = self.server(&raw);
         let limits = self.limits(&raw);
         let health = self.health(&raw);
+        let outbound = self.outbound(&raw, |name| std::env::var(name).ok());
         let flow_key = match raw.log.flow_key.as_deref().map(crate::flow::FlowKey::parse) {
             Some(Err(why)) => {
                 self.error(&[Seg::Key("log"), Seg::Key("flow_key")], why);
@@ -60,14 +62,21 @@ impl Validator<'_> {
         // site has other problems too.
         self.cross_site_checks(&raw.site);
         let sites: Vec<Option<Site>> = raw.site.into_iter().enumerate().map(|(i, s)| self.site(i, s)).collect();
-        let sites: Option<Vec<Site>> = sites.into_iter().collect();
+        let mut sites: Vec<Site> = sites.into_iter().collect::<Option<_>>()?;
+        let outbound = outbound?;
+        for site in &mut sites {
+            if let TlsSource::Acme(acme) = &mut site.tls {
+                acme.egress = outbound.clone();
+            }
+        }
         Some(Config {
             file: self.file.to_string(),
             server: server?,
             limits: limits?,
             log: LogSettings { access: raw.log.access, redact: raw.log.redact, flow_key },
             health: health?,
-            sites: sites?,
+            outbound,
+            sites,
             warnings: Vec::new(),
         })
     }
@@ -135,6 +144,27 @@ impl Validator<'_> {
             hsts,
             proxy_protocol_from,
         })
+    }
+
+    /// `[outbound]`: "env" reads the proxy variables through `env`, "direct" uses none, anything
+    /// else must be an `http://` proxy URL.
+    fn outbound(&mut self, raw: &RawConfig, env: impl Fn(&str) -> Option<String>) -> Option<Egress> {
+        let o = &raw.outbound;
+        let key = [Seg::Key("outbound"), Seg::Key("proxy")];
+        if !o.no_proxy.is_empty() && matches!(o.proxy.as_str(), "env" | "direct") {
+            self.warn(
+                &[Seg::Key("outbound"), Seg::Key("no_proxy")],
+                format!("only used with a proxy URL; with proxy = \"{}\" it does nothing", o.proxy),
+            );
+        }
+        let egress = match o.proxy.as_str() {
+            "direct" => Ok(Egress::direct()),
+            "env" => Egress::from_env(env).map_err(|e| {
+                format!("{e} (set [outbound] proxy = \"direct\" or an http:// proxy URL to override the environment)")
+            }),
+            url => Egress::proxy(url, &o.no_proxy.join(",")).map_err(|e| e.to_string()),
+        };
+        egress.map_err(|message| self.error(&key, message)).ok()
     }
 
     /// `server.proxy_protocol_from`: networks (`10.0.0.0/8`) or single addresses.

@@ -32,7 +32,7 @@ pub fn targets(config: &Config) -> Vec<AcmeSettings> {
 /// GETs the directory of `settings` within `timeout` and reports what it offers.
 pub async fn check_directory(settings: AcmeSettings, timeout: Duration) -> Vec<Finding> {
     let url = settings.directory.as_str();
-    let client = match crate::acme::client::http_client(settings.directory_ca_file.as_deref()) {
+    let client = match crate::acme::client::http_client(settings.directory_ca_file.as_deref(), &settings.egress) {
         Ok(c) => c,
         Err(e) => return vec![Finding::error(CHECK, format!("{url}: {e}"), "fix `directory_ca_file` (a PEM CA file)")],
     };

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use url::{Host, Url};
 
 use super::Finding;
 use crate::config::Config;
+use crate::egress::Egress;
 
 const CHECK: &str = "upstream";
 /// A certificate with less left than this is reported as a warning.
@@ -24,6 +24,8 @@ pub struct Target {
     /// `scheme://host:port`, without path.
     pub origin: Url,
     pub ca_file: Option<PathBuf>,
+    /// How it is reached (`[outbound]`).
+    pub egress: Egress,
 }
 
 /// The distinct upstream origins of every site: the site's upstream and any per-route one.
@@ -33,7 +35,7 @@ pub fn targets(config: &Config) -> Vec<Target> {
         for url in [&site.upstream, &site.callback.upstream, &site.authorize.upstream, &site.token.upstream] {
             let mut origin = url.clone();
             origin.set_path("");
-            let t = Target { origin, ca_file: site.upstream_ca_file.clone() };
+            let t = Target { origin, ca_file: site.upstream_ca_file.clone(), egress: config.outbound.clone() };
             if !out.contains(&t) {
                 out.push(t);
             }
@@ -44,25 +46,31 @@ pub fn targets(config: &Config) -> Vec<Target> {
 
 /// Connects to `target` and, for https, completes a TLS handshake, all within `timeout`.
 pub async fn check_target(target: Target, timeout: Duration) -> Finding {
-    check(&target.origin, target.ca_file.as_deref(), timeout).await
+    check(&target.origin, target.ca_file.as_deref(), &target.egress, timeout).await
 }
 
-/// Connects to `url` (its host and port) and, for https, completes a TLS handshake trusting the
-/// web PKI roots plus `ca_file`, all within `timeout`.
-pub async fn check(url: &Url, ca_file: Option<&Path>, timeout: Duration) -> Finding {
-    let shown = url.as_str().trim_end_matches('/');
-    let (Some(host), Some(port)) = (url.host(), url.port_or_known_default()) else {
-        return Finding::error(CHECK, format!("{shown}: no host or port"), "set an https:// upstream URL");
+/// Connects to `url` (its host and port, through `egress`) and, for https, completes a TLS
+/// handshake trusting the web PKI roots plus `ca_file`, all within `timeout`.
+pub async fn check(url: &Url, ca_file: Option<&Path>, egress: &Egress, timeout: Duration) -> Finding {
+    let bare = url.as_str().trim_end_matches('/');
+    let (Some(host), Some(_), Ok(uri)) = (url.host(), url.port_or_known_default(), bare.parse::<http::Uri>()) else {
+        return Finding::error(CHECK, format!("{bare}: no host or port"), "set an https:// upstream URL");
     };
+    let shown = match egress.route(&uri) {
+        None => bare.to_string(),
+        Some(_) => format!("{bare} ({})", egress.describe(&uri)),
+    };
+    let shown = shown.as_str();
     let host = host.to_owned();
+    let connect = || egress.connect(&uri, timeout);
     if url.scheme() == "http" {
-        return match tokio::time::timeout(timeout, connect(&host, port)).await {
+        return match tokio::time::timeout(timeout, connect()).await {
             Ok(Ok(_)) => Finding::warning(
                 CHECK,
                 format!("{shown} answers over plain http://; codes and tokens cross the network unencrypted"),
                 "use an https:// upstream (plain http:// is meant for a loopback benchmark)",
             ),
-            Ok(Err(e)) => unreachable(shown, &e.to_string()),
+            Ok(Err(e)) => unreachable(shown, &crate::relay::chain(&*e)),
             Err(_) => unreachable(shown, &format!("no connection within {timeout:?}")),
         };
     }
@@ -83,8 +91,8 @@ pub async fn check(url: &Url, ca_file: Option<&Path>, timeout: Duration) -> Find
         );
     };
     let handshake = async {
-        let tcp = connect(&host, port).await.map_err(|e| (false, e))?;
-        tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| (true, e))
+        let tcp = connect().await.map_err(|e| Failed::Connect(crate::relay::chain(&*e)))?;
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(Failed::Tls)
     };
     match tokio::time::timeout(timeout, handshake).await {
         Err(_) => Finding::error(
@@ -92,18 +100,16 @@ pub async fn check(url: &Url, ca_file: Option<&Path>, timeout: Duration) -> Find
             format!("{shown}: no TLS handshake within {timeout:?}"),
             "check that the upstream URL points at an HTTPS server and that no firewall drops the traffic",
         ),
-        Ok(Err((false, e))) => unreachable(shown, &e.to_string()),
-        Ok(Err((true, e))) => handshake_failed(shown, &e),
+        Ok(Err(Failed::Connect(e))) => unreachable(shown, &e),
+        Ok(Err(Failed::Tls(e))) => handshake_failed(shown, &e),
         Ok(Ok(stream)) => handshake_done(shown, stream.get_ref().1),
     }
 }
 
-async fn connect(host: &Host<String>, port: u16) -> std::io::Result<TcpStream> {
-    match host {
-        Host::Domain(d) => TcpStream::connect((d.as_str(), port)).await,
-        Host::Ipv4(ip) => TcpStream::connect((*ip, port)).await,
-        Host::Ipv6(ip) => TcpStream::connect((*ip, port)).await,
-    }
+/// Where a check stopped: before the TLS handshake (with the whole error chain), or in it.
+enum Failed {
+    Connect(String),
+    Tls(std::io::Error),
 }
 
 fn unreachable(shown: &str, why: &str) -> Finding {

@@ -22,19 +22,20 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use url::{Host, Url};
 
 use super::{Readiness, human};
 use crate::config::{Config, HealthSettings};
+use crate::egress::Egress;
 
 /// Why one probe failed; the text goes into `/readyz` and the log.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    /// The connection could not be made (the error and its causes, on one line).
     #[error("connect: {0}")]
-    Connect(#[source] std::io::Error),
+    Connect(String),
     #[error("TLS handshake: {0}")]
     Tls(#[source] std::io::Error),
     #[error("HTTP: {0}")]
@@ -78,6 +79,10 @@ pub struct Target {
     host: Host<String>,
     port: u16,
     ca_file: Option<PathBuf>,
+    /// The origin as a URI, and how it is reached (`[outbound]`) within what bound.
+    uri: http::Uri,
+    egress: Egress,
+    connect_timeout: Duration,
     state: ArcSwap<State>,
 }
 
@@ -86,7 +91,8 @@ pub fn targets(config: &Config) -> Vec<Arc<Target>> {
     let mut out: Vec<Arc<Target>> = Vec::new();
     for site in &config.sites {
         for url in [&site.upstream, &site.callback.upstream, &site.authorize.upstream, &site.token.upstream] {
-            let Some(t) = Target::new(url, site.upstream_ca_file.clone()) else { continue };
+            let timeout = config.health.upstream_probe_timeout;
+            let Some(t) = Target::new(url, site.upstream_ca_file.clone(), &config.outbound, timeout) else { continue };
             if !out.iter().any(|o| o.key == t.key) {
                 out.push(Arc::new(t));
             }
@@ -96,9 +102,11 @@ pub fn targets(config: &Config) -> Vec<Arc<Target>> {
 }
 
 impl Target {
-    fn new(url: &Url, ca_file: Option<PathBuf>) -> Option<Target> {
+    fn new(url: &Url, ca_file: Option<PathBuf>, egress: &Egress, connect_timeout: Duration) -> Option<Target> {
         let origin = url.origin().ascii_serialization();
-        let key = format!("{origin} {}", ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+        let uri: http::Uri = origin.parse().ok()?;
+        let ca = ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let key = format!("{origin} {ca} {}", egress.describe(&uri));
         Some(Target {
             key,
             origin,
@@ -106,6 +114,9 @@ impl Target {
             host: url.host()?.to_owned(),
             port: url.port_or_known_default()?,
             ca_file,
+            uri,
+            egress: egress.clone(),
+            connect_timeout,
             state: ArcSwap::from_pointee(State::default()),
         })
     }
@@ -184,13 +195,11 @@ impl Target {
 
     /// One probe: a new connection, the handshake, one request, the response head.
     pub async fn probe(&self, path: &str) -> Result<Observed, ProbeError> {
-        let tcp = match &self.host {
-            Host::Domain(d) => TcpStream::connect((d.as_str(), self.port)).await,
-            Host::Ipv4(ip) => TcpStream::connect((*ip, self.port)).await,
-            Host::Ipv6(ip) => TcpStream::connect((*ip, self.port)).await,
-        }
-        .map_err(ProbeError::Connect)?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = self
+            .egress
+            .connect(&self.uri, self.connect_timeout)
+            .await
+            .map_err(|e| ProbeError::Connect(crate::relay::chain(&*e)))?;
         if !self.https {
             return self.exchange(tcp, path).await;
         }

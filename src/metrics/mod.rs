@@ -40,6 +40,8 @@ type HostProblem = [(&'static str, String); 2];
 pub enum UpstreamErrorKind {
     /// No TCP connection (refused, unreachable, connect timeout).
     Connect,
+    /// The outbound proxy could not be reached, refused the tunnel (407, 403) or stayed silent.
+    Proxy,
     /// No response within the site's `response_timeout`.
     Timeout,
     /// The TLS handshake with the upstream failed (certificate, protocol).
@@ -51,11 +53,13 @@ pub enum UpstreamErrorKind {
 }
 
 impl UpstreamErrorKind {
-    const ALL: [UpstreamErrorKind; 5] = [Self::Connect, Self::Timeout, Self::Tls, Self::Request, Self::Status5xx];
+    const ALL: [UpstreamErrorKind; 6] =
+        [Self::Connect, Self::Proxy, Self::Timeout, Self::Tls, Self::Request, Self::Status5xx];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Connect => "connect",
+            Self::Proxy => "proxy",
             Self::Timeout => "timeout",
             Self::Tls => "tls",
             Self::Request => "request",
@@ -63,12 +67,16 @@ impl UpstreamErrorKind {
         }
     }
 
-    /// Classifies a client error: TLS when a rustls error is anywhere in its chain (hyper-rustls
-    /// wraps it in an `io::Error`), else connect or request as the client says.
+    /// Classifies a client error: proxy when the way through the outbound proxy failed, TLS when
+    /// a rustls error is anywhere in its chain (hyper-rustls wraps it in an `io::Error`), else
+    /// connect or request as the client says.
     pub fn of(error: &(dyn StdError + 'static), is_connect: bool) -> UpstreamErrorKind {
         let mut cur = Some(error);
         while let Some(e) = cur {
             let inner = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|i| i as &dyn StdError);
+            if e.is::<crate::egress::ProxyError>() {
+                return Self::Proxy;
+            }
             if e.is::<rustls::Error>() || inner.is_some_and(|i| i.is::<rustls::Error>()) {
                 return Self::Tls;
             }

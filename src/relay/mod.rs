@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response, StatusCode, header};
 
 pub use body::RelayBody;
-pub use proxy::connection_tokens;
+pub use proxy::{chain, connection_tokens};
 pub use upstream::{UpstreamBase, UpstreamClient, UpstreamError, upstream_tls};
 
 use crate::config::{Config, Site};
@@ -127,7 +127,7 @@ impl Relay {
             sites.push(SiteRoutes {
                 callback_target: target(&site.callback.upstream, &site.callback.path),
                 authorize_targets: site.authorize.paths.iter().map(|p| target(&site.authorize.upstream, p)).collect(),
-                client: UpstreamClient::new(site)?,
+                client: UpstreamClient::new(site, &config.outbound)?,
                 callback_base: base(&site.callback.upstream)?,
                 authorize_base: base(&site.authorize.upstream)?,
                 token_base: base(&site.token.upstream)?,

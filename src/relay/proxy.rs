@@ -230,7 +230,7 @@ fn rewrite_cookie_domain(cookie: &str, host: &str) -> Option<HeaderValue> {
 }
 
 /// An error and its sources on one line (no request data is in them).
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(src) = cur {

@@ -1,6 +1,7 @@
 //! The client toward the upstream broker: hyper-util's pooled client over hyper-rustls (web PKI
-//! roots plus an optional extra CA), HTTP/2 when the upstream offers it, keep-alive, and a
-//! connect timeout. One per site, since sites may trust different CAs.
+//! roots plus an optional extra CA), HTTP/2 when the upstream offers it, keep-alive, a connect
+//! timeout, and an outbound proxy where one is configured. One per site, since sites may trust
+//! different CAs.
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,6 +13,8 @@ use http_body_util::Full;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+
+use crate::egress::{Egress, EgressConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
@@ -97,13 +100,14 @@ impl UpstreamBase {
 /// A pooled HTTP(S) client for one site's upstream.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    pub(super) inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pub(super) inner: Client<HttpsConnector<EgressConnector>, Full<Bytes>>,
     pub(super) response_timeout: Duration,
 }
 
 impl UpstreamClient {
-    /// Builds the client for `site`: its CA file, connect and response timeouts.
-    pub fn new(site: &Site) -> Result<UpstreamClient, UpstreamError> {
+    /// Builds the client for `site`: its CA file, connect and response timeouts, reached as
+    /// `egress` says (directly or through a proxy).
+    pub fn new(site: &Site, egress: &Egress) -> Result<UpstreamClient, UpstreamError> {
         let tls = upstream_tls(site.upstream_ca_file.as_deref(), &[])?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -115,7 +119,7 @@ impl UpstreamClient {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(egress.connector(http, site.connect_timeout));
         let inner = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())

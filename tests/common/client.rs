@@ -145,6 +145,23 @@ async fn collect(resp: http::Response<hyper::body::Incoming>) -> Reply {
     Reply { status: parts.status.as_u16(), headers: parts.headers, body }
 }
 
+/// The samples of one counter with one label (`metric{label="value"} n`), scraped from the admin
+/// listener at `admin`, by label value.
+pub async fn scrape(admin: SocketAddr, metric: &str, label: &str) -> std::collections::BTreeMap<String, u64> {
+    let reply = plain_get(admin, "localhost", "/metrics").await;
+    assert_eq!(reply.status, 200);
+    let prefix = format!("{metric}{{{label}=\"");
+    reply
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|rest| {
+            let (value, n) = rest.split_once("\"} ").expect("a labelled sample");
+            (value.to_string(), n.parse().expect("a count"))
+        })
+        .collect()
+}
+
 /// One plain-HTTP/1.1 request (for the HTTP and admin listeners).
 pub async fn plain_get(addr: SocketAddr, host: &str, target: &str) -> Reply {
     let tcp = TcpStream::connect(addr).await.expect("connect");

@@ -8,6 +8,7 @@ pub mod client;
 pub mod pebble;
 pub mod pki;
 pub mod process;
+pub mod proxy;
 pub mod relay;
 pub mod upstream;
 

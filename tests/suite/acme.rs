@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::pebble::{Pebble, PebbleOptions, same_serial};
+use common::proxy::Proxy;
 use common::{Pki, TlsClient, client::plain_get};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
@@ -226,6 +227,27 @@ async fn http_01_issuance_end_to_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuance_through_an_outbound_proxy() {
+    // Networks that allow outbound HTTPS only through a proxy: every request to the CA goes
+    // through its CONNECT tunnels (the CA's validation still comes straight to the relay).
+    let proxy = Proxy::start(Some(("relay", "proxy-pw"))).await;
+    let ports = Ports::bind().await;
+    let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
+    let storage = tempfile::tempdir().unwrap();
+    let outbound = format!("[outbound]\nproxy = \"{}\"", proxy.url(Some(("relay", "proxy-pw"))));
+    let toml = acme_config(storage.path(), &pebble.directory_url(), pebble.ca_path(), "tls-alpn-01", "", &outbound);
+    let mut relay = Relay::start(&toml, ports);
+    relay.wait_ready().await;
+    let client = pebble.client_config(&[b"http/1.1"]).await;
+    let (serial, len) = served_chain(relay.https, &client).await;
+    assert_eq!((len, meta(storage.path(), &pebble)["serial"].as_str()), (2, Some(serial.as_str())));
+    let connects = proxy.connects();
+    assert!(!connects.is_empty(), "the CA was reached through the proxy");
+    assert!(connects.iter().all(|c| *c == pebble.listen.to_string()), "{connects:?}");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_serves_the_stored_certificate_without_ordering() {
     logs();
     let ports = Ports::bind().await;
@@ -394,7 +416,8 @@ async fn deactivate_stored_authorizations(storage: &Path, pebble: &Pebble) {
     use instant_acme::AuthorizationStatus;
     let url = url::Url::parse(&pebble.directory_url()).unwrap();
     let creds = oauth_relay::acme::AcmeStore::new(storage, &url).load_account().unwrap().expect("stored account");
-    let http = oauth_relay::acme::client::http_client(Some(pebble.ca_path())).unwrap();
+    let http =
+        oauth_relay::acme::client::http_client(Some(pebble.ca_path()), &oauth_relay::egress::Egress::direct()).unwrap();
     let account = instant_acme::Account::builder_with_http(http).from_credentials(creds).await.unwrap();
     let order_url = meta(storage, pebble)["order_url"].as_str().unwrap().to_string();
     let mut order = account.order(order_url).await.unwrap();

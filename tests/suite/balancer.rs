@@ -74,18 +74,7 @@ async fn raw_reply(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
 /// `oauth_relay_proxy_header_failures_total` by reason, scraped from the admin listener. The
 /// registry is process-wide, so tests running beside this one can only add to the counts.
 async fn proxy_failures(admin: SocketAddr) -> BTreeMap<String, u64> {
-    let reply = common::client::plain_get(admin, "localhost", "/metrics").await;
-    assert_eq!(reply.status, 200);
-    let prefix = "oauth_relay_proxy_header_failures_total{reason=\"";
-    let counts: BTreeMap<String, u64> = reply
-        .text()
-        .lines()
-        .filter_map(|l| l.strip_prefix(prefix))
-        .map(|rest| {
-            let (reason, n) = rest.split_once("\"} ").expect("a labelled sample");
-            (reason.to_string(), n.parse().expect("a count"))
-        })
-        .collect();
+    let counts = common::client::scrape(admin, "oauth_relay_proxy_header_failures_total", "reason").await;
     let reasons: Vec<&str> = counts.keys().map(String::as_str).collect();
     assert_eq!(reasons, ["closed", "io", "missing", "timeout", "too_long", "untrusted"], "exported from the start");
     counts

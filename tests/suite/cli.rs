@@ -6,9 +6,24 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_oauth-relay");
 
+/// The proxy variables `[outbound] proxy = "env"` reads; cleared for every run so the machine's
+/// own do not change what `check` prints.
+const PROXY_VARS: [&str; 8] =
+    ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
+
 /// Runs the binary to completion (at most 30 s) in the crate's folder.
 fn run(args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
+    run_with_env(args, &[])
+}
+
+/// [`run`] with these environment variables set (and no other proxy variables).
+fn run_with_env(args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    for v in PROXY_VARS {
+        cmd.env_remove(v);
+    }
+    let mut child = cmd
+        .envs(vars.iter().copied())
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdin(Stdio::null())
@@ -149,7 +164,46 @@ fn check_without_config_checks_the_embedded_local_config() {
     let out = stdout(&o);
     assert!(out.starts_with("<embedded config/local.toml>: ok\n"), "{out}");
     assert_eq!(block(&out, "register these", 3)[2], "https://localhost:8443/v1/auth/callback");
-    assert!(out.contains("\n  upstream            https://api.aurinko.io\n"), "{out}");
+    assert!(out.contains("\n  upstream            https://api.aurinko.io (direct)\n"), "{out}");
+    assert!(out.contains("\n  outbound proxy      direct\n"), "{out}");
+}
+
+#[test]
+fn check_shows_the_proxy_from_the_environment_without_its_password() {
+    let vars = [("HTTPS_PROXY", "http://relay:s3cret@proxy.corp.example:3128"), ("NO_PROXY", ".corp.example")];
+    let o = run_with_env(&["check"], &vars);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains(
+            "\n  outbound proxy      HTTPS_PROXY=http://relay:***@proxy.corp.example:3128 NO_PROXY=.corp.example \
+             (from the environment; loopback direct)\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "\n  upstream            https://api.aurinko.io (through the proxy http://proxy.corp.example:3128)\n"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("s3cret") && !stderr(&o).contains("s3cret"), "{out}");
+}
+
+#[test]
+fn an_unusable_proxy_in_the_environment_is_a_config_error() {
+    let o = run_with_env(&["check"], &[("ALL_PROXY", "socks5://relay:s3cret@proxy.corp.example:1080")]);
+    assert_eq!(o.status.code(), Some(64), "stdout: {}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(
+            "outbound.proxy: ALL_PROXY: socks5://relay:***@proxy.corp.example:1080 is a socks5:// proxy; the relay \
+             speaks to HTTP proxies only (http://host:port, tunnelling with CONNECT) (set [outbound] proxy = \
+             \"direct\" or an http:// proxy URL to override the environment)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
 }
 
 #[test]

@@ -371,7 +371,7 @@ fn unknown_tables_and_mistyped_tables_are_read_past() {
                 callback = \"x\"\n\n[site.extra]\ny = 2\n\n[site.tls]\nsorce = 1\n";
     let p = problems(text);
     let want = [
-        "test.toml:1: bogus: unknown field `bogus`, expected one of `server`, `limits`, `log`, `health`, `site`",
+        "test.toml:1: bogus: unknown field `bogus`, expected one of `server`, `limits`, `log`, `health`, `outbound`, `site`",
         "test.toml:6: site[0].upstream: `nope` is not a URL: relative URL without a base",
         "test.toml:7: site[0].callback: invalid type: string \"x\", expected a table",
         "test.toml:9: site[0].extra: unknown field `extra`, expected one of `name`, ",
@@ -381,6 +381,36 @@ fn unknown_tables_and_mistyped_tables_are_read_past() {
     for (got, want) in p.iter().zip(want) {
         assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
     }
+}
+
+#[test]
+fn an_outbound_proxy_must_be_an_http_url_and_its_password_is_never_shown() {
+    let text =
+        "[[site]]\nhostnames = [\"a.example.com\"]\n\n[outbound]\nproxy = \"https://relay:pw123@proxy.corp:3128\"\n";
+    assert_eq!(
+        problems(text),
+        ["test.toml:5: outbound.proxy: [outbound] proxy: https://relay:***@proxy.corp:3128 is a https:// proxy; the \
+          relay speaks to HTTP proxies only (http://host:port, tunnelling with CONNECT)"]
+    );
+    let text = "[[site]]\nhostnames = [\"a.example.com\"]\n\n[outbound]\nproxy = \"http://proxy.corp:3128/x\"\n";
+    assert_eq!(
+        problems(text),
+        ["test.toml:5: outbound.proxy: [outbound] proxy: http://proxy.corp:3128 is not a proxy URL (a proxy URL has \
+          no path, query or fragment)"]
+    );
+
+    let text = "[[site]]\nhostnames = [\"a.example.com\"]\n\n[outbound]\nproxy = \"direct\"\nno_proxy = [\"x\"]\n";
+    let c = Config::parse("test.toml", text).expect("accepted with a warning");
+    assert_eq!(c.outbound.summary(), "direct");
+    let w: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        w,
+        ["test.toml:6: outbound.no_proxy: only used with a proxy URL; with proxy = \"direct\" it does nothing"]
+    );
+
+    let text = "[[site]]\nhostnames = [\"a.example.com\"]\n\n[outbound]\nproxy = \"proxy.corp:3128\"\nno_proxy = [\".corp\", \"10.0.0.0/8\"]\n";
+    let c = Config::parse("test.toml", text).expect("a proxy without a scheme is http://, as for curl");
+    assert_eq!(c.outbound.summary(), "http://proxy.corp:3128, except .corp,10.0.0.0/8");
 }
 
 #[test]

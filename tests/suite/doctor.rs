@@ -16,6 +16,7 @@ use common::{Pki, Upstream, UpstreamBehaviour};
 use oauth_relay::Config;
 use oauth_relay::config::TlsSource;
 use oauth_relay::doctor::{self, Finding, Level, acme, dns, listen, redirect, storage, upstream};
+use oauth_relay::egress::Egress;
 use url::Url;
 
 const BIN: &str = env!("CARGO_BIN_EXE_oauth-relay");
@@ -259,7 +260,7 @@ async fn upstream_tls_valid_untrusted_closed_plain_silent_and_expiring() {
             .await;
     let url = Url::parse(&format!("https://localhost:{}", up.addr.port())).unwrap();
 
-    let f = upstream::check(&url, Some(&pki.ca_path), doctor::TIMEOUT).await;
+    let f = upstream::check(&url, Some(&pki.ca_path), &Egress::direct(), doctor::TIMEOUT).await;
     assert_eq!(f.level, Level::Ok, "{f:?}");
     assert!(
         f.message.starts_with(&format!("https://localhost:{}: TLS 1.3, certificate valid until ", up.addr.port())),
@@ -268,7 +269,7 @@ async fn upstream_tls_valid_untrusted_closed_plain_silent_and_expiring() {
     assert!(f.message.ends_with("days left)"), "{f:?}");
 
     // Without the test CA the relay would not trust it either.
-    let f = upstream::check(&url, None, doctor::TIMEOUT).await;
+    let f = upstream::check(&url, None, &Egress::direct(), doctor::TIMEOUT).await;
     assert_eq!(f.level, Level::Error, "{f:?}");
     assert!(f.message.contains("TLS handshake failed: invalid peer certificate: UnknownIssuer"), "{f:?}");
     assert!(f.fix.as_deref().unwrap().contains("upstream_ca_file"), "{f:?}");
@@ -277,13 +278,24 @@ async fn upstream_tls_valid_untrusted_closed_plain_silent_and_expiring() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let f = upstream::check(&Url::parse(&format!("https://127.0.0.1:{closed}")).unwrap(), None, doctor::TIMEOUT).await;
+    let f = upstream::check(
+        &Url::parse(&format!("https://127.0.0.1:{closed}")).unwrap(),
+        None,
+        &Egress::direct(),
+        doctor::TIMEOUT,
+    )
+    .await;
     assert_eq!(f.level, Level::Error);
     assert!(f.message.starts_with(&format!("https://127.0.0.1:{closed} cannot be reached: ")), "{f:?}");
 
     let plain = Upstream::start(None, UpstreamBehaviour::fixed(200, &[], "")).await;
-    let f =
-        upstream::check(&Url::parse(&format!("http://127.0.0.1:{}", plain.addr.port())).unwrap(), None, SHORT).await;
+    let f = upstream::check(
+        &Url::parse(&format!("http://127.0.0.1:{}", plain.addr.port())).unwrap(),
+        None,
+        &Egress::direct(),
+        SHORT,
+    )
+    .await;
     assert_eq!(f.level, Level::Warning, "{f:?}");
     assert!(f.message.contains("plain http://"), "{f:?}");
 
@@ -296,7 +308,13 @@ async fn upstream_tls_valid_untrusted_closed_plain_silent_and_expiring() {
             held.push(s);
         }
     });
-    let f = upstream::check(&Url::parse(&format!("https://127.0.0.1:{silent_port}")).unwrap(), None, SHORT).await;
+    let f = upstream::check(
+        &Url::parse(&format!("https://127.0.0.1:{silent_port}")).unwrap(),
+        None,
+        &Egress::direct(),
+        SHORT,
+    )
+    .await;
     assert_eq!(f.level, Level::Error);
     assert_eq!(f.message, format!("https://127.0.0.1:{silent_port}: no TLS handshake within 300ms"));
     hold.abort();
@@ -311,7 +329,7 @@ async fn upstream_tls_valid_untrusted_closed_plain_silent_and_expiring() {
     let expiring =
         Upstream::start(Some(pki.server_config(&soon, &[b"http/1.1"])), UpstreamBehaviour::fixed(200, &[], "")).await;
     let url = Url::parse(&format!("https://localhost:{}", expiring.addr.port())).unwrap();
-    let f = upstream::check(&url, Some(&pki.ca_path), doctor::TIMEOUT).await;
+    let f = upstream::check(&url, Some(&pki.ca_path), &Egress::direct(), doctor::TIMEOUT).await;
     assert_eq!(f.level, Level::Warning, "{f:?}");
     assert!(f.message.ends_with("(3 days left)"), "{f:?}");
 }

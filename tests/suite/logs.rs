@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
+use common::proxy::Proxy;
 use common::{Pki, TlsClient, Upstream, UpstreamBehaviour};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -26,6 +27,8 @@ const CLIENT_SECRET: &str = "CLIENT-SECRET-789";
 const COOKIE: &str = "COOKIE-SECRET";
 const TOKEN: &str = "TOKEN-SECRET-000";
 const UPSTREAM_COOKIE: &str = "UPSTREAM-COOKIE-SECRET";
+/// The password of the outbound proxy (`[outbound] proxy = "http://relay:...@..."`).
+const PROXY_PASSWORD: &str = "PROXY-SECRET-111";
 
 /// `client:CLIENT-SECRET-789` as the application sends it.
 fn basic_credentials() -> String {
@@ -34,8 +37,11 @@ fn basic_credentials() -> String {
 
 /// Every string that must never appear in a log line.
 fn secrets() -> Vec<String> {
-    let mut s: Vec<String> = [STATE, CODE, CLIENT_SECRET, COOKIE, TOKEN, UPSTREAM_COOKIE].map(String::from).to_vec();
+    let mut s: Vec<String> =
+        [STATE, CODE, CLIENT_SECRET, COOKIE, TOKEN, UPSTREAM_COOKIE, PROXY_PASSWORD].map(String::from).to_vec();
     s.push(basic_credentials());
+    // The Proxy-Authorization the relay sends on CONNECT.
+    s.push(base64::engine::general_purpose::STANDARD.encode(format!("relay:{PROXY_PASSWORD}")));
     s
 }
 
@@ -57,6 +63,8 @@ struct Case {
     h2: bool,
     /// `[log] redact`.
     redact: bool,
+    /// Whether upstream connections go through an outbound proxy that asks for credentials.
+    proxy: bool,
 }
 
 /// The relay process; killed and reaped if the test ends early, so none is left behind.
@@ -172,6 +180,11 @@ async fn flow(case: Case) -> (Option<i32>, String, String) {
     let pki = Pki::new();
     let leaf = pki.leaf("relay", &[HOST]);
     let up = upstream().await;
+    let proxy = if case.proxy { Some(Proxy::start(Some(("relay", PROXY_PASSWORD))).await) } else { None };
+    let outbound = match &proxy {
+        Some(p) => format!("\n[outbound]\nproxy = \"{}\"\n", p.url(Some(("relay", PROXY_PASSWORD)))),
+        None => String::new(),
+    };
     let port = common::process::free_addr().port();
     let config = pki.dir.path().join("relay.toml");
     let toml = format!(
@@ -196,7 +209,7 @@ mode = "{mode}"
 
 [site.authorize]
 mode = "{mode}"
-"#,
+{outbound}"#,
         storage = pki.dir.path().join("store").display(),
         redact = case.redact,
         up = up.addr,
@@ -249,6 +262,9 @@ mode = "{mode}"
     assert_eq!(seen.target, format!("/v1/auth/token/{CODE}"));
     assert_eq!(seen.headers["authorization"], format!("Basic {}", basic_credentials()));
     assert_eq!(up.hits(), if redirect { 1 } else { 4 });
+    if let Some(p) = &proxy {
+        assert!(!p.connects().is_empty(), "the upstream was reached through the proxy");
+    }
     relay.stop().await
 }
 
@@ -346,29 +362,47 @@ async fn redacted(case: Case) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_debug_proxied_over_h2_logs_no_secret() {
-    redacted(Case { format: Format::Json, rust_log: Some("debug"), mode: "proxy", h2: true, redact: true }).await;
+    redacted(Case {
+        format: Format::Json,
+        rust_log: Some("debug"),
+        mode: "proxy",
+        h2: true,
+        redact: true,
+        proxy: true,
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pretty_debug_redirected_over_http1_logs_no_secret() {
-    redacted(Case { format: Format::Pretty, rust_log: Some("debug"), mode: "redirect", h2: false, redact: true }).await;
+    let case = Case {
+        format: Format::Pretty,
+        rust_log: Some("debug"),
+        mode: "redirect",
+        h2: false,
+        redact: true,
+        proxy: true,
+    };
+    redacted(case).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_default_filter_redirected_over_http1_logs_no_secret() {
-    redacted(Case { format: Format::Json, rust_log: None, mode: "redirect", h2: false, redact: true }).await;
+    redacted(Case { format: Format::Json, rust_log: None, mode: "redirect", h2: false, redact: true, proxy: false })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pretty_default_filter_proxied_over_h2_logs_no_secret() {
-    redacted(Case { format: Format::Pretty, rust_log: None, mode: "proxy", h2: true, redact: true }).await;
+    redacted(Case { format: Format::Pretty, rust_log: None, mode: "proxy", h2: true, redact: true, proxy: false })
+        .await;
 }
 
 /// `[log] redact = false` adds the raw path and query to the access line (local debugging),
 /// and still never a header value or a response body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redact_false_logs_path_and_query_but_no_credentials() {
-    let case = Case { format: Format::Json, rust_log: None, mode: "redirect", h2: false, redact: false };
+    let case = Case { format: Format::Json, rust_log: None, mode: "redirect", h2: false, redact: false, proxy: false };
     let (code, stdout, stderr) = flow(case).await;
     assert_eq!(code, Some(0), "stderr:\n{stderr}");
     let uri = |s: &str| Some(s.to_string());

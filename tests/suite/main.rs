@@ -20,6 +20,7 @@ mod lifecycle;
 mod limits;
 mod logs;
 mod notify;
+mod outbound;
 mod readiness;
 mod reload;
 mod routes;

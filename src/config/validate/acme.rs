@@ -130,6 +130,7 @@ impl Validator<'_> {
             poll_interval: t.reload_interval,
             retry_min: t.retry_min,
             retry_max: t.retry_max,
+            egress: crate::egress::Egress::direct(),
         })
     }
 
