@@ -1,0 +1,174 @@
+//! The process-wide tables: `[server]` (listeners, storage, HSTS, PROXY protocol sources),
+//! `[outbound]` (the proxy for upstreams and the CA), `[limits]` and `[health]`.
+
+use super::*;
+
+/// The tables that hold one value for the whole process, not one per site.
+impl Validator<'_> {
+    pub(super) fn addrs(&mut self, key: &'static str, list: &[String]) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        for (i, a) in list.iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(addr) => out.push(addr),
+                Err(_) => self.error(
+                    &[Seg::Key("server"), Seg::Key(key), Seg::Index(i)],
+                    format!("`{a}` is not an IP:port listen address (e.g. \"0.0.0.0:443\" or \"[::]:443\")"),
+                ),
+            }
+        }
+        out
+    }
+
+    pub(super) fn server(&mut self, raw: &RawConfig) -> Option<Server> {
+        let s = &raw.server;
+        let before = self.problems.len();
+        let https = self.addrs("https", &s.https);
+        let http = self.addrs("http", &s.http);
+        if s.https.is_empty() {
+            self.error(&[Seg::Key("server"), Seg::Key("https")], "at least one HTTPS listen address is needed");
+        }
+        let admin = match &s.admin {
+            None => None,
+            Some(a) => match a.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.error(
+                        &[Seg::Key("server"), Seg::Key("admin")],
+                        format!("`{a}` is not an IP:port listen address (e.g. \"127.0.0.1:9090\")"),
+                    );
+                    None
+                }
+            },
+        };
+        let hsts = if s.hsts.is_empty() {
+            None
+        } else {
+            match HeaderValue::from_str(&s.hsts) {
+                Ok(v) if s.hsts.starts_with("max-age=") => Some(v),
+                _ => {
+                    self.error(
+                        &[Seg::Key("server"), Seg::Key("hsts")],
+                        "must be a Strict-Transport-Security value such as \"max-age=31536000\", or \"\" to send none",
+                    );
+                    None
+                }
+            }
+        };
+        if s.storage.is_empty() {
+            self.error(&[Seg::Key("server"), Seg::Key("storage")], "must name a folder");
+        }
+        let proxy_protocol_from = self.networks(&s.proxy_protocol_from);
+        let public_https_port = s.public_https_port.or_else(|| https.first().map(|a| a.port())).unwrap_or(443);
+        (self.problems.len() == before).then(|| Server {
+            https,
+            http,
+            admin,
+            public_https_port,
+            storage: PathBuf::from(&s.storage),
+            hsts,
+            proxy_protocol_from,
+        })
+    }
+
+    /// `[outbound]`: "env" reads the proxy variables through `env`, "direct" uses none, anything
+    /// else must be an `http://` proxy URL.
+    pub(super) fn outbound(&mut self, raw: &RawConfig, env: impl Fn(&str) -> Option<String>) -> Option<Egress> {
+        let o = &raw.outbound;
+        let key = [Seg::Key("outbound"), Seg::Key("proxy")];
+        if !o.no_proxy.is_empty() && matches!(o.proxy.as_str(), "env" | "direct") {
+            self.warn(
+                &[Seg::Key("outbound"), Seg::Key("no_proxy")],
+                format!("only used with a proxy URL; with proxy = \"{}\" it does nothing", o.proxy),
+            );
+        }
+        let egress = match o.proxy.as_str() {
+            "direct" => Ok(Egress::direct()),
+            "env" => Egress::from_env(env).map_err(|e| {
+                format!("{e} (set [outbound] proxy = \"direct\" or an http:// proxy URL to override the environment)")
+            }),
+            url => Egress::proxy(url, &o.no_proxy.join(",")).map_err(|e| e.to_string()),
+        };
+        egress.map_err(|message| self.error(&key, message)).ok()
+    }
+
+    /// `server.proxy_protocol_from`: networks (`10.0.0.0/8`) or single addresses.
+    pub(super) fn networks(&mut self, raw: &[String]) -> Vec<ipnet::IpNet> {
+        let mut out = Vec::new();
+        for (i, n) in raw.iter().enumerate() {
+            match n.parse::<ipnet::IpNet>().or_else(|_| n.parse::<IpAddr>().map(ipnet::IpNet::from)) {
+                Ok(net) => {
+                    if net.prefix_len() == 0 {
+                        self.warn(
+                            &[Seg::Key("server"), Seg::Key("proxy_protocol_from"), Seg::Index(i)],
+                            format!("`{n}` lets any peer name its own client address: make sure only the load balancer can reach the listeners"),
+                        );
+                    }
+                    out.push(net.trunc());
+                }
+                Err(_) => self.error(
+                    &[Seg::Key("server"), Seg::Key("proxy_protocol_from"), Seg::Index(i)],
+                    format!("`{n}` is not a network or an IP address (e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\")"),
+                ),
+            }
+        }
+        out
+    }
+
+    pub(super) fn limits(&mut self, raw: &RawConfig) -> Option<Limits> {
+        let l = &raw.limits;
+        let key = |k| [Seg::Key("limits"), Seg::Key(k)];
+        let before = self.problems.len();
+        for (name, d) in [
+            ("handshake_timeout", l.handshake_timeout),
+            ("header_read_timeout", l.header_read_timeout),
+            ("idle_timeout", l.idle_timeout),
+        ] {
+            if d.is_zero() {
+                self.error(&key(name), "must be greater than zero (every wait needs a bound)");
+            }
+        }
+        if l.max_header_bytes < 8192 {
+            self.error(&key("max_header_bytes"), "must be at least 8192 (browsers send large cookies)");
+        }
+        if l.max_connections == 0 {
+            self.error(&key("max_connections"), "must be at least 1");
+        }
+        if l.max_query_bytes == 0 {
+            self.error(&key("max_query_bytes"), "must be at least 1");
+        }
+        (self.problems.len() == before).then_some(Limits {
+            handshake_timeout: l.handshake_timeout,
+            header_read_timeout: l.header_read_timeout,
+            idle_timeout: l.idle_timeout,
+            shutdown_grace: l.shutdown_grace,
+            max_header_bytes: l.max_header_bytes,
+            max_connections: l.max_connections,
+            max_query_bytes: l.max_query_bytes,
+            max_body_bytes: l.max_body_bytes,
+        })
+    }
+
+    pub(super) fn health(&mut self, raw: &RawConfig) -> Option<HealthSettings> {
+        let h = &raw.health;
+        let key = |k| [Seg::Key("health"), Seg::Key(k)];
+        let before = self.problems.len();
+        if !h.upstream_probe_path.starts_with('/') || h.upstream_probe_path.contains(['#', ' ']) {
+            self.error(&key("upstream_probe_path"), "must be an absolute path such as \"/\" (a query is allowed)");
+        }
+        if h.upstream_probe_timeout.is_zero() {
+            self.error(&key("upstream_probe_timeout"), "must be greater than zero (every wait needs a bound)");
+        }
+        if h.clock_skew_fail < h.clock_skew_warn {
+            self.error(&key("clock_skew_fail"), "must be at least `clock_skew_warn`");
+        }
+        (self.problems.len() == before).then(|| HealthSettings {
+            cert_expiry_margin: h.cert_expiry_margin,
+            upstream_probe_interval: (!h.upstream_probe_interval.is_zero()).then_some(h.upstream_probe_interval),
+            upstream_probe_path: h.upstream_probe_path.clone(),
+            upstream_probe_timeout: h.upstream_probe_timeout,
+            upstream_unreachable_window: h.upstream_unreachable_window,
+            clock_skew_warn: h.clock_skew_warn,
+            clock_skew_fail: h.clock_skew_fail,
+        })
+    }
+}
