@@ -99,6 +99,9 @@ pub struct Server {
     /// Load balancers that put a PROXY protocol header before each connection to the public
     /// listeners; empty: none, peers are the clients themselves.
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
+    /// HTTP proxies in front (an L7 load balancer that re-encrypts to the relay): requests from
+    /// them name their client in `X-Forwarded-For`; empty: nobody's `X-Forwarded-For` is read.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Bounds on every wait and size.

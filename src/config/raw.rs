@@ -37,6 +37,7 @@ pub struct RawServer {
     pub storage: String,
     pub hsts: String,
     pub proxy_protocol_from: Vec<String>,
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -49,6 +50,7 @@ impl Default for RawServer {
             storage: "certs".into(),
             hsts: "max-age=31536000".into(),
             proxy_protocol_from: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }

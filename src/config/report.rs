@@ -24,6 +24,12 @@ pub fn report(c: &Config) -> String {
         "  proxy protocol      {}",
         if proxy.is_empty() { "off".into() } else { format!("from {proxy}") }
     );
+    let trusted = s.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+    let _ = writeln!(
+        out,
+        "  trusted proxies     {}",
+        if trusted.is_empty() { "none (X-Forwarded-For is replaced)".into() } else { trusted }
+    );
     let _ = writeln!(out, "  outbound proxy      {}", c.outbound.summary());
     let l = &c.limits;
     let _ = writeln!(out, "\nlimits");

@@ -3,6 +3,7 @@
 //! brings one), so tests can call it without sockets; `server` feeds it from real connections.
 
 mod body;
+mod forwarded;
 mod proxy;
 mod redirect;
 mod respond;
@@ -34,8 +35,12 @@ pub struct ConnInfo {
     /// The client's address.
     pub remote: SocketAddr,
     /// The client's IP as `X-Forwarded-For` text: formatted once per connection rather than for
-    /// every forwarded request (a keep-alive token client sends many).
+    /// every forwarded request (a keep-alive token client sends many). Behind a trusted proxy,
+    /// the client it names (see `forwarded`).
     pub client_ip: http::HeaderValue,
+    /// Behind a trusted proxy: its `X-Forwarded-For` with the proxy appended, for the upstream.
+    /// `None`: the upstream gets `client_ip` alone.
+    pub forwarded_for: Option<http::HeaderValue>,
     /// True on the HTTPS listeners.
     pub https: bool,
     /// The site chosen by SNI, when the client sent one.
@@ -46,7 +51,7 @@ impl ConnInfo {
     pub fn new(remote: SocketAddr, https: bool, sni_site: Option<usize>) -> ConnInfo {
         let client_ip = http::HeaderValue::try_from(remote.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
-        ConnInfo { remote, client_ip, https, sni_site }
+        ConnInfo { remote, client_ip, forwarded_for: None, https, sni_site }
     }
 }
 
@@ -165,6 +170,9 @@ impl Relay {
         B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        // Behind a trusted HTTP proxy, the client it names in `X-Forwarded-For`.
+        let behind = conn.behind_proxy(req.headers(), &self.config.server.trusted_proxies);
+        let conn = behind.as_ref().unwrap_or(conn);
         let received = Received {
             at: Instant::now(),
             method: req.method().clone(),

@@ -2,6 +2,8 @@
 //! listeners starts with a PROXY protocol header (v1 text or v2 binary, built here with the
 //! `ppp` crate), and its source address is the client the upstream hears about in
 //! `X-Forwarded-For`. Connections without one, or from elsewhere, are closed unanswered.
+//! Behind an HTTP proxy (`server.trusted_proxies`): its `X-Forwarded-For` names the client, and
+//! nobody else's is believed.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,8 +19,8 @@ use tokio::net::TcpStream;
 const HOST: &str = "auth.example.test";
 const V1: &[u8] = b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 443\r\n";
 
-/// A relay whose HTTPS and HTTP listeners take PROXY headers from `from`, in front of a plain
-/// HTTP upstream that records what it receives.
+/// A relay with these `[server]` lines (who may name the client), in front of a plain HTTP
+/// upstream that records what it receives.
 struct Behind {
     /// Holds the certificate files the relay reads.
     _pki: Pki,
@@ -27,14 +29,14 @@ struct Behind {
     client: TlsClient,
 }
 
-async fn behind(from: &str) -> Behind {
+async fn behind(server: &str) -> Behind {
     let pki = Pki::new();
     let leaf = pki.leaf("relay", &[HOST]);
     let upstream =
         Upstream::start(None, UpstreamBehaviour::fixed(200, &[("content-type", "application/json")], "{}")).await;
     let toml = format!(
         "[server]\nhttps = [\"127.0.0.1:0\"]\nhttp = [\"127.0.0.1:0\"]\nadmin = \"127.0.0.1:0\"\n\
-         proxy_protocol_from = [{from}]\n\n[limits]\nhandshake_timeout = \"3s\"\n{site}",
+         {server}\n\n[limits]\nhandshake_timeout = \"3s\"\n{site}",
         site = common::files_site("auth", &[HOST], &leaf, &format!("upstream = \"http://{}\"", upstream.addr)),
     );
     let relay = RelayUnderTest::start(&toml).await;
@@ -86,8 +88,32 @@ fn grown(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, reason: 
 }
 
 #[tokio::test]
+async fn a_trusted_http_proxy_names_the_client_and_nobody_else_does() {
+    let token = |b: &Behind, xff: &'static str| {
+        let client = b.client.clone();
+        async move {
+            let headers = [("authorization", "Basic dXNlcjpwYXNz"), ("x-forwarded-for", xff)];
+            client.send(HOST, "POST", "/v1/auth/token/abc", &headers, "").await
+        }
+    };
+    // The client wrote 1.2.3.4 itself; the trusted proxy (the test client, on 127.0.0.1)
+    // appended the address it saw, with the port as Azure Application Gateway writes it.
+    let b = behind("trusted_proxies = [\"127.0.0.0/8\"]").await;
+    assert_eq!(token(&b, "1.2.3.4, 203.0.113.7:5123").await.status, 200);
+    assert_eq!(b.upstream.last().headers["x-forwarded-for"], "1.2.3.4, 203.0.113.7:5123, 127.0.0.1");
+
+    // Without it, a client's own X-Forwarded-For is replaced by its address.
+    let b = behind("").await;
+    assert_eq!(token(&b, "1.2.3.4").await.status, 200);
+    assert_eq!(b.upstream.last().headers["x-forwarded-for"], "127.0.0.1");
+    let b = behind("trusted_proxies = [\"10.0.0.0/8\"]").await;
+    assert_eq!(token(&b, "1.2.3.4").await.status, 200);
+    assert_eq!(b.upstream.last().headers["x-forwarded-for"], "127.0.0.1");
+}
+
+#[tokio::test]
 async fn the_proxy_headers_source_is_the_forwarded_client() {
-    let b = behind("\"127.0.0.0/8\"").await;
+    let b = behind("proxy_protocol_from = [\"127.0.0.0/8\"]").await;
     let token = |client: TlsClient| async move {
         client.send(HOST, "POST", "/v1/auth/token/abc", &[("authorization", "Basic dXNlcjpwYXNz")], "").await
     };
@@ -144,7 +170,7 @@ async fn the_proxy_headers_source_is_the_forwarded_client() {
 
 #[tokio::test]
 async fn connections_without_a_header_or_from_elsewhere_are_closed_unanswered() {
-    let b = behind("\"127.0.0.0/8\"").await;
+    let b = behind("proxy_protocol_from = [\"127.0.0.0/8\"]").await;
     let before = proxy_failures(b.relay.admin.unwrap()).await;
     // A client that reaches the port directly: its ClientHello is not a PROXY header.
     let err = b.client.connect(HOST).await.expect_err("no handshake without a header");
@@ -165,7 +191,7 @@ async fn connections_without_a_header_or_from_elsewhere_are_closed_unanswered() 
     assert!(grown(&before, &after, "timeout") >= 1, "{before:?} -> {after:?}");
 
     // A peer outside the configured networks is closed even with a good header.
-    let b = behind("\"192.0.2.0/24\", \"2001:db8::/32\"").await;
+    let b = behind("proxy_protocol_from = [\"192.0.2.0/24\", \"2001:db8::/32\"]").await;
     let mut request = V1.to_vec();
     request.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: auth.example.test\r\n\r\n");
     assert_eq!(raw_reply(b.relay.http.unwrap(), &request).await, b"");
@@ -180,7 +206,7 @@ async fn connections_without_a_header_or_from_elsewhere_are_closed_unanswered() 
 /// the client differ.
 #[tokio::test]
 async fn haproxy_in_front_passes_the_client_address_on() {
-    let b = behind("\"127.0.0.1\"").await;
+    let b = behind("proxy_protocol_from = [\"127.0.0.1\"]").await;
     for send_proxy in ["send-proxy-v2", "send-proxy"] {
         let port = common::pebble::free_port();
         let dir = tempfile::tempdir().unwrap();

@@ -425,6 +425,14 @@ fn proxy_protocol_sources_are_networks_or_addresses() {
         )]
     );
 
+    let text =
+        "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"azure-gw\"]\n\n[[site]]\nhostnames = [\"a.example.com\"]\n";
+    assert_eq!(
+        problems(text),
+        ["test.toml:2: server.trusted_proxies[1]: `azure-gw` is not a network or an IP address (e.g. \"10.0.0.0/8\", \
+          \"192.0.2.7\" or \"2001:db8::/32\")"]
+    );
+
     let text = "[server]\nhttps = [\"127.0.0.1:8443\"]\nproxy_protocol_from = [\"10.1.2.3/8\", \"::/0\"]\n\n[[site]]\nhostnames = [\"a.example.com\"]\n";
     let c = Config::parse("test.toml", text).expect("accepted with a warning");
     let nets: Vec<String> = c.server.proxy_protocol_from.iter().map(ToString::to_string).collect();

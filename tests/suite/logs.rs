@@ -426,3 +426,29 @@ async fn redact_false_logs_path_and_query_but_no_credentials() {
         assert!(!stderr.contains(&secret) && !stdout.contains(&secret), "`{secret}` appears:\n{stderr}");
     }
 }
+
+/// Behind an HTTP proxy in `[server] trusted_proxies`, the access line's `client` is the address
+/// the proxy names in `X-Forwarded-For`, not the proxy's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_access_line_names_its_client() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("relay", &[HOST]);
+    let port = common::process::free_addr().port();
+    let config = pki.dir.path().join("relay.toml");
+    let toml = format!(
+        "[server]\nhttps = [\"127.0.0.1:{port}\"]\nstorage = \"{storage}\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n{site}",
+        storage = pki.dir.path().join("store").display(),
+        site = common::files_site("auth", &[HOST], &leaf, ""),
+    );
+    std::fs::write(&config, toml).expect("write config");
+    let case = Case { format: Format::Json, rust_log: None, mode: "redirect", h2: false, redact: true, proxy: false };
+    let relay = Relay::spawn(&config, case);
+    let client = TlsClient::new(([127, 0, 0, 1], port).into(), pki.client_config(&[b"http/1.1"]));
+    wait_ready(&client, false).await;
+    let xff = [("x-forwarded-for", "198.51.100.1, 203.0.113.7".to_string())];
+    assert_eq!(send(&client, false, "GET", "/v1/auth/callback?code=c", &xff, "").await.status, 302);
+    let (code, _, stderr) = relay.stop().await;
+    assert_eq!(code, Some(0), "stderr:\n{stderr}");
+    let line = stderr.lines().find(|l| l.contains(r#""route":"callback""#)).expect("callback access line");
+    assert!(line.contains(r#""client":"203.0.113.7""#), "{line}");
+}

@@ -57,7 +57,8 @@ impl Validator<'_> {
         if s.storage.is_empty() {
             self.error(&[Seg::Key("server"), Seg::Key("storage")], "must name a folder");
         }
-        let proxy_protocol_from = self.networks(&s.proxy_protocol_from);
+        let proxy_protocol_from = self.networks("proxy_protocol_from", &s.proxy_protocol_from, "the load balancer");
+        let trusted_proxies = self.networks("trusted_proxies", &s.trusted_proxies, "the proxies in front");
         let public_https_port = s.public_https_port.or_else(|| https.first().map(|a| a.port())).unwrap_or(443);
         (self.problems.len() == before).then(|| Server {
             https,
@@ -67,6 +68,7 @@ impl Validator<'_> {
             storage: PathBuf::from(&s.storage),
             hsts,
             proxy_protocol_from,
+            trusted_proxies,
         })
     }
 
@@ -91,22 +93,23 @@ impl Validator<'_> {
         egress.map_err(|message| self.error(&key, message)).ok()
     }
 
-    /// `server.proxy_protocol_from`: networks (`10.0.0.0/8`) or single addresses.
-    pub(super) fn networks(&mut self, raw: &[String]) -> Vec<ipnet::IpNet> {
+    /// `server.{key}` (`proxy_protocol_from`, `trusted_proxies`): networks (`10.0.0.0/8`) or
+    /// single addresses of the peers allowed to name the client (`who` in the /0 warning).
+    pub(super) fn networks(&mut self, key: &'static str, raw: &[String], who: &str) -> Vec<ipnet::IpNet> {
         let mut out = Vec::new();
         for (i, n) in raw.iter().enumerate() {
             match n.parse::<ipnet::IpNet>().or_else(|_| n.parse::<IpAddr>().map(ipnet::IpNet::from)) {
                 Ok(net) => {
                     if net.prefix_len() == 0 {
                         self.warn(
-                            &[Seg::Key("server"), Seg::Key("proxy_protocol_from"), Seg::Index(i)],
-                            format!("`{n}` lets any peer name its own client address: make sure only the load balancer can reach the listeners"),
+                            &[Seg::Key("server"), Seg::Key(key), Seg::Index(i)],
+                            format!("`{n}` lets any peer name its own client address: make sure only {who} can reach the listeners"),
                         );
                     }
                     out.push(net.trunc());
                 }
                 Err(_) => self.error(
-                    &[Seg::Key("server"), Seg::Key("proxy_protocol_from"), Seg::Index(i)],
+                    &[Seg::Key("server"), Seg::Key(key), Seg::Index(i)],
                     format!("`{n}` is not a network or an IP address (e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\")"),
                 ),
             }
