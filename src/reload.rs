@@ -250,11 +250,12 @@ fn build(config: Arc<Config>, previous: Option<&Live>, id: u64) -> Result<Live, 
         carry_certificates(prev, &config, &store);
     }
     tls::load_site_certificates(&config, &store)?;
+    let tls13_only = config.server.tls13_only;
     let relay = Arc::new(Relay::new(config, store.clone())?);
     if let Some(prev) = previous {
         relay.health().adopt(prev.relay.health());
     }
-    Ok(Live { id, relay, tls: tls::server_config(store.clone()), store })
+    Ok(Live { id, relay, tls: tls::server_config(store.clone(), tls13_only), store })
 }
 
 /// Installs in `store` the certificate each hostname already serves, when its site's source

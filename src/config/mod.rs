@@ -102,6 +102,8 @@ pub struct Server {
     /// HTTP proxies in front (an L7 load balancer that re-encrypts to the relay): requests from
     /// them name their client in `X-Forwarded-For`; empty: nobody's `X-Forwarded-For` is read.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Whether TLS 1.2 is refused (`min_tls_version = "1.3"`), where a policy asks for 1.3 only.
+    pub tls13_only: bool,
 }
 
 /// Bounds on every wait and size.

@@ -38,6 +38,8 @@ pub struct RawServer {
     pub hsts: String,
     pub proxy_protocol_from: Vec<String>,
     pub trusted_proxies: Vec<String>,
+    /// "1.2" (default) or "1.3".
+    pub min_tls_version: String,
 }
 
 impl Default for RawServer {
@@ -51,6 +53,7 @@ impl Default for RawServer {
             hsts: "max-age=31536000".into(),
             proxy_protocol_from: Vec::new(),
             trusted_proxies: Vec::new(),
+            min_tls_version: "1.2".into(),
         }
     }
 }

@@ -30,6 +30,7 @@ pub fn report(c: &Config) -> String {
         "  trusted proxies     {}",
         if trusted.is_empty() { "none (X-Forwarded-For is replaced)".into() } else { trusted }
     );
+    let _ = writeln!(out, "  tls versions        {}", if s.tls13_only { "1.3" } else { "1.2, 1.3" });
     let _ = writeln!(out, "  outbound proxy      {}", c.outbound.summary());
     let l = &c.limits;
     let _ = writeln!(out, "\nlimits");

@@ -73,11 +73,13 @@ pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// it fails their handshake with `no_application_protocol`.
 pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 
-/// The one server configuration: TLS 1.3 and 1.2, ALPN h2, http/1.1 and http/1.0, certificates
-/// from the store picked by SNI at handshake time.
-pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
+/// The one server configuration: TLS 1.3 and 1.2 (1.3 alone with `tls13_only`), ALPN h2,
+/// http/1.1 and http/1.0, certificates from the store picked by SNI at handshake time.
+pub fn server_config(store: Arc<CertStore>, tls13_only: bool) -> Arc<ServerConfig> {
+    let versions: &[&'static rustls::SupportedProtocolVersion] =
+        if tls13_only { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
     let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(versions)
         .expect("aws-lc-rs supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(store);

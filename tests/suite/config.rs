@@ -414,7 +414,7 @@ fn an_outbound_proxy_must_be_an_http_url_and_its_password_is_never_shown() {
 }
 
 #[test]
-fn proxy_protocol_sources_are_networks_or_addresses() {
+fn proxy_sources_are_networks_and_the_tls_version_is_known() {
     let text = "[server]\nhttps = [\"127.0.0.1:8443\"]\nproxy_protocol_from = [\"10.0.0.0/8\", \"192.0.2.7\",\n  \"lb.internal\"]\n\n[[site]]\nhostnames = [\"a.example.com\"]\n";
     assert_eq!(
         problems(text),

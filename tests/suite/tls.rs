@@ -110,6 +110,24 @@ async fn sni_picks_each_sites_certificate() {
 }
 
 #[tokio::test]
+async fn min_tls_version_1_3_refuses_tls12_with_protocol_version() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("relay", &["auth.example.test"]);
+    let sites = [site("auth", &["auth.example.test"], &leaf, "")];
+    let relay = RelayUnderTest::start(&config("min_tls_version = \"1.3\"", &sites)).await;
+    let old = TlsClient::new(relay.https, client_for_version(&pki, &rustls::version::TLS12));
+    let err = old.connect("auth.example.test").await.expect_err("TLS 1.2 is refused");
+    assert_eq!(
+        rustls_error(&err),
+        Some(&rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion)),
+        "refused with protocol_version, got {err:?}"
+    );
+    let new = TlsClient::new(relay.https, client_for_version(&pki, &rustls::version::TLS13));
+    let reply = new.get("auth.example.test", "/healthz").await;
+    assert_eq!((reply.status, reply.text()), (200, "ok"));
+}
+
+#[tokio::test]
 async fn tls13_and_tls12_both_handshake() {
     let (pki, _, relay) = auth_site().await;
     for (version, expected) in [

@@ -59,6 +59,17 @@ impl Validator<'_> {
         }
         let proxy_protocol_from = self.networks("proxy_protocol_from", &s.proxy_protocol_from, "the load balancer");
         let trusted_proxies = self.networks("trusted_proxies", &s.trusted_proxies, "the proxies in front");
+        let tls13_only = match s.min_tls_version.as_str() {
+            "1.2" => false,
+            "1.3" => true,
+            other => {
+                self.error(
+                    &[Seg::Key("server"), Seg::Key("min_tls_version")],
+                    format!("`{other}` is not a TLS version the relay speaks; use \"1.2\" or \"1.3\""),
+                );
+                false
+            }
+        };
         let public_https_port = s.public_https_port.or_else(|| https.first().map(|a| a.port())).unwrap_or(443);
         (self.problems.len() == before).then(|| Server {
             https,
@@ -69,6 +80,7 @@ impl Validator<'_> {
             hsts,
             proxy_protocol_from,
             trusted_proxies,
+            tls13_only,
         })
     }
 
