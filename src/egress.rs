@@ -67,8 +67,8 @@ impl Egress {
     /// Everything through `url` except the destinations `no_proxy` names (curl's `NO_PROXY`
     /// syntax: host names and their subdomains, IP addresses, CIDR networks, `*`).
     pub fn proxy(url: &str, no_proxy: &str) -> Result<Egress, EgressError> {
-        let shown = checked(url, "[outbound] proxy")?;
-        let matcher = Matcher::builder().all(url.to_string()).no(no_proxy.to_string()).build();
+        let Checked { normalized, shown } = checked(url, "[outbound] proxy")?;
+        let matcher = Matcher::builder().all(normalized).no(no_proxy.to_string()).build();
         let shown = if no_proxy.trim().is_empty() { shown } else { format!("{shown}, except {}", no_proxy.trim()) };
         let key = format!("{url}\n{no_proxy}");
         Ok(Egress { inner: Some(Arc::new(Rules { matcher, from_env: false, shown, key })) })
@@ -78,19 +78,24 @@ impl Egress {
     /// when no proxy variable is set.
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Egress, EgressError> {
         let read = |(upper, lower): (&'static str, &'static str)| {
-            [upper, lower].into_iter().find_map(|n| get(n).filter(|v| !v.trim().is_empty()).map(|v| (n, v)))
+            [upper, lower]
+                .into_iter()
+                .find_map(|n| get(n).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).map(|v| (n, v)))
         };
         let [https, http, all, no] = ENV.map(read);
         let mut shown = Vec::new();
-        for (name, value) in [&https, &http, &all].into_iter().flatten() {
-            shown.push(format!("{name}={}", checked(value, name)?));
-        }
+        let mut normalized = |v: &Option<(&str, String)>| -> Result<String, EgressError> {
+            let Some((name, value)) = v else { return Ok(String::new()) };
+            let c = checked(value, name)?;
+            shown.push(format!("{name}={}", c.shown));
+            Ok(c.normalized)
+        };
+        let (https_url, http_url, all_url) = (normalized(&https)?, normalized(&http)?, normalized(&all)?);
         if shown.is_empty() {
             return Ok(Egress::direct());
         }
         let value = |v: &Option<(&str, String)>| v.as_ref().map(|(_, v)| v.clone()).unwrap_or_default();
-        let matcher =
-            Matcher::builder().https(value(&https)).http(value(&http)).all(value(&all)).no(value(&no)).build();
+        let matcher = Matcher::builder().https(https_url).http(http_url).all(all_url).no(value(&no)).build();
         if let Some((name, v)) = &no {
             shown.push(format!("{name}={}", v.trim()));
         }
@@ -216,9 +221,17 @@ async fn bounded<T, E: Into<BoxError>>(
     }
 }
 
-/// `url` checked as an HTTP proxy URL (curl's rules: no scheme means `http://`), returned for
-/// display without its credentials.
-fn checked(url: &str, source_name: &str) -> Result<String, EgressError> {
+/// A proxy URL that passed [`checked`].
+struct Checked {
+    /// As the `url` crate writes it (scheme lower case, `http://` added): what hyper-util is
+    /// given, since it takes any value it cannot parse for "no proxy" without a word.
+    normalized: String,
+    /// Without credentials, for `check` and the logs.
+    shown: String,
+}
+
+/// `url` checked as an HTTP proxy URL (curl's rules: no scheme means `http://`).
+fn checked(url: &str, source_name: &str) -> Result<Checked, EgressError> {
     let url = url.trim();
     let full = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
     let invalid = |reason: &str, shown: String| EgressError::Invalid {
@@ -241,9 +254,10 @@ fn checked(url: &str, source_name: &str) -> Result<String, EgressError> {
     if !matches!(parsed.path(), "" | "/") || parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(invalid("a proxy URL has no path, query or fragment", shown));
     }
+    let normalized = parsed.to_string();
     // hyper-util parses it as an `http::Uri`; what that refuses would silently mean "no proxy".
-    full.parse::<Uri>().map_err(|e| invalid(&e.to_string(), shown.clone()))?;
-    Ok(shown)
+    normalized.parse::<Uri>().map_err(|e| invalid(&e.to_string(), shown.clone()))?;
+    Ok(Checked { normalized, shown })
 }
 
 /// `scheme://[user:***@]host:port`: what may be logged of a proxy URL.
@@ -334,6 +348,12 @@ mod tests {
         assert_eq!(e.summary(), "http://relay:***@127.0.0.1:3128");
         let d = e.describe(&"https://api.aurinko.io/".parse().unwrap());
         assert_eq!(d, "through the proxy http://127.0.0.1:3128");
+        let e = Egress::proxy(" http://127.0.0.1:3128\n", "").unwrap();
+        assert_eq!(route(&e, "https://api.aurinko.io/").as_deref(), Some("http://127.0.0.1:3128/"), "trimmed");
+        let e = Egress::from_env(env(&[("HTTPS_PROXY", "http://proxy.corp:3128 ")])).unwrap();
+        assert_eq!(route(&e, "https://api.aurinko.io/").as_deref(), Some("http://proxy.corp:3128/"), "trimmed");
+        let e = Egress::proxy("HTTP://Proxy.Corp:3128", "").unwrap();
+        assert_eq!(route(&e, "https://api.aurinko.io/").as_deref(), Some("http://proxy.corp:3128/"), "normalized");
         let e = Egress::proxy("http://127.0.0.1:3128", "127.0.0.1").unwrap();
         assert_eq!(route(&e, "http://127.0.0.1:18080/"), None);
         assert_eq!(e.summary(), "http://127.0.0.1:3128, except 127.0.0.1");
