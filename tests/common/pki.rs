@@ -82,12 +82,21 @@ impl Pki {
 
     /// A rustls client configuration that trusts only this CA.
     pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        self.client_config_for(rustls::DEFAULT_VERSIONS, alpn)
+    }
+
+    /// [`Pki::client_config`] speaking only these TLS `versions`.
+    pub fn client_config_for(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        alpn: &[&[u8]],
+    ) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
             roots.add(c.expect("ca pem")).expect("add root");
         }
         let mut cfg = rustls::ClientConfig::builder_with_provider(oauth_relay::tls::provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .expect("versions")
             .with_root_certificates(roots)
             .with_no_client_auth();

@@ -319,6 +319,18 @@ async fn a_load_balancer_put_in_front_takes_a_reload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_13_only_policy_takes_a_reload() {
+    let (setup, shape, relay, _) = start_in_process(None).await;
+    let tls12 = TlsClient::new(relay.https, setup.pki.client_config_for(&[&rustls::version::TLS12], &[b"http/1.1"]));
+    assert!(tls12.connect(HOST).await.is_ok(), "TLS 1.2 before the reload");
+    setup.write(&Shape { server_extra: "min_tls_version = \"1.3\"".into(), ..shape });
+    relay.reload.reload().await.expect("reload");
+    assert!(tls12.connect(HOST).await.is_err(), "TLS 1.2 refused after it");
+    assert_eq!(setup.client(relay.https).get(HOST, CALLBACK).await.status, 302, "TLS 1.3 still served");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_config_is_refused_and_the_old_one_stays_in_force() {
     let (setup, shape, relay, client) = start_in_process(None).await;
     let load = Load::start(client.clone()).await;

@@ -51,17 +51,7 @@ fn expect_unrecognized_name(result: std::io::Result<impl Sized>) {
 
 /// A client trusting the test CA that speaks only `version`.
 fn client_for_version(pki: &Pki, version: &'static rustls::SupportedProtocolVersion) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
-        roots.add(c.expect("ca pem")).expect("add root");
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(oauth_relay::tls::provider())
-        .with_protocol_versions(&[version])
-        .expect("version")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(cfg)
+    pki.client_config_for(&[version], &[b"http/1.1"])
 }
 
 #[tokio::test]
