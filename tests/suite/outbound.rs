@@ -124,6 +124,46 @@ async fn a_silent_proxy_is_cut_at_the_connect_timeout() {
 }
 
 #[tokio::test]
+async fn the_outbound_setting_takes_a_reload() {
+    // Through the proxy, then `direct` after a reload: the next token exchange goes straight to
+    // the upstream on a new connection (the upstream client and its pool come with the config).
+    let proxy = Proxy::start(None).await;
+    let pki = Pki::new();
+    let leaf = pki.leaf("upstream", &["127.0.0.1"]);
+    let upstream = Upstream::start(
+        Some(pki.server_config(&leaf, &[b"http/1.1"])),
+        UpstreamBehaviour::fixed(200, &[("content-type", "application/json")], TOKEN),
+    )
+    .await;
+    let site = format!("upstream = \"https://{}\"\nupstream_ca_file = \"{}\"", upstream.addr, pki.ca_path.display());
+    let path = pki.dir.path().join("relay.toml");
+    let write = |outbound: &str| {
+        let toml = format!("{}\n[outbound]\n{outbound}\n", common::one_site_config(&pki, "", "", &site));
+        std::fs::write(&path, toml).expect("write config");
+    };
+    write(&format!("proxy = \"{}\"", proxy.url(None)));
+    let config = std::sync::Arc::new(oauth_relay::Config::load(&path).expect("config"));
+    let listeners = oauth_relay::Listeners::bind(&config).await.expect("bind");
+    let client = TlsClient::new(listeners.https[0].local_addr().unwrap(), pki.client_config(&[b"http/1.1"]));
+    let requests = oauth_relay::reload::Requests::new();
+    let reload = requests.handle();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(oauth_relay::run_with(config, listeners, async move { drop(stopped.await) }, requests));
+    let token = || client.send(HOST, "POST", "/v1/auth/token/abc", &[], "");
+
+    assert_eq!(token().await.status, 200);
+    assert_eq!(proxy.connects().len(), 1);
+    write("proxy = \"direct\"");
+    reload.reload().await.expect("reload");
+    assert_eq!(token().await.status, 200);
+    assert_eq!(upstream.hits(), 2);
+    assert_eq!(proxy.connects().len(), 1, "the second exchange went direct");
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(30), task).await.expect("stops").expect("task").expect("run");
+}
+
+#[tokio::test]
 async fn doctor_checks_the_upstream_through_the_proxy() {
     let proxy = Proxy::start(None).await;
     let pki = Pki::new();
