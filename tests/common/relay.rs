@@ -1,9 +1,12 @@
-//! The relay under test, run in-process through `oauth_relay::run` on ephemeral loopback ports.
+//! The relay under test, run in-process through `oauth_relay::run_with` on ephemeral loopback
+//! ports, with a handle to reload its configuration file.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use oauth_relay::reload::{ReloadHandle, Requests};
 use oauth_relay::{Config, Listeners};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -14,6 +17,8 @@ pub struct RelayUnderTest {
     pub http: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub config: Arc<Config>,
+    /// Re-reads the configuration file, as SIGHUP does (for a relay from [`RelayUnderTest::load`]).
+    pub reload: ReloadHandle,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), oauth_relay::RunError>>>,
 }
@@ -21,16 +26,28 @@ pub struct RelayUnderTest {
 impl RelayUnderTest {
     /// Parses `toml` (listen on `127.0.0.1:0` to get ephemeral ports), binds and runs it.
     pub async fn start(toml: &str) -> RelayUnderTest {
-        let config = Arc::new(Config::parse("test.toml", toml).unwrap_or_else(|e| panic!("config: {e}")));
+        Self::run(Config::parse("test.toml", toml).unwrap_or_else(|e| panic!("config: {e}"))).await
+    }
+
+    /// Loads the configuration file at `path`, binds and runs it; `reload` re-reads that file.
+    pub async fn load(path: &Path) -> RelayUnderTest {
+        Self::run(Config::load(path).unwrap_or_else(|e| panic!("config: {e}"))).await
+    }
+
+    async fn run(config: Config) -> RelayUnderTest {
+        let config = Arc::new(config);
         let listeners = Listeners::bind(&config).await.expect("bind");
         let https = listeners.https[0].local_addr().unwrap();
         let http = listeners.http.first().map(|l| l.local_addr().unwrap());
         let admin = listeners.admin.as_ref().map(|l| l.local_addr().unwrap());
+        let requests = Requests::new();
+        let reload = requests.handle();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(oauth_relay::run(config.clone(), listeners, async move {
+        let stopped = async move {
             let _ = rx.await;
-        }));
-        RelayUnderTest { https, http, admin, config, stop: Some(tx), task: Some(task) }
+        };
+        let task = tokio::spawn(oauth_relay::run_with(config.clone(), listeners, stopped, requests));
+        RelayUnderTest { https, http, admin, config, reload, stop: Some(tx), task: Some(task) }
     }
 
     /// Signals shutdown and waits (at most 30 s) for `run` to return.

@@ -142,25 +142,18 @@ async fn the_outbound_setting_takes_a_reload() {
         std::fs::write(&path, toml).expect("write config");
     };
     write(&format!("proxy = \"{}\"", proxy.url(None)));
-    let config = std::sync::Arc::new(oauth_relay::Config::load(&path).expect("config"));
-    let listeners = oauth_relay::Listeners::bind(&config).await.expect("bind");
-    let client = TlsClient::new(listeners.https[0].local_addr().unwrap(), pki.client_config(&[b"http/1.1"]));
-    let requests = oauth_relay::reload::Requests::new();
-    let reload = requests.handle();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(oauth_relay::run_with(config, listeners, async move { drop(stopped.await) }, requests));
+    let mut relay = RelayUnderTest::load(&path).await;
+    let client = TlsClient::new(relay.https, pki.client_config(&[b"http/1.1"]));
     let token = || client.send(HOST, "POST", "/v1/auth/token/abc", &[], "");
 
     assert_eq!(token().await.status, 200);
     assert_eq!(proxy.connects().len(), 1);
     write("proxy = \"direct\"");
-    reload.reload().await.expect("reload");
+    relay.reload.reload().await.expect("reload");
     assert_eq!(token().await.status, 200);
     assert_eq!(upstream.hits(), 2);
     assert_eq!(proxy.connects().len(), 1, "the second exchange went direct");
-
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(30), task).await.expect("stops").expect("task").expect("run");
+    relay.stop().await;
 }
 
 #[tokio::test]

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::client::Reply;
 use common::pki::Leaf;
-use common::{Pki, TlsClient};
+use common::{Pki, RelayUnderTest, TlsClient};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use oauth_relay::reload::{ReloadError, ReloadHandle, Requests};
+use oauth_relay::reload::{ReloadError, Requests};
 use oauth_relay::{Config, Listeners};
 use tokio::sync::oneshot;
 
@@ -104,52 +104,13 @@ impl Setup {
     }
 }
 
-/// The relay in-process through `run_with`, with its reload handle.
-struct InProcess {
-    https: SocketAddr,
-    admin: Option<SocketAddr>,
-    reload: ReloadHandle,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), oauth_relay::RunError>>,
-}
-
-impl InProcess {
-    async fn start(path: &Path) -> InProcess {
-        let config = Arc::new(Config::load(path).unwrap_or_else(|e| panic!("config: {e}")));
-        let listeners = Listeners::bind(&config).await.expect("bind");
-        let https = listeners.https[0].local_addr().unwrap();
-        let admin = listeners.admin.as_ref().map(|l| l.local_addr().unwrap());
-        let requests = Requests::new();
-        let reload = requests.handle();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(oauth_relay::run_with(
-            config,
-            listeners,
-            async move {
-                let _ = rx.await;
-            },
-            requests,
-        ));
-        InProcess { https, admin, reload, stop: Some(tx), task }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().expect("running").send(());
-        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
-            .await
-            .expect("stops within 30 s")
-            .expect("task")
-            .expect("run");
-    }
-}
-
 /// A configuration of `Shape::new("127.0.0.1:0", admin)`, the relay started in-process on it,
 /// and a client for it.
-async fn start_in_process(admin: Option<&str>) -> (Setup, Shape, InProcess, TlsClient) {
+async fn start_in_process(admin: Option<&str>) -> (Setup, Shape, RelayUnderTest, TlsClient) {
     let setup = Setup::new();
     let shape = Shape::new("127.0.0.1:0", admin);
     setup.write(&shape);
-    let relay = InProcess::start(&setup.path).await;
+    let relay = RelayUnderTest::load(&setup.path).await;
     let client = setup.client(relay.https);
     (setup, shape, relay, client)
 }
@@ -266,7 +227,7 @@ fn assert_switched(report: &LoadReport) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_switches_routes_and_sites_without_failed_requests() {
-    let (setup, shape, relay, client) = start_in_process(None).await;
+    let (setup, shape, mut relay, client) = start_in_process(None).await;
     let serial_before = client.peer_serial(HOST).await;
     assert!(client.connect(NEW_HOST).await.is_err(), "the new hostname is not served yet");
 
@@ -293,7 +254,7 @@ async fn reload_under_load_switches_routes_and_sites_without_failed_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_resume_across_a_reload() {
-    let (setup, shape, relay, client) = start_in_process(None).await;
+    let (setup, shape, mut relay, client) = start_in_process(None).await;
     // A request reads the session ticket that follows the handshake.
     assert_eq!(client.get(HOST, CALLBACK).await.status, 302);
     setup.write(&Shape { callback_status: 303, ..shape });
@@ -307,7 +268,7 @@ async fn sessions_resume_across_a_reload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_balancer_put_in_front_takes_a_reload() {
-    let (setup, shape, relay, client) = start_in_process(None).await;
+    let (setup, shape, mut relay, client) = start_in_process(None).await;
     assert_eq!(client.get(HOST, CALLBACK).await.status, 302);
     setup.write(&Shape { server_extra: "proxy_protocol_from = [\"127.0.0.1\"]".into(), ..shape });
     relay.reload.reload().await.expect("reload");
@@ -320,7 +281,7 @@ async fn a_load_balancer_put_in_front_takes_a_reload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_13_only_policy_takes_a_reload() {
-    let (setup, shape, relay, _) = start_in_process(None).await;
+    let (setup, shape, mut relay, _) = start_in_process(None).await;
     let tls12 = TlsClient::new(relay.https, setup.pki.client_config_for(&[&rustls::version::TLS12], &[b"http/1.1"]));
     assert!(tls12.connect(HOST).await.is_ok(), "TLS 1.2 before the reload");
     setup.write(&Shape { server_extra: "min_tls_version = \"1.3\"".into(), ..shape });
@@ -332,7 +293,7 @@ async fn a_tls_13_only_policy_takes_a_reload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_config_is_refused_and_the_old_one_stays_in_force() {
-    let (setup, shape, relay, client) = start_in_process(None).await;
+    let (setup, shape, mut relay, client) = start_in_process(None).await;
     let load = Load::start(client.clone()).await;
     let_load_run(&client, 5).await;
 
@@ -372,7 +333,7 @@ async fn an_invalid_config_is_refused_and_the_old_one_stays_in_force() {
 
 #[tokio::test]
 async fn admin_reload_endpoint_answers_200_400_and_405() {
-    let (setup, shape, relay, client) = start_in_process(Some("127.0.0.1:0")).await;
+    let (setup, shape, mut relay, client) = start_in_process(Some("127.0.0.1:0")).await;
     let addr = relay.admin.expect("admin");
 
     let r = admin(addr, "GET", "/reload").await;
@@ -487,14 +448,21 @@ impl Binary {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_the_binary_under_load_and_keeps_it_on_a_bad_file() {
+/// A configuration on free ports with an admin listener, the relay binary started on it, a client
+/// for it, and the admin address (the binary's twin of `start_in_process`).
+async fn start_binary() -> (Setup, Shape, Binary, TlsClient, SocketAddr) {
     let setup = Setup::new();
     let (https, admin_addr) = (common::process::free_addr(), common::process::free_addr());
     let shape = Shape::new(&https.to_string(), Some(&admin_addr.to_string()));
     setup.write(&shape);
     let relay = Binary::start(&setup, admin_addr).await;
     let client = setup.client(https);
+    (setup, shape, relay, client, admin_addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_binary_under_load_and_keeps_it_on_a_bad_file() {
+    let (setup, shape, relay, client, _) = start_binary().await;
 
     // A bad file first: refused, logged with its problem, and the relay goes on unchanged.
     let load = Load::start(client.clone()).await;
@@ -532,12 +500,7 @@ fn reload_cli(config: &Path) -> std::process::Output {
 
 #[tokio::test]
 async fn reload_command_talks_to_the_running_binary() {
-    let setup = Setup::new();
-    let (https, admin_addr) = (common::process::free_addr(), common::process::free_addr());
-    let shape = Shape::new(&https.to_string(), Some(&admin_addr.to_string()));
-    setup.write(&shape);
-    let relay = Binary::start(&setup, admin_addr).await;
-    let client = setup.client(https);
+    let (setup, shape, relay, client, admin_addr) = start_binary().await;
 
     setup.write(&Shape { callback_status: 307, ..shape.clone() });
     let out = reload_cli(&setup.path);
