@@ -121,6 +121,11 @@ impl Egress {
         }
     }
 
+    /// Whether every connection goes straight to its destination.
+    pub fn is_direct(&self) -> bool {
+        self.inner.is_none()
+    }
+
     /// The rules as `check` prints them.
     pub fn summary(&self) -> &str {
         self.inner.as_ref().map_or("direct", |r| &r.shown)

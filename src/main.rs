@@ -163,7 +163,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         if let Some(l) = &listeners.admin {
             tracing::info!(addr = %l.local_addr()?, "serving admin (health)");
         }
-        if config.outbound != oauth_relay::egress::Egress::direct() {
+        if !config.outbound.is_direct() {
             tracing::info!(proxy = %config.outbound.summary(), "outbound connections go through a proxy");
         }
         let reloads = oauth_relay::reload::Requests::new();

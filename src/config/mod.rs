@@ -7,7 +7,7 @@ mod locate;
 mod raw;
 mod report;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -104,6 +104,14 @@ pub struct Server {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Whether TLS 1.2 is refused (`min_tls_version = "1.3"`), where a policy asks for 1.3 only.
     pub tls13_only: bool,
+}
+
+/// Whether `ip` is in one of `networks` (`proxy_protocol_from`, `trusted_proxies`): the one
+/// test of a peer against a list of networks. An IPv4 address mapped into IPv6 (a dual-stack
+/// listener's IPv4 peer) counts as IPv4.
+pub fn in_networks(networks: &[ipnet::IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    networks.iter().any(|net| net.contains(&ip))
 }
 
 /// Bounds on every wait and size.
@@ -330,3 +338,18 @@ fn invalid(mut problems: Vec<Problem>) -> ConfigError {
 
 mod validate;
 use validate::Validator;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_ipv4_peers_match_ipv4_networks() {
+        let nets: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+        assert!(in_networks(&nets, "10.1.2.3".parse().unwrap()));
+        assert!(in_networks(&nets, "::ffff:10.1.2.3".parse().unwrap()));
+        assert!(in_networks(&nets, "2001:db8::5".parse().unwrap()));
+        assert!(!in_networks(&nets, "11.0.0.1".parse().unwrap()));
+        assert!(!in_networks(&[], "10.1.2.3".parse().unwrap()));
+    }
+}

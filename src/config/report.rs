@@ -9,22 +9,21 @@ use super::{Config, Mode, TlsSource};
 pub fn report(c: &Config) -> String {
     let mut out = String::new();
     let s = &c.server;
-    let list = |v: &[std::net::SocketAddr]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
     let _ = writeln!(out, "{}: ok", c.file);
     let _ = writeln!(out, "\nserver");
-    let _ = writeln!(out, "  https listeners     {}", list(&s.https));
-    let _ = writeln!(out, "  http listeners      {}", if s.http.is_empty() { "none".into() } else { list(&s.http) });
+    let _ = writeln!(out, "  https listeners     {}", joined(&s.https));
+    let _ = writeln!(out, "  http listeners      {}", if s.http.is_empty() { "none".into() } else { joined(&s.http) });
     let _ = writeln!(out, "  admin listener      {}", s.admin.map(|a| a.to_string()).unwrap_or_else(|| "none".into()));
     let _ = writeln!(out, "  public https port   {}", s.public_https_port);
     let _ = writeln!(out, "  certificate store   {}", s.storage.display());
     let _ = writeln!(out, "  hsts                {}", s.hsts.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("off"));
-    let proxy = s.proxy_protocol_from.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+    let proxy = joined(&s.proxy_protocol_from);
     let _ = writeln!(
         out,
         "  proxy protocol      {}",
         if proxy.is_empty() { "off".into() } else { format!("from {proxy}") }
     );
-    let trusted = s.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+    let trusted = joined(&s.trusted_proxies);
     let _ = writeln!(
         out,
         "  trusted proxies     {}",
@@ -96,6 +95,11 @@ pub fn report(c: &Config) -> String {
         }
     }
     out
+}
+
+/// Addresses or networks as one comma-separated line.
+fn joined<T: std::fmt::Display>(items: &[T]) -> String {
+    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 /// The "register these" block of a site: the one URI that goes into the identity provider's app

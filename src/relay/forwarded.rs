@@ -11,15 +11,14 @@ use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
 
 use super::ConnInfo;
-
-const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+use super::proxy::X_FORWARDED_FOR;
 
 impl ConnInfo {
     /// This connection's facts for one request from a peer in `trusted`: the client taken from
     /// the request's `X-Forwarded-For`, and that header with the peer appended for the upstream.
     /// `None` when the peer is not trusted (the connection's own facts stand).
     pub fn behind_proxy(&self, headers: &HeaderMap, trusted: &[IpNet]) -> Option<ConnInfo> {
-        let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&ip.to_canonical()));
+        let is_trusted = |ip: IpAddr| crate::config::in_networks(trusted, ip);
         if trusted.is_empty() || !is_trusted(self.remote.ip()) {
             return None;
         }
