@@ -97,7 +97,7 @@ impl Egress {
         let value = |v: &Option<(&str, String)>| v.as_ref().map(|(_, v)| v.clone()).unwrap_or_default();
         let matcher = Matcher::builder().https(https_url).http(http_url).all(all_url).no(value(&no)).build();
         if let Some((name, v)) = &no {
-            shown.push(format!("{name}={}", v.trim()));
+            shown.push(format!("{name}={v}"));
         }
         let shown = format!("{} (from the environment; loopback direct)", shown.join(" "));
         let key = format!("env\n{}\n{}\n{}\n{}", value(&https), value(&http), value(&all), value(&no));
