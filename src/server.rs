@@ -359,7 +359,7 @@ fn serve_tls<'a>(
     let svc = service(conn, activity.clone());
     let mut b = http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-    let conn = b.serve_connection(io, svc);
+    let conn = Box::pin(b.serve_connection(io, svc));
     Box::pin(async move { activity.drive(conn, limits, shutdown).await })
 }
 
@@ -411,7 +411,7 @@ where
     let activity = Activity::new();
     let io = TokioIo::new(ActivityIo::new(io, activity.clone()));
     let svc = service(conn, activity.clone());
-    let conn = http1_builder(limits).serve_connection(io, svc);
+    let conn = Box::pin(http1_builder(limits).serve_connection(io, svc));
     Box::pin(async move { activity.drive(conn, limits, shutdown).await })
 }
 
