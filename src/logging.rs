@@ -18,9 +18,13 @@ pub enum LogFormat {
 /// IP literal as SNI (load-balancer probes, some clients) and the relay already handles that.
 pub const DEFAULT_FILTER: &str = "info,rustls=error";
 
+/// rustls' level whenever `RUST_LOG` does not name rustls itself: a filter such as `warn`, set to
+/// make the logs quieter, would otherwise let any client add a line per connection.
+const RUSTLS_QUIET: &str = "rustls=error";
+
 /// Installs the global subscriber writing to stderr. Safe to call once per process.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter = filter(std::env::var("RUST_LOG").ok().as_deref());
     // Colours only on a terminal: escape codes in a journal or a log file hide the fields.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -32,4 +36,83 @@ pub fn init(format: LogFormat) {
         LogFormat::Pretty => builder.compact().try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// The filter for a `RUST_LOG` value: [`DEFAULT_FILTER`] when it is unset or invalid, else the
+/// value with [`RUSTLS_QUIET`] added unless it names rustls (`RUST_LOG=debug,rustls=debug`).
+fn filter(rust_log: Option<&str>) -> EnvFilter {
+    let Some(Ok(filter)) = rust_log.map(EnvFilter::try_new) else {
+        return EnvFilter::new(DEFAULT_FILTER);
+    };
+    if names_rustls(rust_log.unwrap_or_default()) {
+        return filter;
+    }
+    match RUSTLS_QUIET.parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
+    }
+}
+
+/// Whether a filter has a directive for rustls or one of its modules.
+fn names_rustls(spec: &str) -> bool {
+    spec.split(',').any(|directive| {
+        let target = directive.split(['=', '[']).next().unwrap_or_default().trim();
+        target == "rustls" || target.starts_with("rustls::")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// The lines `rust_log` lets through of a warning from rustls' handshake code (as rustls'
+    /// `log` records arrive) and one from the relay.
+    fn shown(rust_log: Option<&str>) -> String {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter(rust_log))
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension");
+            tracing::warn!(target: "oauth_relay::server", "relay warning");
+        });
+        let bytes = out.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut b) = self.0.lock() {
+                b.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_quieter_rust_log_keeps_rustls_quiet() {
+        for rust_log in [None, Some("warn"), Some("debug"), Some("oauth_relay=warn"), Some("not a filter[")] {
+            let out = shown(rust_log);
+            assert!(!out.contains("Illegal SNI"), "RUST_LOG={rust_log:?} showed rustls: {out}");
+            assert!(out.contains("relay warning"), "RUST_LOG={rust_log:?} hid the relay: {out}");
+        }
+    }
+
+    #[test]
+    fn rust_log_that_names_rustls_shows_it() {
+        for rust_log in ["warn,rustls=warn", "rustls::msgs=debug,info", "rustls"] {
+            let out = shown(Some(rust_log));
+            assert!(out.contains("WARN rustls::msgs::handshake: Illegal SNI extension"), "RUST_LOG={rust_log}: {out}");
+        }
+    }
 }
