@@ -44,8 +44,7 @@ pub(super) fn serve_tls<'a>(
     let svc = service(conn, activity.clone());
     let mut b = http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-    let conn = Box::pin(b.serve_connection(io, svc));
-    Box::pin(async move { activity.drive(conn, limits, shutdown).await })
+    Box::pin(activity.drive(b.serve_connection(io, svc), limits, shutdown))
 }
 
 /// What a request needs to know about its connection (one `Arc` per connection, so a request
@@ -96,8 +95,7 @@ where
     let activity = Activity::new();
     let io = TokioIo::new(ActivityIo::new(io, activity.clone()));
     let svc = service(conn, activity.clone());
-    let conn = Box::pin(http1_builder(limits).serve_connection(io, svc));
-    Box::pin(async move { activity.drive(conn, limits, shutdown).await })
+    Box::pin(activity.drive(http1_builder(limits).serve_connection(io, svc), limits, shutdown))
 }
 
 /// Whether hyper closes an HTTP/1 connection after answering `req` (RFC 9112 section 9.3).
