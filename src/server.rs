@@ -23,10 +23,10 @@ use tokio_util::task::TaskTracker;
 
 use activity::Shutdown;
 use gather::Gather;
-use serve::{Conn, serve_h1, serve_tls};
+use serve::{serve_plain, serve_tls};
 
 use crate::config::{Config, Limits};
-use crate::relay::{ConnInfo, Relay};
+use crate::relay::Relay;
 use crate::reload::ReloadHandle;
 use crate::tls::{self, CertStore};
 
@@ -284,11 +284,10 @@ async fn connection(
         }
     }
     if kind != Kind::Https {
-        let info = ConnInfo::new(remote, false, None);
-        let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind, last: None });
+        let serving = serve_plain(tcp, remote, kind, shared, &live, &limits, shutdown);
         // Each request loads the configuration in force; the connection pins none.
         drop(live);
-        return serve_h1(tcp, conn, &limits, shutdown).await;
+        return serving.await;
     }
     // The handshake and the serving are boxed: the task's own future is copied on spawn and
     // sized for the largest of its states, while a box holds only the one in use. (The boxes

@@ -11,6 +11,7 @@ use futures_util::FutureExt;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 
 use super::activity::{Activity, ActivityIo, Shutdown, TrackedBody};
 use super::gather::{Gather, LastAnswer};
@@ -47,18 +48,33 @@ pub(super) fn serve_tls<'a>(
     Box::pin(activity.drive(b.serve_connection(io, svc), limits, shutdown))
 }
 
+/// A plain-HTTP connection (the port-80 listener, the admin listener), as a box of its own.
+pub(super) fn serve_plain<'a>(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    kind: Kind,
+    shared: &Arc<Shared>,
+    live: &Live,
+    limits: &'a Limits,
+    shutdown: &'a Arc<Shutdown>,
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    let info = ConnInfo::new(remote, false, None);
+    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind, last: None });
+    serve_h1(tcp, conn, limits, shutdown)
+}
+
 /// What a request needs to know about its connection (one `Arc` per connection, so a request
 /// costs one reference count for it).
-pub(super) struct Conn {
-    pub(super) shared: Arc<Shared>,
+struct Conn {
+    shared: Arc<Shared>,
     /// As of configuration `generation`.
-    pub(super) info: ConnInfo,
-    pub(super) generation: u64,
+    info: ConnInfo,
+    generation: u64,
     /// The SNI hostname the client sent, to find its site again after a reload.
-    pub(super) sni: Option<Arc<str>>,
-    pub(super) kind: Kind,
+    sni: Option<Arc<str>>,
+    kind: Kind,
     /// Where an HTTP/1 TLS connection learns that an answer is its last (see `gather`).
-    pub(super) last: Option<LastAnswer>,
+    last: Option<LastAnswer>,
 }
 
 impl Conn {
@@ -83,7 +99,7 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
 
 /// An HTTP/1.1 connection (plain, or TLS after the handshake) served in a box of its own (see
 /// `connection` in `server.rs`).
-pub(super) fn serve_h1<'a, IO>(
+fn serve_h1<'a, IO>(
     io: IO,
     conn: Arc<Conn>,
     limits: &'a Limits,
