@@ -14,12 +14,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// Info for the relay; rustls only on errors, since it warns on every ClientHello that carries an
-/// IP literal as SNI (load-balancer probes, some clients) and the relay already handles that.
-pub const DEFAULT_FILTER: &str = "info,rustls=error";
+/// The filter when `RUST_LOG` is unset or invalid (rustls kept quiet on top, as for any filter).
+const DEFAULT_FILTER: &str = "info";
 
-/// rustls' level whenever `RUST_LOG` does not name rustls itself: a filter such as `warn`, set to
-/// make the logs quieter, would otherwise let any client add a line per connection.
+/// rustls' level whenever the filter does not name rustls itself: it warns on every ClientHello
+/// that carries an IP literal as SNI (load-balancer probes, some clients), which the relay
+/// already handles, so a filter such as `warn`, set to make the logs quieter, would otherwise
+/// let any client add a line per connection.
 const RUSTLS_QUIET: &str = "rustls=error";
 
 /// Installs the global subscriber writing to stderr. Safe to call once per process.
@@ -38,13 +39,14 @@ pub fn init(format: LogFormat) {
     };
 }
 
-/// The filter for a `RUST_LOG` value: [`DEFAULT_FILTER`] when it is unset or invalid, else the
-/// value with [`RUSTLS_QUIET`] added unless it names rustls (`RUST_LOG=debug,rustls=debug`).
+/// The filter for a `RUST_LOG` value ([`DEFAULT_FILTER`] when it is unset or invalid), with
+/// [`RUSTLS_QUIET`] added unless it names rustls (`RUST_LOG=debug,rustls=debug`).
 fn filter(rust_log: Option<&str>) -> EnvFilter {
-    let Some(Ok(filter)) = rust_log.map(EnvFilter::try_new) else {
-        return EnvFilter::new(DEFAULT_FILTER);
+    let (filter, spec) = match rust_log.map(|spec| (EnvFilter::try_new(spec), spec)) {
+        Some((Ok(filter), spec)) => (filter, spec),
+        _ => (EnvFilter::new(DEFAULT_FILTER), DEFAULT_FILTER),
     };
-    if names_rustls(rust_log.unwrap_or_default()) {
+    if names_rustls(spec) {
         return filter;
     }
     match RUSTLS_QUIET.parse() {
