@@ -197,10 +197,15 @@ impl AsyncWrite for Gather {
         Pin::new(&mut this.tcp).poll_flush(cx)
     }
 
+    /// Sends what is held and leaves the TCP stream open: every caller drops the connection
+    /// right after its shutdown, and the close sends the FIN a `shutdown(2)` would have sent.
+    /// (The client has often gone already: a handshake-per-request client closes, or resets,
+    /// as soon as it has its answer, and the call only failed with `ENOTCONN`.) nginx closes
+    /// the same way when it has no request body left to drain.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_send_held(cx))?;
-        Pin::new(&mut this.tcp).poll_shutdown(cx)
+        Pin::new(&mut this.tcp).poll_flush(cx)
     }
 }
 
@@ -294,6 +299,7 @@ mod tests {
         assert_eq!(arrived(&mut client, NOTHING).await, b"");
         gather.write_all(b"close_notify").await.expect("write");
         gather.shutdown().await.expect("shutdown");
+        drop(gather);
         let mut all = Vec::new();
         client.read_to_end(&mut all).await.expect("read to the end");
         assert_eq!(all, b"answer|close_notify");
