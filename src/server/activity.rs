@@ -196,7 +196,6 @@ impl Activity {
     /// and TLS gets its `close_notify`. The client has [`GOODBYE`] to take that before the
     /// connection is dropped anyway.
     ///
-    ///
     /// The connection is boxed here, before any future holds it: a future stores what it was
     /// given, what it captures and what it pins in slots of their own, so an unboxed connection
     /// (hyper's is about 1.9 KB with its TLS stream) was held three times over in every open
