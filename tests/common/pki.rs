@@ -91,11 +91,21 @@ impl Pki {
         versions: &[&'static rustls::SupportedProtocolVersion],
         alpn: &[&[u8]],
     ) -> Arc<rustls::ClientConfig> {
+        self.client_config_with(oauth_relay::tls::provider(), versions, alpn)
+    }
+
+    /// [`Pki::client_config_for`] with another crypto provider (fewer key exchange groups, say).
+    pub fn client_config_with(
+        &self,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        alpn: &[&[u8]],
+    ) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
             roots.add(c.expect("ca pem")).expect("add root");
         }
-        let mut cfg = rustls::ClientConfig::builder_with_provider(oauth_relay::tls::provider())
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)
             .expect("versions")
             .with_root_certificates(roots)

@@ -14,7 +14,12 @@ pub fn free_addr() -> SocketAddr {
 /// Starts `oauth-relay serve [extra...] --config CONFIG` with stdin and stdout closed and stderr
 /// written to `log`; `env` adjusts the environment first.
 pub fn serve(config: &Path, extra: &[&str], log: &Path, env: impl FnOnce(&mut Command)) -> ChildGuard {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_oauth-relay"));
+    serve_bin(Path::new(env!("CARGO_BIN_EXE_oauth-relay")), config, extra, log, env)
+}
+
+/// [`serve`] with another build of the binary (a release or instrumented build).
+pub fn serve_bin(bin: &Path, config: &Path, extra: &[&str], log: &Path, env: impl FnOnce(&mut Command)) -> ChildGuard {
+    let mut cmd = Command::new(bin);
     cmd.arg("serve").args(extra).arg("--config").arg(config);
     env(&mut cmd);
     let stderr = std::fs::File::create(log).expect("create the log file");
