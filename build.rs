@@ -1,5 +1,7 @@
 //! Release builds hand the linker scripts/symbol-order.txt, the functions a running relay
-//! executes, so that they sit next to each other instead of scattered through the binary. The
+//! executes, so that they sit next to each other instead of scattered through the binary; the
+//! profile-optimised build (scripts/build-pgo, `-Cprofile-use`) inlines differently and gets
+//! scripts/symbol-order-pgo.txt, made from such a build. The
 //! kernel maps code in 64 KiB chunks around each page that runs, so scattered code is resident
 //! code: this keeps an idle relay's RSS near what it actually runs (docs/performance.md).
 //!
@@ -12,15 +14,19 @@ use std::path::Path;
 use std::process::Command;
 
 const ORDER_FILE: &str = "scripts/symbol-order.txt";
+const PGO_ORDER_FILE: &str = "scripts/symbol-order-pgo.txt";
 
 fn main() {
     println!("cargo:rerun-if-changed={ORDER_FILE}");
+    println!("cargo:rerun-if-changed={PGO_ORDER_FILE}");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER");
     if env::var("PROFILE").as_deref() != Ok("release") || !linker_is_rust_lld() {
         return;
     }
-    let order = Path::new(&env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join(ORDER_FILE);
+    let pgo = env::var("CARGO_ENCODED_RUSTFLAGS").is_ok_and(|f| f.contains("profile-use"));
+    let file = if pgo { PGO_ORDER_FILE } else { ORDER_FILE };
+    let order = Path::new(&env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join(file);
     if glibc_has_relr() {
         // Relative relocations packed (DT_RELR): 3 KiB for ld.so to read at start instead of
         // the 330 KiB of .rela.dyn every position-independent Rust binary otherwise carries.

@@ -116,6 +116,15 @@ lab_exercise() {
   sleep 6  # a tick of the certificate watcher
 }
 
+# lab_check: the harness's functional check before it reads a peer's idle memory: a callback, a
+# proxied token request, /healthz, an OpenSSL handshake.
+lab_check() {
+  curl -sk -o /dev/null "$origin$callback"
+  curl -sk -o /dev/null -X POST -d 'grant_type=authorization_code' "$origin/v1/auth/token/abc123"
+  curl -sk -o /dev/null "$origin/healthz"
+  openssl s_client -connect 127.0.0.1:18446 -servername relay.test -brief </dev/null >/dev/null 2>&1
+}
+
 # lab_hit NAME STATUS CURL-ARGS...: one request, which must get STATUS.
 lab_hit() {
   local name="$1" want="$2" got; shift 2
