@@ -359,7 +359,13 @@ fn container_files_agree_with_the_relay() {
     assert_eq!(dockerfile_array(&dockerfile, "ENTRYPOINT"), ["/usr/local/bin/oauth-relay"]);
     assert!(dockerfile.contains("/out/usr/local/bin/oauth-relay /usr/local/bin/oauth-relay"));
     assert!(dockerfile.contains("FROM gcr.io/distroless/cc-debian12:nonroot") && dockerfile.contains("USER 65532"));
-    assert!(dockerfile.contains("cargo build --release --locked"));
+    // The shipped build: the profile-optimised one, with the llvm-profdata it needs.
+    assert!(dockerfile.contains("RUN rustup component add llvm-tools"));
+    assert!(dockerfile.contains(
+        "    scripts/build-pgo \\\n && install -D -m 0755 target/pgo/oauth-relay /out/usr/local/bin/oauth-relay"
+    ));
+    let build_pgo = std::fs::metadata(repo().join("scripts/build-pgo")).expect("scripts/build-pgo");
+    assert!(std::os::unix::fs::PermissionsExt::mode(&build_pgo.permissions()) & 0o111 != 0, "build-pgo is executable");
 
     // Mounts: the config where CMD reads it, the TLS files, and the store where VOLUME is.
     let mounts: BTreeMap<String, String> = list(svc, "volumes")
