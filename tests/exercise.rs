@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::client::plain_get;
 use common::pki::Leaf;
-use common::process::{ChildGuard, free_addr, serve_bin};
+use common::process::{ChildGuard, free_addr, listening_within, serve_bin};
 use common::{Pki, Recorded, TlsClient, Upstream, UpstreamBehaviour};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -87,7 +87,7 @@ struct Relay {
     h2: TlsClient,
     fresh: TlsClient,
     tls12: TlsClient,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Relay {
@@ -112,11 +112,7 @@ impl Relay {
         std::fs::write(&path, config).unwrap();
         let child = serve_bin(bin, &path, &["--log-format", "json"], &dir.path().join("relay.log"), |_| {});
 
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(https).await.is_err() {
-            assert!(Instant::now() < deadline, "the relay listens within 30 s: {}", log(&dir));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert!(listening_within(https, Duration::from_secs(30)).await, "the relay listens within 30 s: {}", log(&dir));
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
         provider.cipher_suites = vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256];
@@ -131,7 +127,7 @@ impl Relay {
             h2: TlsClient::new(https, pki.client_config(&[b"h2"])),
             fresh: TlsClient::new(https, Arc::new(fresh)),
             tls12: TlsClient::new(https, pki.client_config_for(&[&rustls::version::TLS12], &[b"http/1.1"])),
-            _dir: dir,
+            dir,
         }
     }
 
@@ -189,15 +185,9 @@ impl Relay {
     /// SIGTERM, and a clean exit within 30 s (an instrumented build writes its profile then).
     async fn stop(mut self) {
         self.child.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = self.child.0.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "the relay exits within 30 s of SIGTERM");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert!(status.success(), "the relay exits 0 on SIGTERM, not {status}: {}", log(&self._dir));
+        let status =
+            self.child.exit_within(Duration::from_secs(30)).await.expect("the relay exits within 30 s of SIGTERM");
+        assert!(status.success(), "the relay exits 0 on SIGTERM, not {status}: {}", log(&self.dir));
     }
 }
 

@@ -122,7 +122,7 @@ lab_check() {
   curl -sk -o /dev/null "$origin$callback"
   curl -sk -o /dev/null -X POST -d 'grant_type=authorization_code' "$origin/v1/auth/token/abc123"
   curl -sk -o /dev/null "$origin/healthz"
-  openssl s_client -connect 127.0.0.1:18446 -servername relay.test -brief </dev/null >/dev/null 2>&1
+  openssl s_client -connect "${origin#https://}" -servername relay.test -brief </dev/null >/dev/null 2>&1
 }
 
 # lab_hit NAME STATUS CURL-ARGS...: one request, which must get STATUS.

@@ -4,7 +4,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// A free loopback address: bind port 0, read it, release it.
 pub fn free_addr() -> SocketAddr {
@@ -37,6 +38,32 @@ impl ChildGuard {
         let sent = Command::new("kill").arg(format!("-{sig}")).arg(&pid).status().expect("run kill");
         assert!(sent.success(), "kill -{sig} {pid}");
     }
+
+    /// Its exit status once it has exited, waiting at most `bound`; `None` if still running.
+    pub async fn exit_within(&mut self, bound: Duration) -> Option<ExitStatus> {
+        let until = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Whether `addr` accepts TCP connections within `bound` (a child process has bound it).
+pub async fn listening_within(addr: SocketAddr, bound: Duration) -> bool {
+    let until = Instant::now() + bound;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 impl Drop for ChildGuard {

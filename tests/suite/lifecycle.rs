@@ -167,14 +167,8 @@ async fn binary_exits_zero_on_sigterm() {
     }
 
     child.signal("TERM");
-    let until = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Some(exit) = child.0.try_wait().expect("try_wait") {
-            break exit;
-        }
-        assert!(Instant::now() < until, "still running 10 s after SIGTERM: {}", stderr_of(&log));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exit = (child.exit_within(Duration::from_secs(10)).await)
+        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM: {}", stderr_of(&log)));
     assert_eq!(exit.code(), Some(0), "exit status; stderr: {}", stderr_of(&log));
 }
 

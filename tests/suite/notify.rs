@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::Pki;
-use common::process::{free_addr, serve};
+use common::process::{free_addr, listening_within, serve};
 use tokio::net::UnixDatagram;
 
 /// The notify socket and every message received so far.
@@ -106,14 +106,7 @@ async fn the_binary_speaks_the_systemd_notify_protocol() {
     let stopping = s.until("STOPPING=1", |m| field(m, "STOPPING") == Some("1")).await;
     assert!(field(&stopping, "STATUS").is_some_and(|st| st.starts_with("stopping")), "{stopping}");
     let mut relay = relay;
-    let until = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Some(e) = relay.0.try_wait().unwrap() {
-            break e;
-        }
-        assert!(Instant::now() < until, "still running 10 s after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exit = relay.exit_within(Duration::from_secs(10)).await.expect("still running 10 s after SIGTERM");
     assert_eq!(exit.code(), Some(0));
 }
 
@@ -129,11 +122,7 @@ async fn without_notify_socket_nothing_is_sent_and_the_relay_serves() {
     let relay = serve(&config, &[], &log, |cmd| {
         cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC");
     });
-    let until = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(https).await.is_err() {
-        assert!(Instant::now() < until, "not serving within 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(listening_within(https, Duration::from_secs(10)).await, "not serving within 10 s");
     relay.signal("HUP");
     let until = Instant::now() + Duration::from_secs(10);
     while !std::fs::read_to_string(&log).unwrap().contains("configuration reloaded") {
