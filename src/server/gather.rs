@@ -161,7 +161,17 @@ impl Gather {
                 return Poll::Ready(Ok(sent));
             }
         }
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        write_to(&mut self.tcp, cx, bufs)
+    }
+}
+
+/// One slice (a TLS record, as rustls writes them) goes out with `send(2)` rather than
+/// `writev(2)`: the kernel's single-buffer path skips the vector's copy-in and the file layer.
+#[inline]
+fn write_to(tcp: &mut TcpStream, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    match bufs {
+        [one] => Pin::new(tcp).poll_write(cx, one),
+        _ => Pin::new(tcp).poll_write_vectored(cx, bufs),
     }
 }
 
@@ -179,7 +189,7 @@ impl AsyncWrite for Gather {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.held.is_empty() && !this.holding() {
-            return Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+            return write_to(&mut this.tcp, cx, bufs);
         }
         this.poll_write_gathered(cx, bufs)
     }
