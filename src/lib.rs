@@ -22,7 +22,8 @@
 //! [`run`] wires them: the caller parses the config and binds the listeners, `run` serves until
 //! the shutdown future completes and then drains. [`run_with`] also takes reload requests.
 
-// No unsafe code, except the one allowed call into the C library in `server::trim`.
+// No unsafe code, except two allowed calls into the C library: `malloc_trim` in `server::trim`
+// and the coarse clock in `server::activity`.
 #![deny(unsafe_code)]
 
 pub mod acme;
