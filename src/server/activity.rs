@@ -34,12 +34,20 @@ fn epoch() -> (Instant, Duration) {
 /// the vDSO against about thirty for the precise clock on a VM). The same timebase as tokio's
 /// clock, behind it by at most a tick (1-10 ms): nginx's cached-time trade, for deadlines of
 /// seconds.
+#[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn coarse() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec; the call only fills it.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Elsewhere (no coarse clock in libc), the precise clock since a fixed origin.
+#[cfg(not(target_os = "linux"))]
+fn coarse() -> Duration {
+    static ORIGIN: OnceLock<std::time::Instant> = OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now).elapsed()
 }
 
 /// Milliseconds since the process epoch (never 0), as a cheap atomic timestamp. Two clock reads
