@@ -77,39 +77,6 @@ enum CertCommand {
     },
 }
 
-/// tokio's multi-thread scheduler is the process's only caller of a libm function (`powf`, in
-/// its poll-time average), and glibc's libm.so.6, loaded for that alone, had 356 KiB of its
-/// pages resident in an idle relay (its load-time IFUNC resolution touches code across it).
-/// The maintained `libm` crate's `pow` answers that call instead, so the linker
-/// (`--as-needed`) leaves libm.so.6 out; `tests/suite/lifecycle.rs` checks that a running relay
-/// has not mapped it.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-#[unsafe(no_mangle)]
-pub extern "C" fn pow(x: f64, y: f64) -> f64 {
-    libm::pow(x, y)
-}
-
-/// aws-lc's AES-GCM for CPUs with VAES and AVX-512 is about 660 KiB of code written for long
-/// messages; a relay's TLS records are a few hundred bytes, for which its AVX2 code is as fast
-/// (`scripts/bench-ab W1`: no difference in CPU per request) and 0.35 MiB smaller in an idle
-/// relay's memory. aws-lc reads its CPU capabilities once, in a constructor of its own, from
-/// `OPENSSL_ia32cap`; this constructor runs first (a prioritised `.init_array` entry) and turns
-/// off VAES there, leaving any value the operator set alone (docs/performance.md).
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-#[used]
-#[allow(unsafe_code)]
-#[unsafe(link_section = ".init_array.00100")]
-static PREFER_AVX2_AES_GCM: extern "C" fn() = {
-    extern "C" fn prefer_avx2_aes_gcm() {
-        // The second value masks CPUID leaf 7's EBX (low half) and ECX (high half); ECX bit 9
-        // is VAES, which aws-lc's AVX-512 AES-GCM requires.
-        // SAFETY: runs before main and before any other thread; overwrite 0 keeps a set value.
-        unsafe { libc::setenv(c"OPENSSL_ia32cap".as_ptr(), c":~0x20000000000".as_ptr(), 0) };
-    }
-    prefer_avx2_aes_gcm
-};
-
 /// sysexits(3) EX_USAGE-style status for a configuration that cannot be used.
 const EXIT_CONFIG: u8 = 64;
 
