@@ -1,33 +1,42 @@
 //! oauth-relay: an OAuth broker's callback, authorize and token endpoints under a domain the
 //! customer owns, with its own HTTPS.
 //!
-//! The modules, in the order a request meets them:
+//! The modules, each importing only those listed above it (the graph has no cycles):
 //!
+//! - Leaves: [`fsutil`] (atomic, private writes for keys and certificates), [`crypto`] (the one
+//!   rustls crypto provider), [`flow`] (the flow id on access lines), [`logging`] (log format
+//!   and filter), [`notify`] (systemd notifications), [`response`] (the body type, route names
+//!   and small fixed answers every responder uses).
+//! - [`egress`]: how upstreams and the ACME CA are reached (directly or through an HTTP proxy)
+//!   and what the relay trusts in them.
 //! - [`config`]: the TOML file, read, parsed and validated; every error names file, key, line.
-//! - [`server`]: listeners, accept loops, connection limits, deadlines, graceful drain.
-//! - [`tls`]: rustls termination, the SNI certificate store with hot swap, certificate sources.
+//! - [`metrics`]: the Prometheus registry every module counts into; it takes plain labels.
+//! - [`storage`]: the certificate store's format version (upgrades and rollbacks).
+//! - [`tls`]: rustls termination, the SNI certificate store with hot swap, certificate sources,
+//!   the handshake under one deadline.
 //! - [`acme`]: automatic certificates (issuance, renewal, challenge answers, shared store).
+//! - [`health`]: liveness and readiness (certificates, upstream probes, clock skew).
 //! - [`relay`]: the routes (callback relay, authorize fronting, token proxy) and the upstream
 //!   client.
-//! - [`egress`]: how upstreams and the ACME CA are reached: directly, or through an HTTP proxy.
-//! - [`health`]: liveness and readiness (certificates, upstream probes, clock skew).
-//! - [`reload`]: re-reading the configuration (SIGHUP, `oauth-relay reload`, `POST /reload`).
-//! - [`notify`]: systemd notifications (READY, RELOADING, STOPPING, WATCHDOG).
-//! - [`metrics`]: Prometheus metrics, served on the admin listener.
-//! - [`logging`]: log format and filter; [`flow`]: the flow id on access lines.
+//! - [`app`]: the one place a [`Config`] becomes a running configuration, at start and on
+//!   reload; [`reload`]: the channel reload requests come through.
+//! - [`admin`]: the admin listener's surface: health, metrics and `POST /reload`.
+//! - [`server`]: listeners, accept loops, connection limits, deadlines, graceful drain.
 //! - [`doctor`]: pre-flight checks of a configuration against DNS, ports, storage, upstream, CA.
-//! - [`storage`]: the certificate store's format version (upgrades and rollbacks).
-//! - [`fsutil`]: atomic, private writes for keys and certificates.
+//! - [`cli`]: what each subcommand of the binary does (`main.rs` only parses arguments).
 //!
 //! [`run`] wires them: the caller parses the config and binds the listeners, `run` serves until
 //! the shutdown future completes and then drains. [`run_with`] also takes reload requests.
 
-// No unsafe code, except two allowed calls into the C library: `malloc_trim` in `server::trim`
-// and the coarse clock in `server::activity`.
+// No unsafe code, except one allowed call into the C library: `malloc_trim` in `server::trim`.
 #![deny(unsafe_code)]
 
 pub mod acme;
+pub mod admin;
+pub mod app;
+pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod doctor;
 pub mod egress;
 pub mod flow;
@@ -38,6 +47,7 @@ pub mod metrics;
 pub mod notify;
 pub mod relay;
 pub mod reload;
+pub mod response;
 pub mod server;
 pub mod storage;
 pub mod tls;
@@ -46,19 +56,9 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+pub use app::BuildError;
 pub use config::Config;
 pub use server::Listeners;
-
-/// Why the relay could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Tls(#[from] tls::TlsError),
-    #[error(transparent)]
-    Upstream(#[from] relay::UpstreamError),
-    #[error(transparent)]
-    Storage(#[from] storage::StorageError),
-}
 
 /// Serves `config` on `listeners` until `shutdown` completes, then drains in-flight requests
 /// for at most `limits.shutdown_grace`. `POST /reload` on the admin listener reloads.
@@ -66,20 +66,21 @@ pub async fn run(
     config: Arc<Config>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), RunError> {
+) -> Result<(), BuildError> {
     run_with(config, listeners, shutdown, reload::Requests::new()).await
 }
 
-/// Like [`run`], and reloads the configuration file whenever `reloads` asks (main.rs sends
+/// Like [`run`], and reloads the configuration file whenever `reloads` asks (the binary sends
 /// SIGHUP there; tests use [`reload::Requests::handle`]).
 pub async fn run_with(
     config: Arc<Config>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
     mut reloads: reload::Requests,
-) -> Result<(), RunError> {
+) -> Result<(), BuildError> {
     let stop = CancellationToken::new();
-    let (mut reloader, live) = reload::Reloader::start(config, &listeners, &stop)?;
+    let https_port = listeners.https.first().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+    let (mut app, live) = app::App::start(config, https_port, &stop)?;
     let shared = Arc::new(server::Shared::new(live, reloads.handle()));
     let serving = server::serve(shared.clone(), listeners, stop.clone());
     let mut serving = std::pin::pin!(serving);
@@ -98,8 +99,10 @@ pub async fn run_with(
             }
             reply = reloads.next() => {
                 notify::reloading();
-                let outcome = reloader.reload(&shared);
-                crate::metrics::global().config_reload(outcome.is_ok());
+                let outcome = app.reload(&shared.current()).map(|(live, reloaded)| {
+                    shared.replace(live);
+                    reloaded
+                });
                 let status = match &outcome {
                     Ok(_) => serving_status(&shared),
                     Err(_) => format!("reload refused; still {}", serving_status(&shared)),
@@ -118,7 +121,7 @@ pub async fn run_with(
 /// The `STATUS=` line systemd shows: how much is served.
 fn serving_status(shared: &server::Shared) -> String {
     let live = shared.current();
-    let config = live.relay.config();
+    let config = live.config();
     let hosts: usize = config.sites.iter().map(|s| s.hostnames.len()).sum();
     format!("serving {} site(s), {hosts} hostname(s) from {}", config.sites.len(), config.file)
 }

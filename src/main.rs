@@ -1,13 +1,13 @@
-//! The `oauth-relay` command: parse arguments, load the config, set up logging, bind, run.
+//! The `oauth-relay` command: parses the arguments and runs the subcommand ([`oauth_relay::cli`]).
+
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use oauth_relay::logging::{self, LogFormat};
-use oauth_relay::{Config, Listeners, config::ConfigError};
+use oauth_relay::cli;
+use oauth_relay::logging::LogFormat;
 
 /// An OAuth broker's callback, authorize and token endpoints on your own domain, over HTTPS.
 #[derive(Parser)]
@@ -77,258 +77,15 @@ enum CertCommand {
     },
 }
 
-/// sysexits(3) EX_USAGE-style status for a configuration that cannot be used.
-const EXIT_CONFIG: u8 = 64;
-
-fn load(path: &Option<PathBuf>) -> Result<Config, ConfigError> {
-    match path {
-        Some(p) => Config::load(p),
-        None => Config::embedded(),
-    }
-}
-
-/// Prints every problem of a refused configuration, one `file:line: key: message` per line,
-/// then how many there were, and gives the exit status for it.
-fn config_failed(e: &ConfigError) -> ExitCode {
-    eprintln!("{e}");
-    if let ConfigError::Invalid(problems) = e {
-        let n = problems.len();
-        eprintln!("{n} problem{} found; nothing was started", if n == 1 { "" } else { "s" });
-    }
-    ExitCode::from(EXIT_CONFIG)
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Cert { action } => cert(action),
-        Command::Reload { config } => reload(&config),
-        Command::Check { config } => match load(&config) {
-            Ok(c) => {
-                print!("{}", oauth_relay::config::report(&c));
-                ExitCode::SUCCESS
-            }
-            Err(e) => config_failed(&e),
-        },
-        Command::Doctor { config } => match load(&config) {
-            Ok(c) => doctor(&c),
-            Err(e) => config_failed(&e),
-        },
-        Command::Serve { config, log_format } => {
-            let config = match load(&config) {
-                Ok(c) => c,
-                Err(e) => return config_failed(&e),
-            };
-            logging::init(log_format);
-            match serve(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{}", causes(&e));
-                    ExitCode::FAILURE
-                }
-            }
-        }
-    }
-}
-
-/// An error and its causes on one line, as `{:#}` prints them, except that a cause its error
-/// already quotes is not repeated: this crate's errors name their source in their own message.
-fn causes(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.is_empty() {
-            line = text;
-        } else if !line.contains(&text) {
-            line = format!("{line}: {text}");
-        }
-    }
-    line
-}
-
-fn serve(config: Config) -> anyhow::Result<()> {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::debug!(limit = n, "open-file limit raised"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
-    }
-    let runtime = serving_runtime().context("starting the runtime")?;
-    runtime.block_on(async {
-        let listeners = Listeners::bind(&config).await?;
-        for l in &listeners.https {
-            tracing::info!(addr = %l.local_addr()?, "serving HTTPS");
-        }
-        for l in &listeners.http {
-            tracing::info!(addr = %l.local_addr()?, "serving plain HTTP (redirects to HTTPS)");
-        }
-        if let Some(l) = &listeners.admin {
-            tracing::info!(addr = %l.local_addr()?, "serving admin (health)");
-        }
-        if !config.outbound.is_direct() {
-            tracing::info!(proxy = %config.outbound.summary(), "outbound connections go through a proxy");
-        }
-        let reloads = oauth_relay::reload::Requests::new();
-        forward_sighup(reloads.handle())?;
-        oauth_relay::run_with(Arc::new(config), listeners, shutdown_signal(), reloads).await?;
-        tracing::info!("stopped");
-        Ok(())
-    })
-}
-
-/// SIGHUP asks for a reload (the outcome is logged). Installed before serving starts, so an
-/// early SIGHUP is queued rather than killing the process (its default action).
-fn forward_sighup(handle: oauth_relay::reload::ReloadHandle) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading the configuration");
-            handle.request();
-        }
-    });
-    Ok(())
-}
-
-/// `reload`: POST /reload to the admin listener named in the config; exit 0 when the relay
-/// took the new configuration, 1 when it refused it or could not be reached.
-fn reload(path: &std::path::Path) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            eprintln!("not sent: the running relay would refuse this configuration too, and keeps its own");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let Some(admin) = config.server.admin else {
-        eprintln!(
-            "{}: no `[server] admin` listener to send the reload to; send the relay SIGHUP instead: kill -HUP <pid> \
-             (under systemd: systemctl reload oauth-relay)",
-            path.display()
-        );
-        return ExitCode::FAILURE;
-    };
-    let answer = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")
-        .and_then(|rt| rt.block_on(post_reload(admin)));
-    match answer {
-        Ok((200, body)) => {
-            print!("{body}");
-            ExitCode::SUCCESS
-        }
-        Ok((status, body)) => {
-            eprint!("the relay refused the reload ({status}):\n{body}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("no answer from the relay's admin listener at {admin}: {}", causes(&e));
-            eprintln!("is the relay running with this configuration? Otherwise send it SIGHUP: kill -HUP <pid>");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// One `POST /reload` over plain HTTP/1.1, within 30 s; the status and body.
-async fn post_reload(admin: std::net::SocketAddr) -> anyhow::Result<(u16, String)> {
-    use http_body_util::{BodyExt, Empty};
-    let mut addr = admin;
-    // A wildcard listen address is reached on loopback.
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
-    }
-    let exchange = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.context("connect")?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
-        let req = http::Request::post("/reload")
-            .header(http::header::HOST, addr.to_string())
-            .body(Empty::<bytes::Bytes>::new())?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(30), exchange).await.context("timed out after 30 s")?
-}
-
-/// One worker thread (TOKIO_WORKER_THREADS=1, or one CPU) gets the single-threaded scheduler:
-/// same behaviour, none of the work-stealing bookkeeping a lone worker would pay for.
-fn serving_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if workers <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
-    }
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-}
-
-/// `doctor`: every check, the report with the strings to paste, status 1 on any error.
-fn doctor(config: &Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let findings = runtime.block_on(oauth_relay::doctor::run(config));
-    print!("{}", oauth_relay::doctor::render(config, &findings));
-    ExitCode::from(oauth_relay::doctor::exit_status(&findings))
-}
-
-/// `cert status` and `cert renew`.
-fn cert(action: CertCommand) -> ExitCode {
-    let path = match &action {
-        CertCommand::Status { config } | CertCommand::Renew { config, .. } => config.clone(),
-    };
-    let config = match Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => return config_failed(&e),
-    };
-    match action {
-        CertCommand::Status { .. } => {
-            print!("{}", oauth_relay::acme::status_report(&config));
-            ExitCode::SUCCESS
-        }
-        CertCommand::Renew { hostname, log_format, .. } => {
-            logging::init(log_format);
-            let renewed = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the runtime")
-                .and_then(|rt| Ok(rt.block_on(oauth_relay::acme::renew_now(&config, &hostname))?));
-            match renewed {
-                Ok(meta) => {
-                    println!(
-                        "{}: renewed, serial {}, not after {}",
-                        meta.hostname,
-                        meta.serial,
-                        humantime::format_rfc3339_seconds(meta.not_after)
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{hostname}: not renewed: {}", causes(&e));
-                    ExitCode::FAILURE
-                }
-            }
+    match Cli::parse().command {
+        Command::Serve { config, log_format } => cli::serve(config.as_deref(), log_format),
+        Command::Check { config } => cli::check(config.as_deref()),
+        Command::Doctor { config } => cli::doctor(config.as_deref()),
+        Command::Reload { config } => cli::reload(&config),
+        Command::Cert { action: CertCommand::Status { config } } => cli::cert_status(&config),
+        Command::Cert { action: CertCommand::Renew { config, hostname, log_format } } => {
+            cli::cert_renew(&config, &hostname, log_format)
         }
     }
 }

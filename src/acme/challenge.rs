@@ -12,13 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
 
 use crate::fsutil;
-
-/// The ALPN protocol a CA offers when it validates TLS-ALPN-01 (RFC 8737).
-pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+use crate::tls::AlpnChallenges;
 
 /// A TLS-ALPN-01 answer: the key authorization digest and the certificate that carries it.
 struct AlpnAnswer {
@@ -156,6 +153,12 @@ impl Challenges {
     }
 }
 
+impl AlpnChallenges for Challenges {
+    fn certificate<'a>(&'a self, host: &'a str) -> futures_util::future::BoxFuture<'a, Option<Arc<CertifiedKey>>> {
+        Box::pin(self.tls_alpn01(host))
+    }
+}
+
 fn write(path: &Path, bytes: &[u8]) -> Result<(), ChallengeError> {
     fsutil::write_private(path, bytes)
         .map_err(|source| ChallengeError::Write { path: path.display().to_string(), source })
@@ -170,27 +173,8 @@ fn alpn_certificate(host: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, Chal
     let cert = params.self_signed(&key)?;
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     // `CertifiedKey::from_der` would refuse the critical extension (webpki does not know it).
-    let signer = crate::tls::provider().key_provider.load_private_key(der)?;
+    let signer = crate::crypto::provider().key_provider.load_private_key(der)?;
     Ok(Arc::new(CertifiedKey::new(vec![CertificateDer::from(cert.der().to_vec())], signer)))
-}
-
-/// The server configuration for one `acme-tls/1` handshake: only that protocol, only the
-/// challenge certificate.
-pub fn challenge_server_config(key: Arc<CertifiedKey>) -> Arc<ServerConfig> {
-    #[derive(Debug)]
-    struct One(Arc<CertifiedKey>);
-    impl ResolvesServerCert for One {
-        fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-            Some(self.0.clone())
-        }
-    }
-    let mut config = ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("aws-lc-rs supports TLS 1.2 and 1.3")
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(One(key)));
-    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
-    Arc::new(config)
 }
 
 /// ACME tokens are base64url; anything else never reaches the file system.
@@ -235,7 +219,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_come_from_the_shared_store_when_another_process_published_them() {
-        crate::tls::provider();
+        crate::crypto::provider();
         let dir = tempfile::tempdir().unwrap();
         let publisher = Challenges::new(dir.path());
         let responder = Challenges::new(dir.path());

@@ -72,7 +72,7 @@ pub fn http_client(ca_file: Option<&Path>, egress: &Egress) -> Result<Box<dyn Ht
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+    let tls = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| AcmeError::CaFile { path: "(client)".into(), detail: e.to_string() })?
         .with_root_certificates(roots)

@@ -134,7 +134,7 @@ pub fn new_owner() -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".into());
     let mut r = [0u8; 6];
-    let _ = crate::tls::provider().secure_random.fill(&mut r);
+    let _ = crate::crypto::provider().secure_random.fill(&mut r);
     let r: String = r.iter().map(|b| format!("{b:02x}")).collect();
     format!("{machine}/{}/{r}", std::process::id())
 }

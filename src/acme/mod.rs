@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-pub use challenge::{ACME_TLS_ALPN, ChallengeError, Challenges, challenge_server_config};
+pub use challenge::{ChallengeError, Challenges};
 pub use store::{AcmeStore, CertMeta, HostStatus, StoreError};
 
 use crate::config::{AcmeSettings, Config, TlsSource};
@@ -72,7 +72,39 @@ pub enum AcmeError {
     UnknownHost(String),
 }
 
+/// The prefix of every ACME problem type (RFC 8555 section 6.7).
+const ACME_PROBLEM_PREFIX: &str = "urn:ietf:params:acme:error:";
+
 impl AcmeError {
+    /// The `problem` label of a failed attempt: the RFC 8555 problem type the CA sent (e.g.
+    /// `rateLimited`, `connection`, `dns`, `unauthorized`), else what went wrong on this side.
+    /// Only short alphanumeric names pass, so a CA cannot blow up the label set.
+    pub fn problem(&self) -> String {
+        let from_ca = |t: &str| -> Option<String> {
+            let name = &t[t.find(ACME_PROBLEM_PREFIX)? + ACME_PROBLEM_PREFIX.len()..];
+            let name: String = name.chars().take_while(char::is_ascii_alphanumeric).collect();
+            (!name.is_empty() && name.len() <= 40).then_some(name)
+        };
+        let local = match self {
+            AcmeError::Acme { source: instant_acme::Error::Api(p), .. } => {
+                return p.r#type.as_deref().and_then(from_ca).unwrap_or_else(|| "other".into());
+            }
+            // The order went invalid: the CA's reasons are in the challenges' problem documents.
+            AcmeError::Rejected { detail } => return from_ca(detail).unwrap_or_else(|| "rejected".into()),
+            AcmeError::Acme { source: instant_acme::Error::Timeout(_), .. } | AcmeError::Timeout(_) => "timeout",
+            AcmeError::Acme { .. } => "transport",
+            AcmeError::Store(_) | AcmeError::Io { .. } => "storage",
+            AcmeError::Challenge(_) => "challenge_publish",
+            AcmeError::CaFile { .. } => "ca_file",
+            AcmeError::ChallengeNotOffered { .. } => "challenge_not_offered",
+            AcmeError::Certificate(_) => "bad_certificate",
+            AcmeError::Key(_) => "key",
+            AcmeError::Busy { .. } => "busy",
+            AcmeError::UnknownHost(_) => "unknown_host",
+        };
+        local.to_string()
+    }
+
     /// The CA's `rateLimited` problem, when that is what this is.
     pub fn rate_limited(&self) -> Option<&instant_acme::Problem> {
         match self {
@@ -136,8 +168,9 @@ fn acme_sites(config: &Config) -> impl Iterator<Item = (usize, &crate::config::S
 }
 
 /// Serves the stored certificate of every ACME hostname at once (no network), then starts one
-/// task per hostname that orders, renews and re-reads the store until `stop`.
-pub fn spawn(config: &Config, store: &Arc<CertStore>, stop: CancellationToken) {
+/// task per hostname that orders, renews and re-reads the store until `stop`, publishing its
+/// challenge answers in `challenges`.
+pub fn spawn(config: &Config, store: &Arc<CertStore>, challenges: &Arc<Challenges>, stop: CancellationToken) {
     let owner = lock::new_owner();
     let mut accounts: HashMap<String, Arc<AccountCell>> = HashMap::new();
     for (i, site, settings) in acme_sites(config) {
@@ -153,7 +186,7 @@ pub fn spawn(config: &Config, store: &Arc<CertStore>, stop: CancellationToken) {
                 settings.clone(),
                 dir_store.clone(),
                 account.clone(),
-                store.challenges().clone(),
+                challenges.clone(),
                 Some(slot.clone()),
                 owner.clone(),
             );
@@ -249,4 +282,26 @@ pub fn status_report(config: &Config) -> String {
         out.push_str("no site uses source = \"acme\"\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(t: &str) -> AcmeError {
+        let p: instant_acme::Problem =
+            serde_json::from_value(serde_json::json!({ "type": t, "detail": "d" })).expect("problem");
+        AcmeError::Acme { step: "placing the order", source: instant_acme::Error::Api(p) }
+    }
+
+    #[test]
+    fn acme_problem_types_come_from_the_ca_and_stay_short() {
+        assert_eq!(AcmeError::problem(&problem("urn:ietf:params:acme:error:rateLimited")), "rateLimited");
+        assert_eq!(AcmeError::problem(&problem("about:blank")), "other");
+        assert_eq!(AcmeError::problem(&problem(&format!("{ACME_PROBLEM_PREFIX}{}", "x".repeat(200)))), "other");
+        let rejected =
+            AcmeError::Rejected { detail: "API error: no route (urn:ietf:params:acme:error:connection); more".into() };
+        assert_eq!(AcmeError::problem(&rejected), "connection");
+        assert_eq!(AcmeError::problem(&AcmeError::Timeout(Duration::from_secs(1))), "timeout");
+    }
 }

@@ -85,7 +85,7 @@ pub fn backoff(failures: u32, min: Duration, max: Duration, unit: f64) -> Durati
 /// A uniform draw in `[0, 1)` from the crypto provider's random source.
 pub fn random_unit() -> f64 {
     let mut b = [0u8; 8];
-    if crate::tls::provider().secure_random.fill(&mut b).is_err() {
+    if crate::crypto::provider().secure_random.fill(&mut b).is_err() {
         return 0.5;
     }
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64

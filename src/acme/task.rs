@@ -352,7 +352,7 @@ impl HostTask {
     /// Records a failure in `status.json` (shared backoff) and logs it, with the CA's detail
     /// for a `rateLimited` problem.
     fn record_failure(&self, e: AcmeError) -> (AcmeError, SystemTime) {
-        crate::metrics::global().acme_order_failed(&self.host, &e);
+        crate::metrics::global().acme_order_failed(&self.host, e.problem());
         let now = SystemTime::now();
         let mut status = self.store.load_status(&self.host);
         status.failures = status.failures.saturating_add(1);

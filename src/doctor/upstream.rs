@@ -70,7 +70,7 @@ pub async fn check(url: &Url, ca_file: Option<&Path>, egress: &Egress, timeout: 
                 format!("{shown} answers over plain http://; codes and tokens cross the network unencrypted"),
                 "use an https:// upstream (plain http:// is meant for a loopback benchmark)",
             ),
-            Ok(Err(e)) => unreachable(shown, &crate::relay::chain(&*e)),
+            Ok(Err(e)) => unreachable(shown, &crate::egress::error_chain(&*e)),
             Err(_) => unreachable(shown, &format!("no connection within {timeout:?}")),
         };
     }
@@ -91,7 +91,7 @@ pub async fn check(url: &Url, ca_file: Option<&Path>, egress: &Egress, timeout: 
         );
     };
     let handshake = async {
-        let tcp = connect().await.map_err(|e| Failed::Connect(crate::relay::chain(&*e)))?;
+        let tcp = connect().await.map_err(|e| Failed::Connect(crate::egress::error_chain(&*e)))?;
         tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(Failed::Tls)
     };
     match tokio::time::timeout(timeout, handshake).await {
@@ -165,5 +165,5 @@ fn handshake_done(shown: &str, conn: &rustls::ClientConnection) -> Finding {
 
 /// The relay's upstream trust: web PKI roots plus the site's CA file.
 fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
-    crate::relay::upstream_tls(ca_file, &[b"h2", b"http/1.1"]).map(Arc::new).map_err(|e| e.to_string())
+    crate::egress::upstream_tls(ca_file, &[b"h2", b"http/1.1"]).map(Arc::new).map_err(|e| e.to_string())
 }

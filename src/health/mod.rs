@@ -23,7 +23,7 @@ use http::{Method, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, HealthSettings};
-use crate::relay::{RelayBody, RouteName};
+use crate::response::{RelayBody, RouteName, method_not_allowed, uncached_text};
 use crate::tls::CertStore;
 
 /// Everything `/readyz` knows for one configuration: the certificate store it serves from, the
@@ -104,18 +104,13 @@ pub fn answer(path: &str, method: &Method, health: &Health) -> Option<(RouteName
         _ => return None,
     };
     if method != Method::GET && method != Method::HEAD {
-        return Some((route, crate::relay::method_not_allowed("GET, HEAD")));
+        return Some((route, method_not_allowed("GET, HEAD")));
     }
     let (status, body) = match route {
         RouteName::Healthz => (StatusCode::OK, "ok".to_string()),
         _ => render(&health.readiness()),
     };
-    let mut r = Response::new(RelayBody::full(body));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
-    h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
-    Some((route, r))
+    Some((route, uncached_text(status, "text/plain; charset=utf-8", body)))
 }
 
 /// `200 ready` or `503 not ready`, then one line per reason, then one `warning:` line per note.

@@ -187,7 +187,7 @@ impl Target {
     /// A rustls client trusting what the relay's upstream client trusts (web PKI plus the
     /// site's CA file), HTTP/1.1 only.
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, ProbeError> {
-        crate::relay::upstream_tls(self.ca_file.as_deref(), &[b"http/1.1"]).map(Arc::new).map_err(|e| {
+        crate::egress::upstream_tls(self.ca_file.as_deref(), &[b"http/1.1"]).map(Arc::new).map_err(|e| {
             let path = self.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
             ProbeError::CaFile { path, detail: e.to_string() }
         })
@@ -199,7 +199,7 @@ impl Target {
             .egress
             .connect(&self.uri, self.connect_timeout)
             .await
-            .map_err(|e| ProbeError::Connect(crate::relay::chain(&*e)))?;
+            .map_err(|e| ProbeError::Connect(crate::egress::error_chain(&*e)))?;
         if !self.https {
             return self.exchange(tcp, path).await;
         }

@@ -15,7 +15,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-use crate::relay::RouteName;
+use crate::response::RouteName;
 
 /// Every route, in the order of [`route_index`].
 pub const ROUTES: [RouteName; 8] = [

@@ -15,7 +15,7 @@ use std::error::Error as StdError;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{Method, Response, StatusCode, header};
+use http::StatusCode;
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -23,9 +23,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::acme::AcmeError;
-use crate::relay::{RelayBody, RouteName};
-use crate::tls::{CertStore, HandshakeError};
+use crate::response::RouteName;
 use atomic::{RequestCounts, RouteHistograms};
 
 /// Every series name starts with this. (prometheus-client ends each help text with a period.)
@@ -107,8 +105,8 @@ impl Listener {
     }
 }
 
-/// Handshake failure reasons exported from the start (see `HandshakeError::reason`).
-const HANDSHAKE_REASONS: [&str; 6] = ["timeout", "no_sni", "unknown_sni", "protocol_version", "tls_error", "io"];
+/// Handshake failure reasons exported from the start (see `tls::HandshakeError::reason`).
+pub const HANDSHAKE_REASONS: [&str; 6] = ["timeout", "no_sni", "unknown_sni", "protocol_version", "tls_error", "io"];
 
 /// Why a connection behind a load balancer was closed before its handshake, exported from the
 /// start (see `ProxyHeaderError::reason`).
@@ -282,12 +280,9 @@ impl Metrics {
         self.handshakes.inc();
     }
 
-    /// One handshake that did not complete. An answered ACME TLS-ALPN-01 validation is not a
-    /// failure and is not counted.
-    pub fn handshake_failed(&self, e: &HandshakeError) {
-        if !matches!(e, HandshakeError::AcmeChallenge) {
-            self.handshake_failures.get_or_create(&[("reason", e.reason())]).inc();
-        }
+    /// One handshake that did not complete, for `reason` (one of [`HANDSHAKE_REASONS`]).
+    pub fn handshake_failed(&self, reason: &'static str) {
+        self.handshake_failures.get_or_create(&[("reason", reason)]).inc();
     }
 
     /// A connection closed because its PROXY protocol header was missing, bad, late or from a
@@ -308,9 +303,10 @@ impl Metrics {
         self.acme_orders.get_or_create(&[("hostname", hostname.to_string())]).inc();
     }
 
-    /// An attempt to get a certificate for `hostname` failed.
-    pub fn acme_order_failed(&self, hostname: &str, e: &AcmeError) {
-        let labels = [("hostname", hostname.to_string()), ("problem", acme_problem(e))];
+    /// An attempt to get a certificate for `hostname` failed with `problem`: the ACME problem
+    /// type the CA sent (`rateLimited`, `dns`...) or what failed on this side (`storage`...).
+    pub fn acme_order_failed(&self, hostname: &str, problem: String) {
+        let labels = [("hostname", hostname.to_string()), ("problem", problem)];
         self.acme_failures.get_or_create(&labels).inc();
     }
 
@@ -324,24 +320,23 @@ impl Metrics {
         }
     }
 
-    /// The exposition text: every registered series, then the expiry of each certificate in
-    /// `store` (read now, so a certificate swapped a moment ago is the one reported).
-    pub fn render(&self, store: &CertStore) -> String {
+    /// The exposition text: every registered series, then `not_after`, the expiry of each
+    /// hostname's certificate (read by the caller at scrape time, so a certificate swapped a
+    /// moment ago is the one reported).
+    pub fn render<'a>(&self, not_after: impl IntoIterator<Item = (&'a str, SystemTime)>) -> String {
         let mut out = String::with_capacity(8 * 1024);
         // Writing to a String cannot fail; an encoding error would only truncate the text.
         let _ = prometheus_text::encode(&mut out, &self.registry);
         let mut certs = Registry::with_prefix(PREFIX);
-        let not_after = Family::<Hostname, Gauge>::default();
-        for slot in store.slots() {
-            if let Some(c) = slot.current() {
-                not_after.get_or_create(&[("hostname", slot.hostname.clone())]).set(unix_seconds(c.not_after));
-            }
+        let expiry = Family::<Hostname, Gauge>::default();
+        for (hostname, at) in not_after {
+            expiry.get_or_create(&[("hostname", hostname.to_string())]).set(unix_seconds(at));
         }
         certs.register_with_unit(
             "certificate_not_after",
             "When the certificate served for a hostname expires (seconds since the epoch)",
             Unit::Seconds,
-            not_after,
+            expiry,
         );
         let _ = prometheus_text::encode(&mut out, &certs);
         out
@@ -357,19 +352,6 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
-/// `GET /metrics` on the admin listener: the text format with its content type.
-pub fn respond(method: &Method, store: &CertStore) -> Response<RelayBody> {
-    if method != Method::GET && method != Method::HEAD {
-        return crate::relay::method_not_allowed("GET, HEAD");
-    }
-    let mut r = Response::new(RelayBody::full(global().render(store)));
-    *r.status_mut() = StatusCode::OK;
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(prometheus_text::CONTENT_TYPE));
-    h.insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
-    r
-}
-
 fn unix_seconds(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -377,57 +359,9 @@ fn unix_seconds(t: SystemTime) -> i64 {
     }
 }
 
-const ACME_PROBLEM_PREFIX: &str = "urn:ietf:params:acme:error:";
-
-/// The `problem` label of an ACME failure: the RFC 8555 problem type the CA sent (e.g.
-/// `rateLimited`, `connection`, `dns`, `unauthorized`), else what went wrong on this side. Only
-/// short alphanumeric names pass, so a CA cannot blow up the label set.
-pub fn acme_problem(e: &AcmeError) -> String {
-    let from_ca = |t: &str| -> Option<String> {
-        let name = &t[t.find(ACME_PROBLEM_PREFIX)? + ACME_PROBLEM_PREFIX.len()..];
-        let name: String = name.chars().take_while(char::is_ascii_alphanumeric).collect();
-        (!name.is_empty() && name.len() <= 40).then_some(name)
-    };
-    let local = match e {
-        AcmeError::Acme { source: instant_acme::Error::Api(p), .. } => {
-            return p.r#type.as_deref().and_then(from_ca).unwrap_or_else(|| "other".into());
-        }
-        // The order went invalid: the CA's reasons are in the challenges' problem documents.
-        AcmeError::Rejected { detail } => return from_ca(detail).unwrap_or_else(|| "rejected".into()),
-        AcmeError::Acme { source: instant_acme::Error::Timeout(_), .. } | AcmeError::Timeout(_) => "timeout",
-        AcmeError::Acme { .. } => "transport",
-        AcmeError::Store(_) | AcmeError::Io { .. } => "storage",
-        AcmeError::Challenge(_) => "challenge_publish",
-        AcmeError::CaFile { .. } => "ca_file",
-        AcmeError::ChallengeNotOffered { .. } => "challenge_not_offered",
-        AcmeError::Certificate(_) => "bad_certificate",
-        AcmeError::Key(_) => "key",
-        AcmeError::Busy { .. } => "busy",
-        AcmeError::UnknownHost(_) => "unknown_host",
-    };
-    local.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn problem(t: &str) -> AcmeError {
-        let p: instant_acme::Problem =
-            serde_json::from_value(serde_json::json!({ "type": t, "detail": "d" })).expect("problem");
-        AcmeError::Acme { step: "placing the order", source: instant_acme::Error::Api(p) }
-    }
-
-    #[test]
-    fn acme_problem_types_come_from_the_ca_and_stay_short() {
-        assert_eq!(acme_problem(&problem("urn:ietf:params:acme:error:rateLimited")), "rateLimited");
-        assert_eq!(acme_problem(&problem("about:blank")), "other");
-        assert_eq!(acme_problem(&problem(&format!("{ACME_PROBLEM_PREFIX}{}", "x".repeat(200)))), "other");
-        let rejected =
-            AcmeError::Rejected { detail: "API error: no route (urn:ietf:params:acme:error:connection); more".into() };
-        assert_eq!(acme_problem(&rejected), "connection");
-        assert_eq!(acme_problem(&AcmeError::Timeout(Duration::from_secs(1))), "timeout");
-    }
 
     #[test]
     fn a_tls_error_inside_an_io_error_is_tls() {

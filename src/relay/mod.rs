@@ -2,31 +2,25 @@
 //! redirect. [`Relay::handle`] turns a request into a [`Reply`] (a response, or the trip that
 //! brings one), so tests can call it without sockets; `server` feeds it from real connections.
 
-mod body;
 mod forwarded;
 mod proxy;
 mod redirect;
-mod respond;
 mod route;
 mod upstream;
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, StatusCode, header};
 
-pub use body::RelayBody;
-pub use proxy::{chain, connection_tokens};
-pub use upstream::{UpstreamBase, UpstreamClient, UpstreamError, upstream_tls};
+pub use upstream::{UpstreamBase, UpstreamClient, UpstreamError};
 
+use crate::acme::Challenges;
 use crate::config::{Config, Site};
 use crate::flow::{FlowId, Flows};
-use crate::health;
-use crate::tls::CertStore;
-use respond::plain;
-pub use respond::with_allow as method_not_allowed;
+use crate::health::Health;
+use crate::response::{RelayBody, Reply, RouteName, plain};
 use route::{Answer, Trip, Upstream};
 
 /// Where a request came from; filled in by the server for every connection.
@@ -52,35 +46,6 @@ impl ConnInfo {
         let client_ip = http::HeaderValue::try_from(remote.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
         ConnInfo { remote, client_ip, forwarded_for: None, https, sni_site }
-    }
-}
-
-/// Which route answered; the access log's `route` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteName {
-    Callback,
-    Authorize,
-    Token,
-    Healthz,
-    Readyz,
-    HttpsRedirect,
-    AcmeChallenge,
-    None,
-}
-
-impl RouteName {
-    /// The label used in logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RouteName::Callback => "callback",
-            RouteName::Authorize => "authorize",
-            RouteName::Token => "token",
-            RouteName::Healthz => "healthz",
-            RouteName::Readyz => "readyz",
-            RouteName::HttpsRedirect => "https_redirect",
-            RouteName::AcmeChallenge => "acme_challenge",
-            RouteName::None => "-",
-        }
     }
 }
 
@@ -113,16 +78,17 @@ pub struct Relay {
     sites: Vec<SiteRoutes>,
     default_site: Option<usize>,
     config: Arc<Config>,
-    store: Arc<CertStore>,
+    /// Pending ACME challenge answers, for HTTP-01 validations on the plain-HTTP listener.
+    challenges: Arc<Challenges>,
     /// Flow ids for the access log (`None` when it is off).
     flows: Option<Arc<Flows>>,
-    /// What `/readyz` reports for this configuration.
-    health: Arc<health::Health>,
+    /// What `/healthz` and `/readyz` report on the public listeners.
+    health: Arc<Health>,
 }
 
 impl Relay {
     /// Compiles the routes of every site; fails when an upstream CA file cannot be read.
-    pub fn new(config: Arc<Config>, store: Arc<CertStore>) -> Result<Relay, UpstreamError> {
+    pub fn new(config: Arc<Config>, challenges: Arc<Challenges>, health: Arc<Health>) -> Result<Relay, UpstreamError> {
         let mut sites = Vec::new();
         for site in &config.sites {
             let target = |base: &url::Url, path: &str| format!("{}{path}", base.as_str().trim_end_matches('/'));
@@ -142,17 +108,8 @@ impl Relay {
             });
         }
         let default_site = config.sites.iter().position(|s| s.default);
-        // The registry exists from startup, so its config-load time is the start's.
-        crate::metrics::global();
         let flows = if config.log.access { Flows::for_key(config.log.flow_key.as_ref()) } else { None };
-        let health = Arc::new(health::Health::new(&config, store.clone()));
-        Ok(Relay { sites, default_site, config, store, flows, health })
-    }
-
-    /// The readiness checks of this configuration (their background tasks are started by
-    /// whoever puts the relay in service).
-    pub fn health(&self) -> &Arc<health::Health> {
-        &self.health
+        Ok(Relay { sites, default_site, config, challenges, flows, health })
     }
 
     /// The configuration this relay serves.
@@ -251,7 +208,7 @@ impl Relay {
                 // but curl before 8.1 and other clients report as a failed request; so the body
                 // is read first, within the body limit and the header-read deadline.
                 let limits = &self.config.limits;
-                body::discard(rest, limits.max_body_bytes, limits.header_read_timeout).await;
+                discard(rest, limits.max_body_bytes, limits.header_read_timeout).await;
                 resp
             }
         }
@@ -310,30 +267,6 @@ struct Received {
     flow_uri: Option<http::Uri>,
 }
 
-/// A request's response: ready when routing gave it at once, else the trip that brings it.
-/// Owns everything it needs, so hyper can hold it past the request.
-pub enum Reply {
-    Ready(std::future::Ready<Response<RelayBody>>),
-    Later(Pin<Box<dyn Future<Output = Response<RelayBody>> + Send>>),
-}
-
-impl Reply {
-    pub fn ready(resp: Response<RelayBody>) -> Reply {
-        Reply::Ready(std::future::ready(resp))
-    }
-}
-
-impl Future for Reply {
-    type Output = Response<RelayBody>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        match self.get_mut() {
-            Reply::Ready(resp) => Pin::new(resp).poll(cx),
-            Reply::Later(trip) => trip.as_mut().poll(cx),
-        }
-    }
-}
-
 /// One access-log line. Never carries any header value, nor (unless `raw_uri` is given because
 /// the operator set `[log] redact = false`) the path's code or the query. `client` is the
 /// client's address (a PROXY protocol header's source behind a load balancer).
@@ -366,7 +299,7 @@ fn access_log(
 impl Relay {
     /// HTTP-01: the key authorization for a pending token, as `text/plain`, else 404.
     async fn acme_http01(&self, token: &str) -> Response<RelayBody> {
-        match self.store.challenges().http01(token).await {
+        match self.challenges.http01(token).await {
             Some(key_authorization) => {
                 let mut r = Response::new(RelayBody::full(key_authorization));
                 r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
@@ -375,15 +308,18 @@ impl Relay {
             None => plain(StatusCode::NOT_FOUND, "no such challenge\n"),
         }
     }
+}
 
-    /// The admin listener: health and metrics, nothing relayed.
-    pub fn handle_admin<B>(&self, req: Request<B>, _conn: &ConnInfo) -> Response<RelayBody> {
-        if req.uri().path() == "/metrics" {
-            return crate::metrics::respond(req.method(), &self.store);
-        }
-        match health::answer(req.uri().path(), req.method(), &self.health) {
-            Some((_, r)) => r,
-            None => plain(StatusCode::NOT_FOUND, "not found\n"),
-        }
-    }
+/// Reads and drops a request body the answer does not need, up to `max` bytes and for at most
+/// `within`; what is left after that is not waited for (HTTP/2 then resets the rest of the
+/// stream, HTTP/1.1 closes the connection).
+async fn discard<B>(body: B, max: u64, within: Duration)
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<crate::response::BodyError>,
+{
+    use http_body_util::{BodyExt, Limited};
+    // `Limited` fails the read past `max` bytes, which ends the loop.
+    let mut body = Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX));
+    let _ = tokio::time::timeout(within, async { while let Some(Ok(_)) = body.frame().await {} }).await;
 }

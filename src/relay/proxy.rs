@@ -10,10 +10,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 
-use super::respond::plain;
-use super::{ConnInfo, RelayBody, UpstreamBase, UpstreamClient, UpstreamOutcome};
+use super::{ConnInfo, UpstreamBase, UpstreamClient, UpstreamOutcome};
 use crate::config::{Limits, Site};
 use crate::metrics::UpstreamErrorKind;
+use crate::response::{RelayBody, plain};
 
 /// Everything one forwarded request needs.
 pub struct Forward<'a> {
@@ -113,7 +113,7 @@ impl Forward<'_> {
     /// `502` for a failed exchange; the body says nothing about the upstream, the log says why.
     fn failed(&self, kind: UpstreamErrorKind, e: &dyn std::error::Error, what: &str) -> Response<RelayBody> {
         crate::metrics::global().upstream_error(kind);
-        tracing::warn!(site = %self.site.name, kind = kind.as_str(), error = %chain(e), "upstream {what} failed");
+        tracing::warn!(site = %self.site.name, kind = kind.as_str(), error = %crate::egress::error_chain(e), "upstream {what} failed");
         plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
     }
 
@@ -190,7 +190,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The options of every `Connection` header field, trimmed (a field that is not text has none).
-pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers.get_all(header::CONNECTION).iter().flat_map(|v| v.to_str().unwrap_or_default().split(',').map(str::trim))
 }
 
@@ -227,18 +227,6 @@ fn rewrite_cookie_domain(cookie: &str, host: &str) -> Option<HeaderValue> {
         })
         .collect();
     changed.then(|| HeaderValue::try_from(parts.join(";")).ok()).flatten()
-}
-
-/// An error and its sources on one line (no request data is in them).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 use base64::Engine;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 
-use super::respond::{plain, redirect};
-use super::{RelayBody, SiteRoutes};
+use super::SiteRoutes;
+use crate::response::{RelayBody, plain, redirect};
 
 /// `{target}?{raw query}` (or just `{target}` without a query) as a redirect.
 pub fn to_upstream(target: &str, query: Option<&str>, status: StatusCode) -> Response<RelayBody> {
@@ -64,7 +64,7 @@ pub fn callback_form_post<B>(req: &Request<B>, routes: &SiteRoutes) -> Response<
 /// the query of that URL.
 fn fragment_page(target: &str) -> Response<RelayBody> {
     let mut nonce = [0u8; 18];
-    if crate::tls::provider().secure_random.fill(&mut nonce).is_err() {
+    if crate::crypto::provider().secure_random.fill(&mut nonce).is_err() {
         return plain(StatusCode::INTERNAL_SERVER_ERROR, "no randomness available\n");
     }
     let nonce = base64::engine::general_purpose::STANDARD.encode(nonce);

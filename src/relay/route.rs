@@ -6,9 +6,10 @@ use std::net::IpAddr;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body::Body;
 
-use super::respond::{self, plain, with_allow};
-use super::{ConnInfo, Relay, RelayBody, RouteName, SiteRoutes, UpstreamBase, health, redirect};
+use super::{ConnInfo, Relay, SiteRoutes, UpstreamBase, redirect};
 use crate::config::Mode;
+use crate::health;
+use crate::response::{RelayBody, RouteName, method_not_allowed, method_not_allowed_value, plain};
 
 impl Relay {
     /// Picks the route and answers, or says which trip gets the answer.
@@ -133,7 +134,7 @@ fn decide<B>(req: &Request<B>, routes: &SiteRoutes) -> (RouteName, Action) {
             Mode::Proxy if get => Action::Forward(Upstream::Callback),
             Mode::Proxy if post && redirect::is_form(req) => Action::Forward(Upstream::Callback),
             Mode::Proxy if post => Action::Respond(redirect::not_a_form()),
-            _ => Action::Respond(with_allow(routes.callback_allow)),
+            _ => Action::Respond(method_not_allowed(routes.callback_allow)),
         };
         return (RouteName::Callback, action);
     }
@@ -144,7 +145,7 @@ fn decide<B>(req: &Request<B>, routes: &SiteRoutes) -> (RouteName, Action) {
                 Action::Respond(redirect::to_upstream(&routes.authorize_targets[ix], req.uri().query(), az.status))
             }
             Mode::Proxy if get => Action::Forward(Upstream::Authorize),
-            _ => Action::Respond(with_allow("GET, HEAD")),
+            _ => Action::Respond(method_not_allowed("GET, HEAD")),
         };
         return (RouteName::Authorize, action);
     }
@@ -153,7 +154,7 @@ fn decide<B>(req: &Request<B>, routes: &SiteRoutes) -> (RouteName, Action) {
             let action = if site.token.methods.contains(method) {
                 Action::Forward(Upstream::Token)
             } else {
-                Action::Respond(respond::with_allow_value(routes.token_allow.clone()))
+                Action::Respond(method_not_allowed_value(routes.token_allow.clone()))
             };
             return (RouteName::Token, action);
         }

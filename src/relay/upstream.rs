@@ -3,7 +3,6 @@
 //! timeout, and an outbound proxy where one is configured. One per site, since sites may trust
 //! different CAs.
 
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,52 +13,18 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::egress::{Egress, EgressConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
 use crate::config::Site;
+use crate::egress::{Egress, EgressConnector, TrustError, upstream_tls};
 
 /// Why an upstream client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("{path}: cannot read the upstream CA file: {source}")]
-    CaRead {
-        path: String,
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
-    #[error("{path}: no usable CA certificate in the upstream CA file")]
-    CaEmpty { path: String },
+    #[error(transparent)]
+    Trust(#[from] TrustError),
     #[error("{url}: an upstream URL needs a host")]
     Base { url: String },
-}
-
-/// What the relay trusts in an upstream: the web PKI roots plus the site's `upstream_ca_file`
-/// (which must hold at least one usable certificate). The upstream client, the readiness probe
-/// and `doctor` all use it, so they agree on what a valid upstream certificate is. `alpn` is set
-/// as given (the pooled client sets its own).
-pub fn upstream_tls(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, UpstreamError> {
-    let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    if let Some(path) = ca_file {
-        let shown = path.display().to_string();
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect())
-            .map_err(|source| UpstreamError::CaRead { path: shown.clone(), source })?;
-        let (added, _) = roots.add_parsable_certificates(certs);
-        if added == 0 {
-            return Err(UpstreamError::CaEmpty { path: shown });
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("aws-lc-rs supports the default versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(config)
 }
 
 /// An upstream base URL (`upstream` of a route) taken apart once, so a forwarded request's URI

@@ -1,6 +1,6 @@
-//! Serving an accepted connection: HTTP/1.1 or HTTP/2 (by ALPN) over hyper, with the
-//! connection's deadlines watched by `activity`, and the service that hands each request to
-//! the relay in force.
+//! Serving an accepted connection: HTTP/1.1 or HTTP/2 (by ALPN) over hyper, under the
+//! connection's deadlines, with the service that hands each request to the configuration in
+//! force: the admin surface on the admin listener, the relay's routes everywhere else.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -13,54 +13,53 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::activity::{Activity, ActivityIo, Shutdown, TrackedBody};
-use super::gather::{Gather, LastAnswer};
-use super::{Kind, Live, Shared};
+use super::deadline::{self, Drain, TrackedBody, Watch, WatchedIo};
+use super::{Kind, Shared};
+use crate::app::Live;
 use crate::config::Limits;
-use crate::relay::{ConnInfo, Reply};
+use crate::relay::ConnInfo;
 use crate::tls;
 
-/// The serving half of an HTTPS connection, as a box of its own (see `connection` in
-/// `server.rs`).
+/// A connection's serving future, boxed (see `connection` in `server/mod.rs`).
+type Serving<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// The serving half of an HTTPS connection.
 pub(super) fn serve_tls<'a>(
-    hs: tls::Handshake<Gather>,
+    hs: tls::Handshake,
     remote: SocketAddr,
     kind: Kind,
     shared: &Arc<Shared>,
     live: &Live,
-    limits: &'a Limits,
-    shutdown: &'a Arc<Shutdown>,
-) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-    let tls::Handshake { mut stream, site, server_name: sni, h2 } = hs;
-    stream.get_mut().0.handshake_done();
+    limits: &Limits,
+    drain: &'a Drain,
+) -> Serving<'a> {
+    let tls::Handshake { stream, site, server_name: sni, h2 } = hs;
     let info = ConnInfo::new(remote, true, sni.is_some().then_some(site));
-    // HTTP/2 ends a connection with GOAWAY, not with the end of an answer.
-    let last = (!h2).then(|| stream.get_ref().0.last_answer());
-    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni, kind, last });
+    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni, kind });
     if !h2 {
-        return serve_h1(stream, conn, limits, shutdown);
+        return serve_h1(stream, conn, limits, drain);
     }
-    let activity = Activity::new_h2();
-    let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
-    let svc = service(conn, activity.clone());
+    let watch = Watch::http2(limits);
+    let io = TokioIo::new(WatchedIo::new(stream, watch.clone()));
+    let svc = service(conn, watch.clone());
     let mut b = http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-    Box::pin(activity.drive(b.serve_connection(io, svc), limits, shutdown))
+    Box::pin(deadline::drive(Box::pin(b.serve_connection(io, svc)), watch, drain))
 }
 
-/// A plain-HTTP connection (the port-80 listener, the admin listener), as a box of its own.
+/// A plain-HTTP connection (the port-80 listener, the admin listener).
 pub(super) fn serve_plain<'a>(
     tcp: TcpStream,
     remote: SocketAddr,
     kind: Kind,
     shared: &Arc<Shared>,
     live: &Live,
-    limits: &'a Limits,
-    shutdown: &'a Arc<Shutdown>,
-) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    limits: &Limits,
+    drain: &'a Drain,
+) -> Serving<'a> {
     let info = ConnInfo::new(remote, false, None);
-    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind, last: None });
-    serve_h1(tcp, conn, limits, shutdown)
+    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind });
+    serve_h1(tcp, conn, limits, drain)
 }
 
 /// What a request needs to know about its connection (one `Arc` per connection, so a request
@@ -73,8 +72,6 @@ struct Conn {
     /// The SNI hostname the client sent, to find its site again after a reload.
     sni: Option<Arc<str>>,
     kind: Kind,
-    /// Where an HTTP/1 TLS connection learns that an answer is its last (see `gather`).
-    last: Option<LastAnswer>,
 }
 
 impl Conn {
@@ -90,45 +87,26 @@ impl Conn {
     }
 }
 
-fn http1_builder(limits: &Limits) -> http1::Builder {
-    let mut b = http1::Builder::new();
-    // TLS wants one flat write per response; the deadlines live in `activity`, not in hyper.
-    b.max_buf_size(limits.max_header_bytes).writev(false).half_close(false);
-    b
-}
-
-/// An HTTP/1.1 connection (plain, or TLS after the handshake) served in a box of its own (see
-/// `connection` in `server.rs`).
-fn serve_h1<'a, IO>(
-    io: IO,
-    conn: Arc<Conn>,
-    limits: &'a Limits,
-    shutdown: &'a Arc<Shutdown>,
-) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>
+/// An HTTP/1.1 connection (plain, or TLS after the handshake).
+fn serve_h1<'a, IO>(io: IO, conn: Arc<Conn>, limits: &Limits, drain: &'a Drain) -> Serving<'a>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Activity::new();
-    let io = TokioIo::new(ActivityIo::new(io, activity.clone()));
-    let svc = service(conn, activity.clone());
-    Box::pin(activity.drive(http1_builder(limits).serve_connection(io, svc), limits, shutdown))
+    let watch = Watch::http1(limits);
+    let io = TokioIo::new(WatchedIo::new(io, watch.clone()));
+    let svc = service(conn, watch.clone());
+    let mut b = http1::Builder::new();
+    // One flat write per response (a TLS record, not a record per slice); the deadlines are
+    // `deadline`'s, not hyper's.
+    b.max_buf_size(limits.max_header_bytes).writev(false).half_close(false);
+    Box::pin(deadline::drive(Box::pin(b.serve_connection(io, svc)), watch, drain))
 }
 
-/// Whether hyper closes an HTTP/1 connection after answering `req` (RFC 9112 section 9.3).
-fn ends_connection<B>(req: &http::Request<B>) -> bool {
-    let mut tokens = crate::relay::connection_tokens(req.headers());
-    match req.version() {
-        http::Version::HTTP_11 => tokens.any(|t| t.eq_ignore_ascii_case("close")),
-        http::Version::HTTP_10 => !tokens.any(|t| t.eq_ignore_ascii_case("keep-alive")),
-        _ => false,
-    }
-}
-
-/// The per-connection service: marks the connection busy for as long as a response is in
-/// flight, then hands the request to the relay in force (one `ArcSwap` load per request).
+/// The per-connection service: keeps a request in flight until its response body is done, and
+/// hands it to the configuration in force (one `ArcSwap` load per request).
 fn service(
     conn: Arc<Conn>,
-    activity: Arc<Activity>,
+    watch: Arc<Watch>,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
     Response = http::Response<TrackedBody>,
@@ -136,24 +114,14 @@ fn service(
     Future = impl Future<Output = Result<http::Response<TrackedBody>, std::convert::Infallible>> + Send,
 > + Clone {
     service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let guard = activity.begin();
-        // Only a connection's first answer may be held for close_notify (see `gather`).
-        let last = conn.last.as_ref().filter(|l| l.is_first()).map(|l| (l, ends_connection(&req)));
+        let in_flight = watch.begin();
         let live = conn.shared.current();
-        let info = conn.info_for(&live);
         // Answered here, in hyper's call rather than in the future it polls later (see
         // `Relay::handle`): a redirect never keeps the request past this call.
         let reply = match conn.kind {
-            Kind::Admin if req.uri().path() == "/reload" => {
-                let (method, shared) = (req.method().clone(), conn.shared.clone());
-                Reply::Later(Box::pin(async move { crate::reload::admin_endpoint(&method, &shared.reload).await }))
-            }
-            Kind::Admin => Reply::ready(live.relay.handle_admin(req, &info)),
-            _ => live.relay.handle(req, &info),
+            Kind::Admin => crate::admin::handle(req, &live, &conn.shared.reload),
+            _ => live.relay.handle(req, &conn.info_for(&live)),
         };
-        if let Some((last, ends)) = last {
-            last.decide(ends && matches!(reply, Reply::Ready(_)));
-        }
-        reply.map(|resp| Ok(resp.map(|body| TrackedBody::new(body, guard))))
+        reply.map(|resp| Ok(resp.map(|body| TrackedBody::new(body, in_flight))))
     })
 }

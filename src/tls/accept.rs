@@ -1,18 +1,21 @@
-//! The TLS handshake for one connection: read the ClientHello, refuse names we do not serve with
-//! an `unrecognized_name` alert, then finish the handshake, all under one deadline.
+//! The TLS handshake for one connection: read the ClientHello, answer a CA's TLS-ALPN-01
+//! validation, refuse names we do not serve with an `unrecognized_name` alert, then finish the
+//! handshake, all under one deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::AlertDescription;
-use rustls::internal::msgs::enums::AlertLevel;
-use rustls::internal::msgs::message::{Message, PlainMessage};
 use rustls::server::{Acceptor, ServerConfig};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use rustls::{AlertDescription, ContentType, ProtocolVersion};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
-use tokio_rustls::server::TlsStream;
 
-use super::CertStore;
+use super::challenge::{ACME_TLS_ALPN, challenge_server_config};
+use super::{CertStore, Gather};
+
+/// An established TLS connection, over the stream that gathers its first writes.
+pub type TlsStream = tokio_rustls::server::TlsStream<Gather>;
 
 /// Why a handshake did not complete; each is a handshake-failure reason in logs and metrics.
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +51,8 @@ impl HandshakeError {
 }
 
 /// A finished handshake.
-pub struct Handshake<IO> {
-    pub stream: TlsStream<IO>,
+pub struct Handshake {
+    pub stream: TlsStream,
     /// Index of the site whose certificate was served.
     pub site: usize,
     /// The SNI hostname the client sent (`None`: default site by IP or no SNI).
@@ -58,37 +61,31 @@ pub struct Handshake<IO> {
     pub h2: bool,
 }
 
-/// Runs the whole handshake within `deadline`.
-pub async fn accept<IO>(
-    io: IO,
+/// Runs the whole handshake on `tcp` within `deadline`.
+pub async fn accept(
+    tcp: TcpStream,
     store: &CertStore,
     config: &Arc<ServerConfig>,
     deadline: Duration,
-) -> Result<Handshake<IO>, HandshakeError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-{
-    match tokio::time::timeout(deadline, handshake(io, store, config)).await {
+) -> Result<Handshake, HandshakeError> {
+    match tokio::time::timeout(deadline, handshake(Gather::new(tcp), store, config)).await {
         Ok(r) => r,
         Err(_) => Err(HandshakeError::Timeout(deadline)),
     }
 }
 
-async fn handshake<IO>(io: IO, store: &CertStore, config: &Arc<ServerConfig>) -> Result<Handshake<IO>, HandshakeError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-{
+async fn handshake(io: Gather, store: &CertStore, config: &Arc<ServerConfig>) -> Result<Handshake, HandshakeError> {
     let start = LazyConfigAcceptor::new(Acceptor::default(), io).await?;
     let hello = start.client_hello();
     // RFC 8737: a ClientHello offering `acme-tls/1` is a CA validating TLS-ALPN-01.
     let acme_name = hello
         .alpn()
-        .is_some_and(|mut p| p.any(|p| p == crate::acme::ACME_TLS_ALPN))
+        .is_some_and(|mut p| p.any(|p| p == ACME_TLS_ALPN))
         .then(|| hello.server_name().map(str::to_string))
         .flatten();
     if let Some(name) = acme_name {
-        if let Some(key) = store.challenges().tls_alpn01(&name).await {
-            let mut stream = start.into_stream(crate::acme::challenge_server_config(key)).await?;
+        if let Some(key) = store.challenges().certificate(&name).await {
+            let mut stream = start.into_stream(challenge_server_config(key)).await?;
             let _ = stream.shutdown().await;
             tracing::info!(hostname = %name, "answered an ACME TLS-ALPN-01 validation");
             return Err(HandshakeError::AcmeChallenge);
@@ -102,15 +99,23 @@ where
         None => {
             let err = if sni { HandshakeError::UnknownSni } else { HandshakeError::NoSni };
             let mut io = start.io;
-            // rustls would answer `access_denied`; RFC 6066 says `unrecognized_name`.
-            let alert = Message::build_alert(AlertLevel::Fatal, AlertDescription::UnrecognisedName);
-            let bytes = PlainMessage::from(alert).into_unencrypted_opaque().encode();
-            let _ = io.write_all(&bytes).await;
+            let _ = io.write_all(&unrecognized_name()).await;
             let _ = io.shutdown().await;
             return Err(err);
         }
     };
-    let stream = start.into_stream(config.clone()).await?;
+    let mut stream = start.into_stream(config.clone()).await?;
+    stream.get_mut().0.handshake_done();
     let h2 = stream.get_ref().1.alpn_protocol() == Some(super::ALPN_H2);
     Ok(Handshake { stream, site, server_name, h2 })
+}
+
+/// A fatal `unrecognized_name` alert in a plaintext record (RFC 8446 sections 5.1 and 6), the
+/// answer RFC 6066 gives a ClientHello naming a host the server does not serve. rustls sends
+/// only the alerts it picks itself (`access_denied` when no certificate resolves), so this one
+/// record is put together from its public enums: content type, record version, length 2,
+/// level fatal (2), description.
+fn unrecognized_name() -> [u8; 7] {
+    let [major, minor] = u16::from(ProtocolVersion::TLSv1_2).to_be_bytes();
+    [u8::from(ContentType::Alert), major, minor, 0, 2, 2, u8::from(AlertDescription::UnrecognisedName)]
 }

@@ -1,21 +1,25 @@
 //! TLS termination: one rustls configuration for every site, a certificate store whose entries
-//! can be swapped at any time without a restart, the handshake (SNI check with a deadline), and
+//! can be swapped at any time without a restart, the handshake (SNI check and TLS-ALPN-01
+//! answers under one deadline, over a stream that gathers a new connection's first writes), and
 //! the certificate sources (`files`, `self-signed`).
 
 mod accept;
+mod challenge;
+mod gather;
 mod sources;
 mod store;
 
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ProducesTickets, ServerConfig};
 use rustls::sign::CertifiedKey;
 
-pub use accept::{Handshake, HandshakeError, accept};
+pub use accept::{Handshake, HandshakeError, TlsStream, accept};
+pub use challenge::{ACME_TLS_ALPN, AlpnChallenges};
+use gather::Gather;
 pub use sources::{load_site_certificates, spawn_file_watchers};
 pub use store::{CertStore, Slot};
 
@@ -56,16 +60,6 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
 }
 
-/// The crypto provider used everywhere (aws-lc-rs), installed once as the process default so
-/// that every rustls user in the process (upstream client, ACME client) agrees.
-pub fn provider() -> Arc<CryptoProvider> {
-    if let Some(p) = CryptoProvider::get_default() {
-        return p.clone();
-    }
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    CryptoProvider::get_default().expect("a provider was just installed").clone()
-}
-
 /// ALPN identifiers we serve, in preference order.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -78,7 +72,7 @@ pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 pub fn server_config(store: Arc<CertStore>, tls13_only: bool) -> Arc<ServerConfig> {
     let versions: &[&'static rustls::SupportedProtocolVersion] =
         if tls13_only { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
         .with_protocol_versions(versions)
         .expect("aws-lc-rs supports TLS 1.2 and 1.3")
         .with_no_client_auth()
@@ -149,7 +143,7 @@ impl LoadedCert {
         key: PrivateKeyDer<'static>,
     ) -> Result<LoadedCert, TlsError> {
         let rustls_err = |source| TlsError::Rustls { what: what.into(), source };
-        let signer = provider().key_provider.load_private_key(key).map_err(rustls_err)?;
+        let signer = crate::crypto::provider().key_provider.load_private_key(key).map_err(rustls_err)?;
         let certified = CertifiedKey::new(chain, signer);
         certified.keys_match().map_err(rustls_err)?;
         let (not_before, not_after, serial, issuer, dns_names) = leaf_facts(what, &certified.cert[0])?;

@@ -10,7 +10,7 @@ use arc_swap::ArcSwapOption;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use super::LoadedCert;
+use super::{AlpnChallenges, LoadedCert};
 use crate::config::Config;
 
 /// The certificate served for one hostname, and why there is none when there is none.
@@ -63,14 +63,14 @@ pub struct CertStore {
     by_name: HashMap<String, Arc<Slot>>,
     slots: Vec<Arc<Slot>>,
     default: Option<Arc<Slot>>,
-    /// Pending ACME challenge answers; the handshake serves TLS-ALPN-01 from here, the
-    /// plain-HTTP listener HTTP-01.
-    challenges: Arc<crate::acme::Challenges>,
+    /// The answers to pending TLS-ALPN-01 validations, served by the handshake.
+    challenges: Arc<dyn AlpnChallenges>,
 }
 
 impl CertStore {
-    /// Empty slots for every hostname of every site.
-    pub fn new(config: &Config) -> CertStore {
+    /// Empty slots for every hostname of every site; TLS-ALPN-01 validations are answered from
+    /// `challenges`.
+    pub fn new(config: &Config, challenges: Arc<dyn AlpnChallenges>) -> CertStore {
         let mut by_name = HashMap::new();
         let mut slots = Vec::new();
         let mut default = None;
@@ -89,13 +89,12 @@ impl CertStore {
                 slots.push(slot);
             }
         }
-        let challenges = Arc::new(crate::acme::Challenges::new(&config.server.storage));
         CertStore { by_name, slots, default, challenges }
     }
 
-    /// The pending ACME challenge answers.
-    pub fn challenges(&self) -> &Arc<crate::acme::Challenges> {
-        &self.challenges
+    /// The answers to pending TLS-ALPN-01 validations.
+    pub fn challenges(&self) -> &dyn AlpnChallenges {
+        &*self.challenges
     }
 
     /// The slot for a ClientHello's SNI (`None`: no SNI or an IP literal, so the default site).

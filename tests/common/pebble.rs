@@ -218,7 +218,7 @@ impl Pebble {
     async fn get(&self, url: &str) -> Result<Bytes, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(self.pki.ca_pem.as_bytes()).unwrap()).unwrap();
-        let tls = rustls::ClientConfig::builder_with_provider(oauth_relay::tls::provider())
+        let tls = rustls::ClientConfig::builder_with_provider(oauth_relay::crypto::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
@@ -255,7 +255,7 @@ impl Pebble {
         for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
         }
-        let mut cfg = rustls::ClientConfig::builder_with_provider(oauth_relay::tls::provider())
+        let mut cfg = rustls::ClientConfig::builder_with_provider(oauth_relay::crypto::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)

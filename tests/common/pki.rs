@@ -28,7 +28,7 @@ pub struct Leaf {
 
 impl Pki {
     pub fn new() -> Pki {
-        oauth_relay::tls::provider();
+        oauth_relay::crypto::provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let key = KeyPair::generate().expect("ca key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
@@ -91,7 +91,7 @@ impl Pki {
         versions: &[&'static rustls::SupportedProtocolVersion],
         alpn: &[&[u8]],
     ) -> Arc<rustls::ClientConfig> {
-        self.client_config_with(oauth_relay::tls::provider(), versions, alpn)
+        self.client_config_with(oauth_relay::crypto::provider(), versions, alpn)
     }
 
     /// [`Pki::client_config_for`] with another crypto provider (fewer key exchange groups, say).
@@ -119,7 +119,7 @@ impl Pki {
         let chain =
             CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().expect("chain");
         let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
-        let mut cfg = rustls::ServerConfig::builder_with_provider(oauth_relay::tls::provider())
+        let mut cfg = rustls::ServerConfig::builder_with_provider(oauth_relay::crypto::provider())
             .with_safe_default_protocol_versions()
             .expect("versions")
             .with_no_client_auth()

@@ -20,7 +20,7 @@ pub struct RelayUnderTest {
     /// Re-reads the configuration file, as SIGHUP does (for a relay from [`RelayUnderTest::load`]).
     pub reload: ReloadHandle,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), oauth_relay::RunError>>>,
+    task: Option<JoinHandle<Result<(), oauth_relay::BuildError>>>,
 }
 
 impl RelayUnderTest {

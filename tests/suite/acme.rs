@@ -57,7 +57,7 @@ struct Relay {
     http: SocketAddr,
     config: Arc<Config>,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), oauth_relay::RunError>>>,
+    task: Option<JoinHandle<Result<(), oauth_relay::BuildError>>>,
 }
 
 impl Relay {

@@ -330,7 +330,7 @@ fn client_trusting(path: &Path) -> Arc<rustls::ClientConfig> {
     for c in CertificateDer::pem_file_iter(path).expect("read cert") {
         roots.add(c.expect("pem")).expect("add root");
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(oauth_relay::tls::provider())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(oauth_relay::crypto::provider())
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_root_certificates(roots)
@@ -342,7 +342,7 @@ fn client_trusting(path: &Path) -> Arc<rustls::ClientConfig> {
 #[tokio::test]
 async fn self_signed_certificate_is_made_once_and_kept_private() {
     use std::os::unix::fs::PermissionsExt;
-    oauth_relay::tls::provider();
+    oauth_relay::crypto::provider();
     let storage = tempfile::tempdir().expect("tempdir");
     let toml = format!(
         "[server]\nhttps = [\"127.0.0.1:0\"]\nstorage = \"{}\"\n\n[[site]]\nname = \"local\"\n\

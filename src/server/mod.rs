@@ -3,8 +3,7 @@
 //! deadline, HTTP/1.1 or HTTP/2 by ALPN, idle and header-read deadlines per connection, and a
 //! bounded drain on shutdown.
 
-mod activity;
-mod gather;
+mod deadline;
 mod proxy_header;
 mod serve;
 mod trim;
@@ -15,20 +14,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use activity::Shutdown;
-use gather::Gather;
+use deadline::Drain;
 use serve::{serve_plain, serve_tls};
 
-use crate::config::{Config, Limits};
-use crate::relay::Relay;
+use crate::app::Live;
+use crate::config::Config;
 use crate::reload::ReloadHandle;
-use crate::tls::{self, CertStore};
+use crate::tls;
 
 /// Why a listener could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -77,24 +74,6 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindE
         };
         BindError { addr, what, source, hint }
     })
-}
-
-/// One configuration in force: its routes, certificate store and TLS configuration. A reload
-/// builds a new one and swaps it in whole ([`crate::reload`]).
-pub struct Live {
-    /// 0 for the configuration started with, one more per reload. A connection compares it
-    /// with the one its handshake used to know whether its SNI site must be looked up again.
-    pub id: u64,
-    pub relay: Arc<Relay>,
-    pub store: Arc<CertStore>,
-    pub tls: Arc<ServerConfig>,
-}
-
-impl Live {
-    /// The limits of this configuration.
-    pub fn limits(&self) -> &Limits {
-        &self.relay.config().limits
-    }
 }
 
 /// What every connection task shares.
@@ -178,7 +157,7 @@ impl Kind {
 /// Serves every listener until `stop` is cancelled, then drains for at most the configured
 /// grace period.
 pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: CancellationToken) {
-    let shutdown = Arc::new(Shutdown::default());
+    let drain = Drain::default();
     let tracker = TaskTracker::new();
     let permits = shared.capacity.permits.clone();
     let mut loops = tokio::task::JoinSet::new();
@@ -189,8 +168,8 @@ pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: Cancellation
         .chain(listeners.http.into_iter().map(|l| (l, Kind::Http)))
         .chain(listeners.admin.into_iter().map(|l| (l, Kind::Admin)));
     for (listener, kind) in all {
-        let (shared, permits, shutdown, tracker) = (shared.clone(), permits.clone(), shutdown.clone(), tracker.clone());
-        loops.spawn(accept_loop(listener, kind, shared, permits, shutdown, tracker, stop.clone()));
+        let (shared, permits, drain, tracker) = (shared.clone(), permits.clone(), drain.clone(), tracker.clone());
+        loops.spawn(accept_loop(listener, kind, shared, permits, drain, tracker, stop.clone()));
     }
     let trimmer = tokio::spawn(trim::after_bursts(tracker.clone(), stop.clone()));
     // The loops return once `stop` fires; then in-flight requests get the grace period.
@@ -200,11 +179,11 @@ pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: Cancellation
     tracker.close();
     let grace = shared.current().limits().shutdown_grace;
     tracing::info!(connections = tracker.len(), "stopped accepting; draining for at most {grace:?}");
-    shutdown.graceful();
+    drain.graceful.cancel();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(connections = tracker.len(), "grace period over; closing the remaining connections");
         // Dropping a connection closes its socket, even mid-request.
-        shutdown.force();
+        drain.force.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
     }
 }
@@ -214,7 +193,7 @@ async fn accept_loop(
     kind: Kind,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
-    shutdown: Arc<Shutdown>,
+    drain: Drain,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -237,10 +216,10 @@ async fn accept_loop(
         if !inherits_nodelay {
             let _ = tcp.set_nodelay(true);
         }
-        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        let (shared, drain) = (shared.clone(), drain.clone());
         tracker.spawn(async move {
             let _open = crate::metrics::global().connection_opened(kind.metrics_label());
-            connection(tcp, remote, kind, &shared, &shutdown).await;
+            connection(tcp, remote, kind, &shared, &drain).await;
             drop(permit);
         });
     }
@@ -265,17 +244,11 @@ async fn accept_error(e: io::Error) {
     }
 }
 
-async fn connection(
-    mut tcp: TcpStream,
-    mut remote: SocketAddr,
-    kind: Kind,
-    shared: &Arc<Shared>,
-    shutdown: &Arc<Shutdown>,
-) {
+async fn connection(mut tcp: TcpStream, mut remote: SocketAddr, kind: Kind, shared: &Arc<Shared>, drain: &Drain) {
     // The configuration at accept time sets this connection's handshake and deadlines.
     let live = shared.current();
     let limits = live.limits().clone();
-    let balancers = &live.relay.config().server.proxy_protocol_from;
+    let balancers = &live.config().server.proxy_protocol_from;
     if !balancers.is_empty() && kind != Kind::Admin {
         // Boxed: only connections behind a balancer carry this wait in their task.
         match Box::pin(behind_balancer(&mut tcp, remote, balancers, limits.handshake_timeout)).await {
@@ -284,26 +257,27 @@ async fn connection(
         }
     }
     if kind != Kind::Https {
-        let serving = serve_plain(tcp, remote, kind, shared, &live, &limits, shutdown);
+        let serving = serve_plain(tcp, remote, kind, shared, &live, &limits, drain);
         // Each request loads the configuration in force; the connection pins none.
         drop(live);
         return serving.await;
     }
-    // The handshake and the serving are boxed: the task's own future is copied on spawn and
-    // sized for the largest of its states, while a box holds only the one in use. (The boxes
-    // are made in statements of their own and the handshake's output is taken apart in a plain
-    // function: whatever an async fn holds or borrows across an await keeps room in its future.)
-    let handshake = Box::pin(tls::accept(Gather::new(tcp), &live.store, &live.tls, limits.handshake_timeout));
+    // The handshake and the serving are boxed: a connection task's future lives as long as the
+    // connection and is sized for the largest of its states, while a box holds only the one in
+    // use. (Whatever an async fn holds across an await keeps room in its future, so the
+    // handshake's output is handed on at once.)
+    let handshake = Box::pin(tls::accept(tcp, &live.store, &live.tls, limits.handshake_timeout));
     let hs = match handshake.await {
         Ok(hs) => hs,
+        Err(tls::HandshakeError::AcmeChallenge) => return,
         Err(e) => {
             tracing::debug!(%remote, reason = e.reason(), error = %e, "TLS handshake failed");
-            crate::metrics::global().handshake_failed(&e);
+            crate::metrics::global().handshake_failed(e.reason());
             return;
         }
     };
     crate::metrics::global().handshake_ok();
-    let serving = serve_tls(hs, remote, kind, shared, &live, &limits, shutdown);
+    let serving = serve_tls(hs, remote, kind, shared, &live, &limits, drain);
     drop(live);
     serving.await;
 }
@@ -333,23 +307,6 @@ async fn behind_balancer(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The size of the future an async fn returns, without calling it.
-    fn future_size<F, Fut>(_: F) -> usize
-    where
-        F: FnOnce(TcpStream, SocketAddr, Kind, &'static Arc<Shared>, &'static Arc<Shutdown>) -> Fut,
-    {
-        std::mem::size_of::<Fut>()
-    }
-
-    /// Each open connection holds its task's future for its whole life, and the handshake's
-    /// output (a whole TLS connection, 1.3 KB) takes room there if `connection` keeps it, or a
-    /// borrow of it, across an await. 270 bytes when it does not.
-    #[test]
-    fn a_connection_task_keeps_no_room_for_its_handshake() {
-        let size = future_size(connection);
-        assert!(size <= 512, "the connection future is {size} bytes");
-    }
 
     #[tokio::test]
     async fn accepted_connections_have_nodelay() {

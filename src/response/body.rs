@@ -38,20 +38,6 @@ impl RelayBody {
     }
 }
 
-/// Reads and drops a request body the answer does not need, up to `max` bytes and for at most
-/// `within`; what is left after that is not waited for (HTTP/2 then resets the rest of the
-/// stream, HTTP/1.1 closes the connection).
-pub async fn discard<B>(body: B, max: u64, within: Duration)
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BodyError>,
-{
-    use http_body_util::{BodyExt, Limited};
-    // `Limited` fails the read past `max` bytes, which ends the loop.
-    let mut body = Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX));
-    let _ = tokio::time::timeout(within, async { while let Some(Ok(_)) = body.frame().await {} }).await;
-}
-
 /// The upstream went silent in the middle of a response body.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream response body stalled")]

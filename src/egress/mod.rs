@@ -5,6 +5,8 @@
 //! `ALL_PROXY`, `NO_PROXY`). hyper-util reads the rules and speaks `CONNECT`; this module picks
 //! the route per destination and bounds the whole connect.
 
+mod trust;
+
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
@@ -20,6 +22,8 @@ use hyper_util::client::proxy::matcher::{Intercept, Matcher};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
+
+pub use trust::{TrustError, error_chain, upstream_tls};
 
 /// The variables read when `[outbound] proxy = "env"`, each upper case first as curl reads them.
 const ENV: [(&str, &str); 4] = [

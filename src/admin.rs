@@ -1,0 +1,63 @@
+//! The admin listener (`[server] admin`): what an operator's tools ask the relay, and nothing
+//! relayed. `GET /healthz` and `/readyz` (also answered on the public listeners, see
+//! [`crate::health`]), `GET /metrics` in the Prometheus text format, and `POST /reload`.
+
+use http::{Method, Request, StatusCode};
+use prometheus_client::encoding::prometheus_text;
+
+use crate::app::{Live, ReloadError};
+use crate::reload::ReloadHandle;
+use crate::response::{Reply, method_not_allowed, plain, uncached_text};
+
+/// Answers one request on the admin listener.
+pub fn handle<B>(req: Request<B>, live: &Live, reload: &ReloadHandle) -> Reply {
+    let (path, method) = (req.uri().path(), req.method());
+    if path == "/reload" {
+        if method != Method::POST {
+            return Reply::ready(method_not_allowed("POST"));
+        }
+        let reload = reload.clone();
+        return Reply::Later(Box::pin(async move { reloaded(reload.reload().await) }));
+    }
+    if path == "/metrics" {
+        return Reply::ready(metrics(method, live));
+    }
+    match crate::health::answer(path, method, &live.health) {
+        Some((_, r)) => Reply::ready(r),
+        None => Reply::ready(plain(StatusCode::NOT_FOUND, "not found\n")),
+    }
+}
+
+/// `GET /metrics`: every series, with the expiry of each certificate served now.
+fn metrics(method: &Method, live: &Live) -> http::Response<crate::response::RelayBody> {
+    if method != Method::GET && method != Method::HEAD {
+        return method_not_allowed("GET, HEAD");
+    }
+    let certs: Vec<_> =
+        live.store.slots().iter().filter_map(|s| Some((s.hostname.as_str(), s.current()?.not_after))).collect();
+    let text = crate::metrics::global().render(certs);
+    uncached_text(StatusCode::OK, prometheus_text::CONTENT_TYPE, text)
+}
+
+/// `200 reloaded` (plus a `warning:` line each), `400` with one problem per line, or `503` when
+/// the relay is shutting down.
+fn reloaded(outcome: Result<crate::app::Reloaded, ReloadError>) -> http::Response<crate::response::RelayBody> {
+    let (status, body) = match outcome {
+        Ok(r) => {
+            let mut body = String::from("reloaded\n");
+            for w in &r.warnings {
+                body.push_str(&format!("warning: {w}\n"));
+            }
+            (StatusCode::OK, body)
+        }
+        Err(e) => {
+            let status = if matches!(e, ReloadError::Stopped) {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            (status, e.lines().iter().map(|l| format!("{l}\n")).collect())
+        }
+    };
+    uncached_text(status, "text/plain; charset=utf-8", body)
+}
