@@ -16,6 +16,7 @@ mod cli;
 mod config;
 mod deploy;
 mod doctor;
+mod layout;
 mod lifecycle;
 mod limits;
 mod logs;
