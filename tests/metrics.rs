@@ -183,7 +183,9 @@ async fn a_scripted_flow_shows_in_the_metrics_of_the_admin_listener_only() {
         site("silent", &format!("http://{}", silent.addr), "response_timeout = \"300ms\"", &leaf),
         store = pki.dir.path().join("store").display(),
     );
-    let mut relay = RelayUnderTest::start(&toml).await;
+    let file = pki.dir.path().join("relay.toml");
+    std::fs::write(&file, &toml).expect("write the config file");
+    let mut relay = RelayUnderTest::load(&file).await;
     let admin = relay.admin.expect("admin listener");
     let client = TlsClient::new(relay.https, pki.client_config(&[b"http/1.1"]));
 
@@ -258,6 +260,13 @@ async fn a_scripted_flow_shows_in_the_metrics_of_the_admin_listener_only() {
     assert!(!text.contains("route=\"healthz\""), "{text}");
     assert!(text.contains("\n# HELP oauth_relay_requests_total Requests answered, by route and status.\n"), "{text}");
 
+    // One reload is counted once.
+    relay.reload.reload().await.expect("the same file reloads");
+    let reloaded = [
+        r#"oauth_relay_config_reloads_total{outcome="ok"} 1"#,
+        r#"oauth_relay_config_reloads_total{outcome="error"} 0"#,
+    ];
+    scrape_until(admin, &reloaded.map(String::from)).await;
     relay.stop().await;
     drop(refusing);
 }
