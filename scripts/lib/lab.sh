@@ -1,4 +1,4 @@
-# Sourced by scripts/bench-instructions, bench-memory and symbol-order: the harness's fake token
+# Sourced by scripts/bench-ab, bench-instructions and bench-memory: the harness's fake token
 # upstream and its workloads, driven against a relay on https://127.0.0.1:18446, without the
 # peers or the quiet gates of a full scripts/bench run.
 #
@@ -93,29 +93,6 @@ lab_drive() {
   sed -nE 's/^(WRK|HSLOAD) .*(requests|ok)=([0-9]+).*/\3/p' "$tmp/drive.out"
 }
 
-# lab_exercise NAME: what a running relay does, once: every route over HTTP/1.1 and HTTP/2, then
-# W1, W3, W2 and 200 connections, then a tick of the certificate watcher. The profile that
-# scripts/symbol-order and scripts/build-pgo record; NAME says whose error it is.
-lab_exercise() {
-  lab_wait_ready
-  local v
-  for v in --http1.1 --http2; do
-    lab_hit "$1" 200 "$v" "$origin/healthz"
-    lab_hit "$1" 200 "$v" "$origin/readyz"
-    lab_hit "$1" 302 "$v" "$origin$callback"
-    lab_hit "$1" 200 "$v" "$origin/v1/auth/callback"
-    lab_hit "$1" 307 "$v" -X POST -H 'content-type: application/x-www-form-urlencoded' --data 'code=C&state=S' \
-      "$origin/v1/auth/callback"
-    lab_hit "$1" 302 "$v" "$origin/v1/auth/authorize?clientId=c&serviceType=Office365"
-    lab_hit "$1" 200 "$v" -X POST -u user:secret "$origin/v1/auth/token/abc"
-    lab_hit "$1" 404 "$v" "$origin/nowhere"
-    lab_hit "$1" 405 "$v" -X DELETE "$origin$callback"
-  done
-  [[ -n "$(lab_drive W1 2)" && -n "$(lab_drive W3 2)" && -n "$(lab_drive W2 2)" \
-     && -n "$(lab_drive W1 2 200)" ]] || { echo "$1: a workload failed" >&2; exit 1; }
-  sleep 6  # a tick of the certificate watcher
-}
-
 # lab_check: the harness's functional check before it reads a peer's idle memory: a callback, a
 # proxied token request, /healthz, an OpenSSL handshake.
 lab_check() {
@@ -123,12 +100,4 @@ lab_check() {
   curl -sk -o /dev/null -X POST -d 'grant_type=authorization_code' "$origin/v1/auth/token/abc123"
   curl -sk -o /dev/null "$origin/healthz"
   openssl s_client -connect "${origin#https://}" -servername relay.test -brief </dev/null >/dev/null 2>&1
-}
-
-# lab_hit NAME STATUS CURL-ARGS...: one request, which must get STATUS.
-lab_hit() {
-  local name="$1" want="$2" got; shift 2
-  got="$(curl -sSk -o /dev/null -w '%{http_code}' "$@" 2>"$tmp/curl.err" || true)"
-  [[ "$got" == "$want" ]] \
-    || { echo "$name: got $got, not $want, for curl $*: $(cat "$tmp/curl.err")" >&2; exit 1; }
 }
