@@ -1,9 +1,9 @@
-# Sourced by scripts/bench-ab, bench-instructions and bench-memory: the harness's fake token
-# upstream and its workloads, driven against a relay on https://127.0.0.1:18446, without the
-# peers or the quiet gates of a full scripts/bench run.
+# Sourced by bench/ab, bench/instructions and bench/memory: the harness's fake token upstream
+# and its workloads, driven against a relay on https://127.0.0.1:18446, without the peers or
+# the quiet gates of a full bench/run.
 #
-# Uses the set-up scripts/bench leaves in target/bench (certificate, wrk script, hsload, the
-# fake upstream's nginx config): run `scripts/bench --quick` once first.
+# Uses the set-up bench/run leaves in target/bench (certificate, wrk script, hsload, the fake
+# upstream's nginx config): run `bench/run --quick` once first.
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 work="${BENCH_WORK:-$repo/target/bench}"
@@ -15,7 +15,7 @@ callback="/v1/auth/callback?state=S&code=C&scope=X"
 lab_setup() {
   local name="$1"; shift
   [[ -f "$work/oauth-relay.toml" && -f "$work/scripts/wrk.lua" ]] \
-    || { echo "$name: run scripts/bench --quick once first (it sets up $work)" >&2; exit 2; }
+    || { echo "$name: run bench/run --quick once first (it sets up $work)" >&2; exit 2; }
   local need=() t
   for t in "$@" wrk nginx curl; do command -v "$t" >/dev/null 2>&1 || need+=("$t"); done
   if (( ${#need[@]} )); then
