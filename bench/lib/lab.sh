@@ -37,7 +37,7 @@ lab_setup() {
   if [[ -n "${RELAY_BIN:-}" ]]; then
     bin="$(realpath "$RELAY_BIN")"
   else
-    cargo build --release --manifest-path "$repo/Cargo.toml" >&2
+    cargo build --release --locked --manifest-path "$repo/Cargo.toml" >&2
     bin="$repo/target/release/oauth-relay"
   fi
   hsload="$work/tools/hsload/target/release/hsload"
