@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # bin, hsload and the rest are read by the scripts that source this
 # Sourced by bench/ab, bench/instructions and bench/memory: the harness's fake token upstream
 # and its workloads, driven against a relay on https://127.0.0.1:18446, without the peers or
 # the quiet gates of a full bench/run.
