@@ -1,9 +1,10 @@
-# Sourced by scripts/bench-instructions, bench-memory and symbol-order: the harness's fake token
-# upstream and its workloads, driven against a relay on https://127.0.0.1:18446, without the
-# peers or the quiet gates of a full scripts/bench run.
+# shellcheck shell=bash disable=SC2034  # bin, hsload and the rest are read by the scripts that source this
+# Sourced by bench/ab, bench/instructions and bench/memory: the harness's fake token upstream
+# and its workloads, driven against a relay on https://127.0.0.1:18446, without the peers or
+# the quiet gates of a full bench/run.
 #
-# Uses the set-up scripts/bench leaves in target/bench (certificate, wrk script, hsload, the
-# fake upstream's nginx config): run `scripts/bench --quick` once first.
+# Uses the set-up bench/run leaves in target/bench (certificate, wrk script, hsload, the fake
+# upstream's nginx config): run `bench/run --quick` once first.
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 work="${BENCH_WORK:-$repo/target/bench}"
@@ -15,7 +16,7 @@ callback="/v1/auth/callback?state=S&code=C&scope=X"
 lab_setup() {
   local name="$1"; shift
   [[ -f "$work/oauth-relay.toml" && -f "$work/scripts/wrk.lua" ]] \
-    || { echo "$name: run scripts/bench --quick once first (it sets up $work)" >&2; exit 2; }
+    || { echo "$name: run bench/run --quick once first (it sets up $work)" >&2; exit 2; }
   local need=() t
   for t in "$@" wrk nginx curl; do command -v "$t" >/dev/null 2>&1 || need+=("$t"); done
   if (( ${#need[@]} )); then
@@ -37,7 +38,7 @@ lab_setup() {
   if [[ -n "${RELAY_BIN:-}" ]]; then
     bin="$(realpath "$RELAY_BIN")"
   else
-    cargo build --release --manifest-path "$repo/Cargo.toml" >&2
+    cargo build --release --locked --manifest-path "$repo/Cargo.toml" >&2
     bin="$repo/target/release/oauth-relay"
   fi
   hsload="$work/tools/hsload/target/release/hsload"
@@ -93,29 +94,6 @@ lab_drive() {
   sed -nE 's/^(WRK|HSLOAD) .*(requests|ok)=([0-9]+).*/\3/p' "$tmp/drive.out"
 }
 
-# lab_exercise NAME: what a running relay does, once: every route over HTTP/1.1 and HTTP/2, then
-# W1, W3, W2 and 200 connections, then a tick of the certificate watcher. The profile that
-# scripts/symbol-order and scripts/build-pgo record; NAME says whose error it is.
-lab_exercise() {
-  lab_wait_ready
-  local v
-  for v in --http1.1 --http2; do
-    lab_hit "$1" 200 "$v" "$origin/healthz"
-    lab_hit "$1" 200 "$v" "$origin/readyz"
-    lab_hit "$1" 302 "$v" "$origin$callback"
-    lab_hit "$1" 200 "$v" "$origin/v1/auth/callback"
-    lab_hit "$1" 307 "$v" -X POST -H 'content-type: application/x-www-form-urlencoded' --data 'code=C&state=S' \
-      "$origin/v1/auth/callback"
-    lab_hit "$1" 302 "$v" "$origin/v1/auth/authorize?clientId=c&serviceType=Office365"
-    lab_hit "$1" 200 "$v" -X POST -u user:secret "$origin/v1/auth/token/abc"
-    lab_hit "$1" 404 "$v" "$origin/nowhere"
-    lab_hit "$1" 405 "$v" -X DELETE "$origin$callback"
-  done
-  [[ -n "$(lab_drive W1 2)" && -n "$(lab_drive W3 2)" && -n "$(lab_drive W2 2)" \
-     && -n "$(lab_drive W1 2 200)" ]] || { echo "$1: a workload failed" >&2; exit 1; }
-  sleep 6  # a tick of the certificate watcher
-}
-
 # lab_check: the harness's functional check before it reads a peer's idle memory: a callback, a
 # proxied token request, /healthz, an OpenSSL handshake.
 lab_check() {
@@ -123,12 +101,4 @@ lab_check() {
   curl -sk -o /dev/null -X POST -d 'grant_type=authorization_code' "$origin/v1/auth/token/abc123"
   curl -sk -o /dev/null "$origin/healthz"
   openssl s_client -connect "${origin#https://}" -servername relay.test -brief </dev/null >/dev/null 2>&1
-}
-
-# lab_hit NAME STATUS CURL-ARGS...: one request, which must get STATUS.
-lab_hit() {
-  local name="$1" want="$2" got; shift 2
-  got="$(curl -sSk -o /dev/null -w '%{http_code}' "$@" 2>"$tmp/curl.err" || true)"
-  [[ "$got" == "$want" ]] \
-    || { echo "$name: got $got, not $want, for curl $*: $(cat "$tmp/curl.err")" >&2; exit 1; }
 }
