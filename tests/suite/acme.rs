@@ -13,13 +13,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::pebble::{Pebble, PebbleOptions, same_serial};
 use common::proxy::Proxy;
-use common::{Pki, TlsClient, client::plain_get};
+use common::{Pki, RelayUnderTest, TlsClient};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use oauth_relay::{Config, Listeners};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 const HOST: &str = "relay.test";
 
@@ -31,88 +29,23 @@ fn logs() {
 }
 
 /// Listeners bound before Pebble starts, so Pebble's VA can be told their ports.
-struct Ports {
-    https: TcpListener,
-    http: TcpListener,
+async fn bind_ports() -> Listeners {
+    let bind = || async { TcpListener::bind("127.0.0.1:0").await.unwrap() };
+    Listeners { https: vec![bind().await], http: vec![bind().await], admin: None }
 }
 
-impl Ports {
-    async fn bind() -> Ports {
-        Ports {
-            https: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        }
-    }
+/// The ports of pre-bound [`Listeners`] that Pebble's VA is told to dial.
+trait VaPorts {
+    fn https_port(&self) -> u16;
+    fn http_port(&self) -> u16;
+}
+
+impl VaPorts for Listeners {
     fn https_port(&self) -> u16 {
-        self.https.local_addr().unwrap().port()
+        self.https[0].local_addr().unwrap().port()
     }
     fn http_port(&self) -> u16 {
-        self.http.local_addr().unwrap().port()
-    }
-}
-
-/// `oauth_relay::run` on pre-bound listeners; stopped like SIGTERM by [`Relay::stop`].
-struct Relay {
-    https: SocketAddr,
-    http: SocketAddr,
-    config: Arc<Config>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), oauth_relay::BuildError>>>,
-}
-
-impl Relay {
-    fn start(toml: &str, ports: Ports) -> Relay {
-        let config = Arc::new(Config::parse("acme-test.toml", toml).unwrap_or_else(|e| panic!("config: {e}")));
-        let (https, http) = (ports.https.local_addr().unwrap(), ports.http.local_addr().unwrap());
-        let listeners = Listeners { https: vec![ports.https], http: vec![ports.http], admin: None };
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(oauth_relay::run(config.clone(), listeners, async move {
-            let _ = rx.await;
-        }));
-        Relay { https, http, config, stop: Some(tx), task: Some(task) }
-    }
-
-    async fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .expect("relay stops within 20 s")
-                .expect("relay task")
-                .expect("relay run");
-        }
-    }
-
-    async fn readyz(&self) -> (u16, String) {
-        let r = plain_get(self.http, HOST, "/readyz").await;
-        (r.status, r.text().to_string())
-    }
-
-    /// Polls `/readyz` (every 20 ms, at most `within`) until `pred` holds; returns the body.
-    async fn wait_readyz(&self, within: Duration, pred: impl Fn(u16, &str) -> bool) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let (status, body) = self.readyz().await;
-            if pred(status, &body) {
-                return body;
-            }
-            assert!(Instant::now() < deadline, "readyz still {status}: {body}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn wait_ready(&self) {
-        self.wait_readyz(Duration::from_secs(20), |s, _| s == 200).await;
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(t) = &self.task {
-            t.abort();
-        }
+        self.http[0].local_addr().unwrap().port()
     }
 }
 
@@ -180,11 +113,11 @@ async fn served_chain(relay_https: SocketAddr, client: &Arc<rustls::ClientConfig
 
 async fn issue_end_to_end(challenge: &str) {
     logs();
-    let ports = Ports::bind().await;
+    let ports = bind_ports().await;
     let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
     let storage = tempfile::tempdir().unwrap();
     let toml = acme_config(storage.path(), &pebble.directory_url(), pebble.ca_path(), challenge, "", "");
-    let mut relay = Relay::start(&toml, ports);
+    let mut relay = RelayUnderTest::on(&toml, ports);
     relay.wait_ready().await;
 
     let client = pebble.client_config(&[b"http/1.1"]).await;
@@ -231,12 +164,12 @@ async fn issuance_through_an_outbound_proxy() {
     // Networks that allow outbound HTTPS only through a proxy: every request to the CA goes
     // through its CONNECT tunnels (the CA's validation still comes straight to the relay).
     let proxy = Proxy::start(Some(("relay", "proxy-pw"))).await;
-    let ports = Ports::bind().await;
+    let ports = bind_ports().await;
     let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
     let storage = tempfile::tempdir().unwrap();
     let outbound = format!("[outbound]\nproxy = \"{}\"", proxy.url(Some(("relay", "proxy-pw"))));
     let toml = acme_config(storage.path(), &pebble.directory_url(), pebble.ca_path(), "tls-alpn-01", "", &outbound);
-    let mut relay = Relay::start(&toml, ports);
+    let mut relay = RelayUnderTest::on(&toml, ports);
     relay.wait_ready().await;
     let client = pebble.client_config(&[b"http/1.1"]).await;
     let (serial, len) = served_chain(relay.https, &client).await;
@@ -250,11 +183,11 @@ async fn issuance_through_an_outbound_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_serves_the_stored_certificate_without_ordering() {
     logs();
-    let ports = Ports::bind().await;
+    let ports = bind_ports().await;
     let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
     let storage = tempfile::tempdir().unwrap();
     let toml = acme_config(storage.path(), &pebble.directory_url(), pebble.ca_path(), "tls-alpn-01", "", "");
-    let mut first = Relay::start(&toml, ports);
+    let mut first = RelayUnderTest::on(&toml, ports);
     first.wait_ready().await;
     let client = pebble.client_config(&[b"http/1.1"]).await;
     let (serial, _) = served_chain(first.https, &client).await;
@@ -263,7 +196,7 @@ async fn restart_serves_the_stored_certificate_without_ordering() {
 
     // A crash between writes left a temp file behind: it is ignored.
     std::fs::write(host_dir(storage.path(), &pebble).join(".meta.json.tmp-99999"), b"{ torn").unwrap();
-    let mut second = Relay::start(&toml, Ports::bind().await);
+    let mut second = RelayUnderTest::on(&toml, bind_ports().await);
     // Ready on the very first probe: the stored certificate is installed before serving.
     assert_eq!(second.readyz().await, (200, "ready\n".to_string()));
     assert_eq!(served_chain(second.https, &client).await.0, serial);
@@ -277,7 +210,7 @@ async fn restart_serves_the_stored_certificate_without_ordering() {
     let m = meta(storage.path(), &pebble);
     std::fs::write(host_dir(storage.path(), &pebble).join(m["chain_file"].as_str().unwrap()), b"garbage").unwrap();
     // Pebble's VA dials the first relay's ports.
-    let mut third = Relay::start(&toml, rebind(first.https, first.http).await);
+    let mut third = RelayUnderTest::on(&toml, rebind(first.https, first.http.expect("http")).await);
     third.wait_ready().await;
     let (new_serial, _) = served_chain(third.https, &client).await;
     assert_ne!(new_serial, serial);
@@ -288,11 +221,11 @@ async fn restart_serves_the_stored_certificate_without_ordering() {
 
 /// Binds the same ports again (Pebble's VA dials fixed ports); bounded retries while the old
 /// sockets close.
-async fn rebind(https: SocketAddr, http: SocketAddr) -> Ports {
+async fn rebind(https: SocketAddr, http: SocketAddr) -> Listeners {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let (Ok(a), Ok(b)) = (TcpListener::bind(https).await, TcpListener::bind(http).await) {
-            return Ports { https: a, http: b };
+            return Listeners { https: vec![a], http: vec![b], admin: None };
         }
         assert!(Instant::now() < deadline, "ports {https} / {http} not free again");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -327,7 +260,7 @@ async fn open(client: &TlsClient) -> Option<(String, hyper::client::conn::http1:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_swaps_the_certificate_under_load_without_a_failed_request() {
     logs();
-    let ports = Ports::bind().await;
+    let ports = bind_ports().await;
     let mut opts = PebbleOptions::new(ports.http_port(), ports.https_port());
     // One-hour certificates renewed once less than 3598 s is left: due two seconds after issue.
     opts.validity_secs = Some(3600);
@@ -335,7 +268,7 @@ async fn renewal_swaps_the_certificate_under_load_without_a_failed_request() {
     let storage = tempfile::tempdir().unwrap();
     let tls_extra = r#"renew_when_left = "3598s""#;
     let toml = acme_config(storage.path(), &pebble.directory_url(), pebble.ca_path(), "tls-alpn-01", tls_extra, "");
-    let mut relay = Relay::start(&toml, ports);
+    let mut relay = RelayUnderTest::on(&toml, ports);
     relay.wait_ready().await;
     let client = TlsClient::new(relay.https, pebble.client_config(&[b"http/1.1"]).await);
 
@@ -384,14 +317,14 @@ async fn renewal_swaps_the_certificate_under_load_without_a_failed_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_the_nonces_rejected_still_ends_in_a_certificate() {
     logs();
-    let ports = Ports::bind().await;
+    let ports = bind_ports().await;
     let mut opts = PebbleOptions::new(ports.http_port(), ports.https_port());
     opts.nonce_reject = 50;
     let pebble = Pebble::start(opts).await;
     let storage = tempfile::tempdir().unwrap();
     let toml = acme_config(storage.path(), &pebble.directory_url(), pebble.ca_path(), "tls-alpn-01", "", "");
-    let mut relay = Relay::start(&toml, ports);
-    relay.wait_readyz(Duration::from_secs(30), |s, _| s == 200).await;
+    let mut relay = RelayUnderTest::on(&toml, ports);
+    relay.wait_readyz("ready despite the rejected nonces", Duration::from_secs(30), |s, _| s == 200).await;
     let client = pebble.client_config(&[b"http/1.1"]).await;
     let (serial, _) = served_chain(relay.https, &client).await;
     assert_eq!(meta(storage.path(), &pebble)["serial"], serial.as_str());
@@ -435,14 +368,14 @@ async fn deactivate_stored_authorizations(storage: &Path, pebble: &Pebble) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unvalidatable_challenge_keeps_the_current_certificate_and_retries() {
     logs();
-    let ports = Ports::bind().await;
+    let ports = bind_ports().await;
     // Pebble's VA dials a port nobody listens on for HTTP-01; TLS-ALPN-01 reaches the relay.
     let (_held, dead) = refusing_port();
     let pebble = Pebble::start(PebbleOptions::new(dead, ports.https_port())).await;
     let storage = tempfile::tempdir().unwrap();
     let dir = pebble.directory_url();
     let first = acme_config(storage.path(), &dir, pebble.ca_path(), "tls-alpn-01", "", "");
-    let mut relay = Relay::start(&first, ports);
+    let mut relay = RelayUnderTest::on(&first, ports);
     relay.wait_ready().await;
     let client = pebble.client_config(&[b"http/1.1"]).await;
     let (serial, _) = served_chain(relay.https, &client).await;
@@ -455,7 +388,7 @@ async fn an_unvalidatable_challenge_keeps_the_current_certificate_and_retries() 
     // Now HTTP-01, and due at once (longer than Pebble's five-year lifetime is left).
     let due = r#"renew_when_left = "1900d""#;
     let toml = acme_config(storage.path(), &dir, pebble.ca_path(), "http-01", due, "");
-    let mut relay = Relay::start(&toml, Ports::bind().await);
+    let mut relay = RelayUnderTest::on(&toml, bind_ports().await);
     let config = relay.config.clone();
     let status_path = host_dir(storage.path(), &pebble).join("status.json");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -493,7 +426,7 @@ async fn an_unvalidatable_challenge_keeps_the_current_certificate_and_retries() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_ca_down_at_start_other_sites_serve_and_the_certificate_comes_later() {
     logs();
-    let ports = Ports::bind().await;
+    let ports = bind_ports().await;
     let (https_port, http_port) = (ports.https_port(), ports.http_port());
     let pebble_pki = Pki::new();
     // Held (refusing connections, and given to no other test) until Pebble binds it.
@@ -508,10 +441,14 @@ async fn with_the_ca_down_at_start_other_sites_serve_and_the_certificate_comes_l
     );
     let storage = tempfile::tempdir().unwrap();
     let toml = acme_config(storage.path(), &dir, &pebble_pki.ca_path, "tls-alpn-01", "", &extra);
-    let mut relay = Relay::start(&toml, ports);
+    let mut relay = RelayUnderTest::on(&toml, ports);
 
     // Not ready, saying which hostname waits and why; the other site serves meanwhile.
-    let body = relay.wait_readyz(Duration::from_secs(10), |s, b| s == 503 && b.contains("no certificate yet")).await;
+    let (_, body) = relay
+        .wait_readyz("not ready for want of a certificate", Duration::from_secs(10), |s, b| {
+            s == 503 && b.contains("no certificate yet")
+        })
+        .await;
     assert!(body.starts_with("not ready\nrelay.test: no certificate yet: "), "{body}");
     assert!(!body.contains("other.test"), "{body}");
     let other_client = TlsClient::new(relay.https, other_pki.client_config(&[b"http/1.1"]));
@@ -536,15 +473,15 @@ async fn with_the_ca_down_at_start_other_sites_serve_and_the_certificate_comes_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_sharing_a_store_make_one_account_one_order_and_serve_one_certificate() {
     logs();
-    let ports_a = Ports::bind().await;
+    let ports_a = bind_ports().await;
     // Pebble validates against relay A only; relay B may order and A then answers for it
     // from the shared store (as behind a load balancer).
     let pebble = Pebble::start(PebbleOptions::new(ports_a.http_port(), ports_a.https_port())).await;
     let storage = tempfile::tempdir().unwrap();
     let dir = pebble.directory_url();
     let toml = acme_config(storage.path(), &dir, pebble.ca_path(), "tls-alpn-01", "", "");
-    let mut a = Relay::start(&toml, ports_a);
-    let mut b = Relay::start(&toml, Ports::bind().await);
+    let mut a = RelayUnderTest::on(&toml, ports_a);
+    let mut b = RelayUnderTest::on(&toml, bind_ports().await);
     a.wait_ready().await;
     b.wait_ready().await;
     let client = pebble.client_config(&[b"http/1.1"]).await;
@@ -603,7 +540,7 @@ async fn two_relays_sharing_a_store_make_one_account_one_order_and_serve_one_cer
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lock_of_a_dead_relay_is_taken_over() {
     logs();
-    let ports = Ports::bind().await;
+    let ports = bind_ports().await;
     let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
     let storage = tempfile::tempdir().unwrap();
     let lock = host_dir(storage.path(), &pebble).join("order.lock");
@@ -614,7 +551,7 @@ async fn an_expired_lock_of_a_dead_relay_is_taken_over() {
     )
     .unwrap();
     let toml = acme_config(storage.path(), &pebble.directory_url(), pebble.ca_path(), "http-01", "", "");
-    let mut relay = Relay::start(&toml, ports);
+    let mut relay = RelayUnderTest::on(&toml, ports);
     relay.wait_ready().await;
     assert!(!lock.exists());
     assert_eq!(pebble.orders(), 1);

@@ -6,11 +6,9 @@
 use crate::common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use common::client::plain_get;
 use common::{Pki, RelayUnderTest, Upstream, UpstreamBehaviour};
 use http::Response;
 use http_body_util::Full;
@@ -45,23 +43,8 @@ fn upstream_lines(pki: &Pki, addr: SocketAddr) -> String {
     format!("upstream = \"https://{addr}\"\nupstream_ca_file = \"{}\"", pki.ca_path.display())
 }
 
-async fn readyz(relay: &RelayUnderTest) -> (u16, String) {
-    let r = plain_get(relay.admin.expect("admin"), "localhost", "/readyz").await;
-    (r.status, r.text().to_string())
-}
-
-/// Polls `/readyz` (every 20 ms, at most 10 s) until `pred` holds; returns the answer.
-async fn wait_readyz(relay: &RelayUnderTest, what: &str, pred: impl Fn(u16, &str) -> bool) -> (u16, String) {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, body) = readyz(relay).await;
-        if pred(status, &body) {
-            return (status, body);
-        }
-        assert!(Instant::now() < until, "{what}: /readyz still {status}:\n{body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long a test waits for `/readyz` to change.
+const WITHIN: Duration = Duration::from_secs(10);
 
 const FAST_PROBES: &str = "upstream_probe_interval = \"50ms\"\nupstream_probe_timeout = \"1s\"\n\
                            upstream_unreachable_window = \"300ms\"";
@@ -85,10 +68,10 @@ async fn readiness_follows_the_upstream_going_away_and_coming_back() {
     let probe = upstream.last();
     assert_eq!((probe.method.as_str(), probe.target.as_str()), ("GET", "/"));
     assert!(probe.headers["user-agent"].to_str().unwrap().ends_with("(readiness probe)"));
-    assert_eq!(readyz(&relay).await, (200, "ready\n".to_string()));
+    assert_eq!(relay.readyz().await, (200, "ready\n".to_string()));
 
     drop(upstream);
-    let (_, body) = wait_readyz(&relay, "upstream stopped", |s, _| s == 503).await;
+    let (_, body) = relay.wait_readyz("upstream stopped", WITHIN, |s, _| s == 503).await;
     let lines: Vec<&str> = body.lines().collect();
     assert_eq!(lines[0], "not ready");
     assert_eq!(lines.len(), 2, "{body}");
@@ -100,7 +83,7 @@ async fn readiness_follows_the_upstream_going_away_and_coming_back() {
     assert_eq!(client.get(HOST, "/readyz").await.status, 503);
 
     let _upstream = tls_upstream(&pki, addr, behaviour).await;
-    wait_readyz(&relay, "upstream restarted", |s, b| s == 200 && b == "ready\n").await;
+    relay.wait_readyz("upstream restarted", WITHIN, |s, b| s == 200 && b == "ready\n").await;
 }
 
 #[tokio::test]
@@ -112,7 +95,7 @@ async fn an_upstream_with_an_untrusted_certificate_is_unreachable() {
     let relay =
         RelayUnderTest::start(&config(&pki, &files(&pki, 90 * DAY), &upstream_lines(&pki, upstream.addr), health))
             .await;
-    let (_, body) = wait_readyz(&relay, "untrusted upstream", |s, _| s == 503).await;
+    let (_, body) = relay.wait_readyz("untrusted upstream", WITHIN, |s, _| s == 503).await;
     assert!(body.contains(&format!("upstream https://{} unreachable for ", upstream.addr)), "{body}");
     assert!(body.contains("last error: TLS handshake: invalid peer certificate"), "{body}");
     assert_eq!(upstream.hits(), 0, "no request is sent over a connection that failed its handshake");
@@ -123,7 +106,7 @@ async fn a_files_certificate_within_the_expiry_margin_is_not_ready() {
     let pki = Pki::new();
     let tls = files(&pki, 2 * DAY);
     let relay = RelayUnderTest::start(&config(&pki, &tls, "", "upstream_probe_interval = \"0s\"")).await;
-    let (status, body) = readyz(&relay).await;
+    let (status, body) = relay.readyz().await;
     assert_eq!(status, 503, "{body}");
     let want = format!("not ready\n{HOST}: certificate expires at ");
     assert!(body.starts_with(&want), "{body}");
@@ -134,7 +117,7 @@ async fn a_files_certificate_within_the_expiry_margin_is_not_ready() {
     let relay =
         RelayUnderTest::start(&config(&pki, &tls, "", "upstream_probe_interval = \"0s\"\ncert_expiry_margin = \"1d\""))
             .await;
-    assert_eq!(readyz(&relay).await, (200, "ready\n".to_string()));
+    assert_eq!(relay.readyz().await, (200, "ready\n".to_string()));
 }
 
 /// Puts a certificate for `HOST` valid for `left` into the ACME store of `directory`, as the
@@ -178,12 +161,12 @@ async fn an_acme_certificate_within_the_margin_is_not_ready_only_while_renewal_f
     let pki = Pki::new();
     seed_acme_store(&pki, directory, 2 * DAY, 0);
     let relay = RelayUnderTest::start(&config(&pki, &tls, "", health)).await;
-    wait_readyz(&relay, "stored certificate served", |s, b| s == 200 && b == "ready\n").await;
+    relay.wait_readyz("stored certificate served", WITHIN, |s, b| s == 200 && b == "ready\n").await;
 
     let pki = Pki::new();
     seed_acme_store(&pki, directory, 2 * DAY, 3);
     let relay = RelayUnderTest::start(&config(&pki, &tls, "", health)).await;
-    let (_, body) = wait_readyz(&relay, "failing renewal", |s, _| s == 503).await;
+    let (_, body) = relay.wait_readyz("failing renewal", WITHIN, |s, _| s == 503).await;
     let want = format!("not ready\n{HOST}: certificate expires at ");
     assert!(body.starts_with(&want), "{body}");
     assert!(
@@ -207,7 +190,7 @@ async fn clock_skew_is_reported_and_fails_above_its_limit() {
     let relay =
         RelayUnderTest::start(&config(&pki, &files(&pki, 90 * DAY), &upstream_lines(&pki, upstream.addr), FAST_PROBES))
             .await;
-    let (status, body) = wait_readyz(&relay, "skew reported", |_, b| b.contains("clock skew")).await;
+    let (status, body) = relay.wait_readyz("skew reported", WITHIN, |_, b| b.contains("clock skew")).await;
     // 90 s: above clock_skew_warn (30 s), below clock_skew_fail (5 m): a warning, still ready.
     assert_eq!(status, 200, "{body}");
     let want = format!("ready\nwarning: clock skew: upstream https://{} says it is 1m 3", upstream.addr);
@@ -223,7 +206,7 @@ async fn clock_skew_is_reported_and_fails_above_its_limit() {
     let relay =
         RelayUnderTest::start(&config(&pki, &files(&pki, 90 * DAY), &upstream_lines(&pki, upstream.addr), FAST_PROBES))
             .await;
-    let (_, body) = wait_readyz(&relay, "skew over the limit", |s, _| s == 503).await;
+    let (_, body) = relay.wait_readyz("skew over the limit", WITHIN, |s, _| s == 503).await;
     let want = format!("not ready\nclock skew: upstream https://{} says it is 10days ", upstream.addr);
     assert!(body.starts_with(&want), "{body}");
 }
@@ -237,24 +220,13 @@ async fn a_reload_keeps_the_probe_results() {
     let path = pki.dir.path().join("relay.toml");
     let base = config(&pki, &files(&pki, 90 * DAY), &upstream_lines(&pki, addr), FAST_PROBES);
     std::fs::write(&path, format!("{base}\n[site.callback]\nstatus = 302\n")).unwrap();
-    let config = Arc::new(oauth_relay::Config::load(&path).expect("config"));
-    let listeners = oauth_relay::Listeners::bind(&config).await.expect("bind");
-    let admin = listeners.admin.as_ref().unwrap().local_addr().unwrap();
-    let requests = oauth_relay::reload::Requests::new();
-    let handle = requests.handle();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(oauth_relay::run_with(config, listeners, async move { drop(rx.await) }, requests));
-    let until = Instant::now() + Duration::from_secs(10);
-    while plain_get(admin, "localhost", "/readyz").await.status != 503 {
-        assert!(Instant::now() < until, "the stopped upstream never made the relay unready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut relay = RelayUnderTest::load(&path).await;
+    relay.wait_readyz("the stopped upstream made the relay unready", WITHIN, |s, _| s == 503).await;
     // Still down after a reload: unready at once, not only after another window.
     std::fs::write(&path, format!("{base}\n[site.callback]\nstatus = 303\n")).unwrap();
-    handle.reload().await.expect("reload");
-    let r = plain_get(admin, "localhost", "/readyz").await;
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert!(r.text().contains(&format!("upstream https://{addr} unreachable for ")), "{}", r.text());
-    let _ = tx.send(());
-    tokio::time::timeout(Duration::from_secs(30), task).await.expect("stops").expect("task").expect("run");
+    relay.reload.reload().await.expect("reload");
+    let (status, body) = relay.readyz().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(&format!("upstream https://{addr} unreachable for ")), "{body}");
+    relay.stop().await;
 }

@@ -19,9 +19,8 @@ use common::pki::Leaf;
 use common::{Pki, RelayUnderTest, TlsClient};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use oauth_relay::reload::{ReloadError, Requests};
-use oauth_relay::{Config, Listeners};
-use tokio::sync::oneshot;
+use oauth_relay::Config;
+use oauth_relay::reload::ReloadError;
 
 const BIN: &str = env!("CARGO_BIN_EXE_oauth-relay");
 const HOST: &str = "auth.example.test";
@@ -376,19 +375,14 @@ async fn the_embedded_config_cannot_be_reloaded() {
         "[server]\nhttps = [\"127.0.0.1:0\"]\nstorage = \"{}\"\n\n[[site]]\nhostnames = [\"localhost\"]\n",
         dir.path().display()
     );
-    let config = Arc::new(Config::parse(oauth_relay::config::EMBEDDED_NAME, &text).expect("config"));
-    let listeners = Listeners::bind(&config).await.expect("bind");
-    let requests = Requests::new();
-    let handle = requests.handle();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(oauth_relay::run_with(config, listeners, async move { drop(rx.await) }, requests));
-    let err = handle.reload().await.expect_err("refused");
+    let config = Config::parse(oauth_relay::config::EMBEDDED_NAME, &text).expect("config");
+    let mut relay = RelayUnderTest::with_config(config).await;
+    let err = relay.reload.reload().await.expect_err("refused");
     assert!(matches!(err, ReloadError::Embedded), "{err:?}");
     assert!(err.to_string().contains("start the relay with --config FILE"), "{err}");
-    let _ = tx.send(());
-    tokio::time::timeout(Duration::from_secs(30), task).await.expect("stops").expect("task").expect("run");
+    relay.stop().await;
     // After the relay stopped, a reload request says so instead of waiting.
-    assert!(matches!(handle.reload().await, Err(ReloadError::Stopped)));
+    assert!(matches!(relay.reload.reload().await, Err(ReloadError::Stopped)));
 }
 
 /// The relay binary, killed and reaped if the test ends early. (Running the `reload` command
