@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::client::plain_get;
 use common::pki::Leaf;
-use common::process::{ChildGuard, free_addr, listening_within, serve_bin};
+use common::process::RelayProcess;
 use common::{Pki, Recorded, TlsClient, Upstream, UpstreamBehaviour};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -75,9 +75,9 @@ fn broker(req: &Recorded) -> Response<Full<Bytes>> {
     r.body(Full::new(Bytes::new())).unwrap()
 }
 
-/// The relay binary on three free loopback ports, and clients for it.
+/// The relay binary on three ephemeral loopback ports, and clients for it.
 struct Relay {
-    child: ChildGuard,
+    process: RelayProcess,
     https: SocketAddr,
     http: SocketAddr,
     admin: SocketAddr,
@@ -87,12 +87,12 @@ struct Relay {
     h2: TlsClient,
     fresh: TlsClient,
     tls12: TlsClient,
-    dir: tempfile::TempDir,
+    /// Holds the configuration file and the store.
+    _dir: tempfile::TempDir,
 }
 
 impl Relay {
     async fn start(bin: &std::path::Path, pki: &Pki, leaf: &Leaf, upstream: SocketAddr, access: bool) -> Relay {
-        let (https, http, admin) = (free_addr(), free_addr(), free_addr());
         let dir = tempfile::tempdir().unwrap();
         let files = format!(
             "[site.tls]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n",
@@ -100,7 +100,7 @@ impl Relay {
             leaf.key_path.display()
         );
         let config = format!(
-            "[server]\nhttps = [\"{https}\"]\nhttp = [\"{http}\"]\nadmin = \"{admin}\"\nstorage = \"{store}\"\n\n\
+            "[server]\nhttps = [\"127.0.0.1:0\"]\nhttp = [\"127.0.0.1:0\"]\nadmin = \"127.0.0.1:0\"\nstorage = \"{store}\"\n\n\
              [log]\naccess = {access}\n\n\
              [[site]]\nname = \"broker\"\nhostnames = [\"relay.test\"]\ndefault = true\n\
              upstream = \"http://{upstream}\"\n{files}\n\
@@ -110,16 +110,15 @@ impl Relay {
         );
         let path = dir.path().join("relay.toml");
         std::fs::write(&path, config).unwrap();
-        let child = serve_bin(bin, &path, &["--log-format", "json"], &dir.path().join("relay.log"), |_| {});
-
-        assert!(listening_within(https, Duration::from_secs(30)).await, "the relay listens within 30 s: {}", log(&dir));
+        let mut process = RelayProcess::serve_bin(bin, &path, &["--log-format", "json"], |_| {});
+        let (https, http, admin) = (process.https_addr().await, process.http_addr().await, process.admin_addr().await);
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
         provider.cipher_suites = vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256];
         let mut fresh = (*pki.client_config_with(provider.into(), &[&rustls::version::TLS13], &[b"http/1.1"])).clone();
         fresh.resumption = rustls::client::Resumption::disabled();
         Relay {
-            child,
+            process,
             https,
             http,
             admin,
@@ -127,7 +126,7 @@ impl Relay {
             h2: TlsClient::new(https, pki.client_config(&[b"h2"])),
             fresh: TlsClient::new(https, Arc::new(fresh)),
             tls12: TlsClient::new(https, pki.client_config_for(&[&rustls::version::TLS12], &[b"http/1.1"])),
-            dir,
+            _dir: dir,
         }
     }
 
@@ -184,15 +183,9 @@ impl Relay {
 
     /// SIGTERM, and a clean exit within 30 s (an instrumented build writes its profile then).
     async fn stop(mut self) {
-        self.child.signal("TERM");
-        let status =
-            self.child.exit_within(Duration::from_secs(30)).await.expect("the relay exits within 30 s of SIGTERM");
-        assert!(status.success(), "the relay exits 0 on SIGTERM, not {status}: {}", log(&self.dir));
+        let (status, log) = self.process.stop().await;
+        assert!(status.success(), "the relay exits 0 on SIGTERM, not {status}: {log}");
     }
-}
-
-fn log(dir: &tempfile::TempDir) -> String {
-    std::fs::read_to_string(dir.path().join("relay.log")).unwrap_or_default()
 }
 
 /// A route check: host, method, target, headers, body, and the status it must get.

@@ -12,14 +12,14 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::client::plain_get;
+use common::process::RelayProcess;
 use common::{Pki, RelayUnderTest, TlsClient, Upstream, UpstreamBehaviour};
 use http::{Response, StatusCode};
 use http_body_util::Full;
@@ -279,68 +279,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_oauth-relay");
 const HOST: &str = "auth.example.test";
 const FLOW_KEY: &str = "5c0f6ad1e2b3a4958677e8f9a0b1c2d3e4f5061728394a5b6c7d8e9fa0b1c2d3";
 
-/// A relay process with its stderr captured; killed and reaped if the test ends early.
-struct Proc {
-    child: common::process::ChildGuard,
-    /// Everything logged so far.
-    log: Arc<Mutex<String>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env_remove("RUST_LOG")
-            .spawn()
-            .expect("spawn oauth-relay");
-        let err = BufReader::new(child.stderr.take().expect("stderr"));
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        let reader = std::thread::spawn(move || {
-            for line in err.lines().map_while(Result::ok) {
-                let mut log = sink.lock().expect("log");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        Proc { child: common::process::ChildGuard(child), log, reader: Some(reader) }
-    }
-
-    /// The HTTPS address the relay bound (it listens on port 0 and logs the port it got), so no
-    /// other test can take the port between a pick and the bind. At most 15 s.
-    async fn https_addr(&self) -> SocketAddr {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let found = self.log.lock().expect("log").lines().find_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["message"] == "serving HTTPS").then(|| v["addr"].as_str()?.parse().ok())?
-            });
-            if let Some(addr) = found {
-                return addr;
-            }
-            let log = self.log.lock().expect("log").clone();
-            assert!(Instant::now() < deadline, "the relay did not start within 15 s:\n{log}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// SIGTERM, then at most 20 s for the exit; returns everything it logged.
-    async fn stop(mut self) -> String {
-        self.child.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.0.try_wait().expect("try_wait").is_none() {
-            assert!(Instant::now() < deadline, "the relay did not exit within 20 s of SIGTERM");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        self.reader.take().expect("reader").join().expect("stderr reader");
-        self.log.lock().expect("log").clone()
-    }
-}
-
 /// Writes a relay config (on an ephemeral port) in front of `upstream`; returns its path.
 fn relay_config(pki: &Pki, leaf: &common::pki::Leaf, upstream: SocketAddr, name: &str) -> String {
     let path = pki.dir.path().join(format!("{name}.toml"));
@@ -357,7 +295,7 @@ fn relay_config(pki: &Pki, leaf: &common::pki::Leaf, upstream: SocketAddr, name:
 }
 
 /// A client of the relay, once it serves `/healthz`.
-async fn client_of(relay: &Proc, pki: &Pki) -> TlsClient {
+async fn client_of(relay: &mut RelayProcess, pki: &Pki) -> TlsClient {
     let client = TlsClient::new(relay.https_addr().await, pki.client_config(&[b"http/1.1"]));
     assert_eq!(client.get(HOST, "/healthz").await.status, 200);
     client
@@ -379,10 +317,10 @@ async fn one_sign_in_has_one_flow_id_and_replicas_with_one_key_agree() {
     let up = Upstream::start(None, UpstreamBehaviour::fixed(200, &[("content-type", "application/json")], "{}")).await;
     let config_a = relay_config(&pki, &leaf, up.addr, "a");
     let config_b = relay_config(&pki, &leaf, up.addr, "b");
-    let relay_a = Proc::spawn(&["serve", "--config", &config_a, "--log-format", "json"]);
-    let relay_b = Proc::spawn(&["serve", "--config", &config_b, "--log-format", "json"]);
-    let a = client_of(&relay_a, &pki).await;
-    let b = client_of(&relay_b, &pki).await;
+    let mut relay_a = RelayProcess::serve(Path::new(&config_a), &["--log-format", "json"], |_| {});
+    let mut relay_b = RelayProcess::serve(Path::new(&config_b), &["--log-format", "json"], |_| {});
+    let a = client_of(&mut relay_a, &pki).await;
+    let b = client_of(&mut relay_b, &pki).await;
 
     // Two sign-ins on replica A, interleaved; the state of the first needs decoding.
     let sign_ins = [("STATE+one%2F1", "CODE-ONE"), ("STATE-two", "CODE-TWO")];
@@ -399,8 +337,8 @@ async fn one_sign_in_has_one_flow_id_and_replicas_with_one_key_agree() {
     // Replica B sees only the authorize of the first sign-in (the same state, encoded otherwise).
     assert_eq!(b.get(HOST, "/v1/auth/authorize?state=STATE%20one%2F1").await.status, 302);
 
-    let log_a = relay_a.stop().await;
-    let log_b = relay_b.stop().await;
+    let (_, log_a) = relay_a.stop().await;
+    let (_, log_b) = relay_b.stop().await;
     let lines = flows(&log_a);
     let routes: Vec<&str> = lines.iter().map(|(r, _)| r.as_str()).collect();
     assert_eq!(routes, ["authorize", "authorize", "callback", "callback", "token", "token", "token"], "{log_a}");

@@ -3,12 +3,11 @@
 
 use crate::common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::client::plain_get;
-use common::process::{free_addr, serve};
+use common::process::RelayProcess;
 use common::{Pki, RelayUnderTest, TlsClient, Upstream, UpstreamBehaviour};
 use http::Response;
 use http_body_util::Full;
@@ -123,43 +122,29 @@ async fn shutdown_grace_bounds_the_drain() {
     assert!(result.expect("task").is_err(), "the request was cut off, not answered");
 }
 
-fn stderr_of(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
 #[tokio::test]
 async fn binary_exits_zero_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (https, admin) = (free_addr(), free_addr());
     let toml = format!(
-        "[server]\nhttps = [\"{https}\"]\nadmin = \"{admin}\"\nstorage = \"{storage}\"\n\n[[site]]\nname = \"local\"\n\
+        "[server]\nhttps = [\"127.0.0.1:0\"]\nadmin = \"127.0.0.1:0\"\nstorage = \"{storage}\"\n\n[[site]]\nname = \"local\"\n\
          hostnames = [\"localhost\"]\n\n[site.tls]\nsource = \"self-signed\"\n",
         storage = dir.path().join("certs").display()
     );
     let config = dir.path().join("relay.toml");
     std::fs::write(&config, toml).expect("write config");
-    let log = dir.path().join("stderr.log");
-    let mut child = serve(&config, &[], &log, |_| {});
+    let mut relay = RelayProcess::serve(&config, &[], |_| {});
 
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        // Once the port accepts, the relay is bound; the request then waits in the backlog at worst.
-        if tokio::net::TcpStream::connect(admin).await.is_ok() {
-            let reply = tokio::time::timeout(Duration::from_secs(5), plain_get(admin, "localhost", "/healthz"))
-                .await
-                .expect("/healthz answered within 5 s");
-            assert_eq!((reply.status, reply.text()), (200, "ok"));
-            break;
-        }
-        assert!(child.0.try_wait().expect("try_wait").is_none(), "the relay exited early: {}", stderr_of(&log));
-        assert!(Instant::now() < until, "no /healthz within 10 s: {}", stderr_of(&log));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Once the port is bound, the request waits in the backlog at worst.
+    let admin = relay.admin_addr().await;
+    let reply = tokio::time::timeout(Duration::from_secs(5), plain_get(admin, "localhost", "/healthz"))
+        .await
+        .expect("/healthz answered within 5 s");
+    assert_eq!((reply.status, reply.text()), (200, "ok"));
 
-    child.signal("TERM");
-    let exit = (child.exit_within(Duration::from_secs(10)).await)
-        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM: {}", stderr_of(&log)));
-    assert_eq!(exit.code(), Some(0), "exit status; stderr: {}", stderr_of(&log));
+    relay.signal("TERM");
+    let exit = (relay.exit_within(Duration::from_secs(10)).await)
+        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM: {}", relay.log()));
+    assert_eq!(exit.code(), Some(0), "exit status; stderr: {}", relay.log());
 }
 
 #[tokio::test]

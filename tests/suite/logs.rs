@@ -5,20 +5,17 @@
 
 use crate::common;
 
-use std::io::Read;
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
+use common::process::RelayProcess;
 use common::proxy::Proxy;
 use common::{Pki, TlsClient, Upstream, UpstreamBehaviour};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-const BIN: &str = env!("CARGO_BIN_EXE_oauth-relay");
 const HOST: &str = "auth.example.test";
 
 const STATE: &str = "STATE-SECRET-123";
@@ -67,53 +64,20 @@ struct Case {
     proxy: bool,
 }
 
-/// The relay process; killed and reaped if the test ends early, so none is left behind.
-struct Relay {
-    child: common::process::ChildGuard,
-    stdout: Option<std::thread::JoinHandle<String>>,
-    stderr: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Relay {
-    fn spawn(config: &std::path::Path, case: Case) -> Relay {
-        let mut cmd = Command::new(BIN);
-        let format = if case.format == Format::Json { "json" } else { "pretty" };
-        cmd.args(["serve", "--config", config.to_str().unwrap(), "--log-format", format])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env_remove("RUST_LOG");
+/// Starts the relay binary on `config` with the log format and `RUST_LOG` of `case`.
+fn spawn(config: &std::path::Path, case: Case) -> RelayProcess {
+    let format = if case.format == Format::Json { "json" } else { "pretty" };
+    RelayProcess::serve(config, &["--log-format", format], |cmd| {
         if let Some(filter) = case.rust_log {
             cmd.env("RUST_LOG", filter);
         }
-        let mut child = cmd.spawn().expect("spawn oauth-relay");
-        let drain = |mut r: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = r.read_to_end(&mut buf);
-                String::from_utf8_lossy(&buf).into_owned()
-            })
-        };
-        let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
-        let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
-        Relay { child: common::process::ChildGuard(child), stdout: Some(stdout), stderr: Some(stderr) }
-    }
+    })
+}
 
-    /// SIGTERM, then at most 20 s for a clean exit; returns the exit code and all output.
-    async fn stop(mut self) -> (Option<i32>, String, String) {
-        self.child.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(s) = self.child.0.try_wait().expect("try_wait") {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "the relay did not exit within 20 s of SIGTERM");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        };
-        let out = self.stdout.take().unwrap().join().expect("stdout reader");
-        let err = self.stderr.take().unwrap().join().expect("stderr reader");
-        (status.code(), out, err)
-    }
+/// SIGTERM, then at most 30 s for the exit; returns the exit code and all output.
+async fn stop(mut relay: RelayProcess) -> (Option<i32>, String, String) {
+    let (status, stderr) = relay.stop().await;
+    (status.code(), relay.stdout(), stderr)
 }
 
 /// A response's status, headers and body.
@@ -185,11 +149,10 @@ async fn flow(case: Case) -> (Option<i32>, String, String) {
         Some(p) => format!("\n[outbound]\nproxy = \"{}\"\n", p.url(Some(("relay", PROXY_PASSWORD)))),
         None => String::new(),
     };
-    let port = common::process::free_addr().port();
     let config = pki.dir.path().join("relay.toml");
     let toml = format!(
         r#"[server]
-https = ["127.0.0.1:{port}"]
+https = ["127.0.0.1:0"]
 storage = "{storage}"
 
 [log]
@@ -218,11 +181,10 @@ mode = "{mode}"
         mode = case.mode,
     );
     std::fs::write(&config, toml).expect("write config");
-    let relay = Relay::spawn(&config, case);
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut relay = spawn(&config, case);
     let alpn: &[&[u8]] = if case.h2 { &[b"h2"] } else { &[b"http/1.1"] };
-    let client = TlsClient::new(addr, pki.client_config(alpn));
-    wait_ready(&client, case.h2).await;
+    let client = TlsClient::new(relay.https_addr().await, pki.client_config(alpn));
+    assert_healthy(&client, case.h2).await;
 
     let redirect = case.mode == "redirect";
     let proxied = |redirect_status: u16| if redirect { redirect_status } else { 200 };
@@ -265,20 +227,13 @@ mode = "{mode}"
     if let Some(p) = &proxy {
         assert!(!p.connects().is_empty(), "the upstream was reached through the proxy");
     }
-    relay.stop().await
+    stop(relay).await
 }
 
-/// Polls `/healthz` (at most 15 s) until the relay answers 200.
-async fn wait_ready(client: &TlsClient, h2: bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if tokio::net::TcpStream::connect(client.addr).await.is_ok() {
-            assert_eq!(send(client, h2, "GET", "/healthz", &[], "").await.status, 200);
-            return;
-        }
-        assert!(Instant::now() < deadline, "the relay did not listen on {} within 15 s", client.addr);
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+/// `/healthz` answers 200 (once the relay has bound its port, a connection waits in the backlog
+/// until it serves).
+async fn assert_healthy(client: &TlsClient, h2: bool) {
+    assert_eq!(send(client, h2, "GET", "/healthz", &[], "").await.status, 200);
 }
 
 /// `route=... status=... upstream_status=...` of every access line (health probes left out).
@@ -433,21 +388,20 @@ async fn redact_false_logs_path_and_query_but_no_credentials() {
 async fn behind_a_trusted_proxy_the_access_line_names_its_client() {
     let pki = Pki::new();
     let leaf = pki.leaf("relay", &[HOST]);
-    let port = common::process::free_addr().port();
     let config = pki.dir.path().join("relay.toml");
     let toml = format!(
-        "[server]\nhttps = [\"127.0.0.1:{port}\"]\nstorage = \"{storage}\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n{site}",
+        "[server]\nhttps = [\"127.0.0.1:0\"]\nstorage = \"{storage}\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n{site}",
         storage = pki.dir.path().join("store").display(),
         site = common::files_site("auth", &[HOST], &leaf, ""),
     );
     std::fs::write(&config, toml).expect("write config");
     let case = Case { format: Format::Json, rust_log: None, mode: "redirect", h2: false, redact: true, proxy: false };
-    let relay = Relay::spawn(&config, case);
-    let client = TlsClient::new(([127, 0, 0, 1], port).into(), pki.client_config(&[b"http/1.1"]));
-    wait_ready(&client, false).await;
+    let mut relay = spawn(&config, case);
+    let client = TlsClient::new(relay.https_addr().await, pki.client_config(&[b"http/1.1"]));
+    assert_healthy(&client, false).await;
     let xff = [("x-forwarded-for", "198.51.100.1, 203.0.113.7".to_string())];
     assert_eq!(send(&client, false, "GET", "/v1/auth/callback?code=c", &xff, "").await.status, 302);
-    let (code, _, stderr) = relay.stop().await;
+    let (code, _, stderr) = stop(relay).await;
     assert_eq!(code, Some(0), "stderr:\n{stderr}");
     let line = stderr.lines().find(|l| l.contains(r#""route":"callback""#)).expect("callback access line");
     assert!(line.contains(r#""client":"203.0.113.7""#), "{line}");

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::Pki;
-use common::process::{free_addr, listening_within, serve};
+use common::process::RelayProcess;
 use tokio::net::UnixDatagram;
 
 /// The notify socket and every message received so far.
@@ -48,10 +48,11 @@ fn field<'a>(msg: &'a str, key: &str) -> Option<&'a str> {
     msg.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
 }
 
-fn write_config(path: &Path, pki: &Pki, https: &str, status: u16) {
+/// A relay for `auth.example.test` on an ephemeral HTTPS port whose callback answers `status`.
+fn write_config(path: &Path, pki: &Pki, status: u16) {
     let leaf = pki.leaf("relay", &["auth.example.test"]);
     let text = format!(
-        "[server]\nhttps = [\"{https}\"]\nstorage = \"{}\"\n\n[health]\nupstream_probe_interval = \"0s\"\n\n\
+        "[server]\nhttps = [\"127.0.0.1:0\"]\nstorage = \"{}\"\n\n[health]\nupstream_probe_interval = \"0s\"\n\n\
          [[site]]\nhostnames = [\"auth.example.test\"]\n\n[site.tls]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
          [site.callback]\nstatus = {status}\n",
         pki.dir.path().join("certs").display(),
@@ -66,26 +67,25 @@ async fn the_binary_speaks_the_systemd_notify_protocol() {
     let pki = Pki::new();
     let socket_path = pki.dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
-    let https = free_addr();
     let config = pki.dir.path().join("relay.toml");
-    write_config(&config, &pki, &https.to_string(), 302);
-    let log = pki.dir.path().join("stderr.log");
-    let relay = serve(&config, &[], &log, |cmd| {
+    write_config(&config, &pki, 302);
+    let mut relay = RelayProcess::serve(&config, &[], |cmd| {
         // WATCHDOG_USEC 200 ms: a ping every 100 ms.
         cmd.env("NOTIFY_SOCKET", &socket_path).env("WATCHDOG_USEC", "200000").env_remove("WATCHDOG_PID");
     });
-    let mut s = Socket { sock, seen: Vec::new(), log };
+    let mut s = Socket { sock, seen: Vec::new(), log: relay.log_path() };
 
     let ready = s.until("READY=1", |m| field(m, "READY") == Some("1")).await;
     assert!(field(&ready, "STATUS").is_some_and(|st| st.starts_with("serving 1 site(s), 1 hostname(s)")), "{ready}");
     // READY means serving: the listener accepts at once.
+    let https = relay.https_addr().await;
     tokio::net::TcpStream::connect(https).await.expect("serving when READY=1 arrives");
     for _ in 0..2 {
         s.until("WATCHDOG=1", |m| field(m, "WATCHDOG") == Some("1")).await;
     }
 
     // A good reload: RELOADING=1 with the monotonic time, then READY=1.
-    write_config(&config, &pki, &https.to_string(), 303);
+    write_config(&config, &pki, 303);
     relay.signal("HUP");
     let reloading = s.until("RELOADING=1", |m| field(m, "RELOADING") == Some("1")).await;
     let usec: u64 = field(&reloading, "MONOTONIC_USEC").expect("MONOTONIC_USEC").parse().expect("a number");
@@ -94,7 +94,7 @@ async fn the_binary_speaks_the_systemd_notify_protocol() {
     assert!(field(&ready, "STATUS").is_some_and(|st| st.starts_with("serving ")), "{ready}");
 
     // A refused reload ends with READY=1 too (the old configuration serves), and says so.
-    write_config(&config, &pki, &https.to_string(), 200);
+    write_config(&config, &pki, 200);
     relay.signal("HUP");
     let reloading = s.until("RELOADING=1", |m| field(m, "RELOADING") == Some("1")).await;
     let later: u64 = field(&reloading, "MONOTONIC_USEC").expect("MONOTONIC_USEC").parse().expect("a number");
@@ -105,7 +105,6 @@ async fn the_binary_speaks_the_systemd_notify_protocol() {
     relay.signal("TERM");
     let stopping = s.until("STOPPING=1", |m| field(m, "STOPPING") == Some("1")).await;
     assert!(field(&stopping, "STATUS").is_some_and(|st| st.starts_with("stopping")), "{stopping}");
-    let mut relay = relay;
     let exit = relay.exit_within(Duration::from_secs(10)).await.expect("still running 10 s after SIGTERM");
     assert_eq!(exit.code(), Some(0));
 }
@@ -115,20 +114,16 @@ async fn without_notify_socket_nothing_is_sent_and_the_relay_serves() {
     // The in-process relay of every other test runs without NOTIFY_SOCKET; this one checks the
     // binary too: no socket, no error in the log.
     let pki = Pki::new();
-    let https = free_addr();
     let config = pki.dir.path().join("relay.toml");
-    write_config(&config, &pki, &https.to_string(), 302);
-    let log = pki.dir.path().join("stderr.log");
-    let relay = serve(&config, &[], &log, |cmd| {
+    write_config(&config, &pki, 302);
+    let mut relay = RelayProcess::serve(&config, &[], |cmd| {
         cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC");
     });
-    assert!(listening_within(https, Duration::from_secs(10)).await, "not serving within 10 s");
+    // Serving (a request answered), so SIGHUP is handled from here on.
+    let client = common::TlsClient::new(relay.https_addr().await, pki.client_config(&[b"http/1.1"]));
+    assert_eq!(client.get("auth.example.test", "/healthz").await.status, 200);
     relay.signal("HUP");
-    let until = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log).unwrap().contains("configuration reloaded") {
-        assert!(Instant::now() < until, "no reload within 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let text = std::fs::read_to_string(&log).unwrap();
+    relay.wait_for("configuration reloaded").await;
+    let text = relay.log();
     assert!(!text.contains("NOTIFY_SOCKET") && !text.contains("watchdog"), "{text}");
 }

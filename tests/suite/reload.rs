@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::client::Reply;
 use common::pki::Leaf;
+use common::process::RelayProcess;
 use common::{Pki, RelayUnderTest, TlsClient};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -385,88 +386,36 @@ async fn the_embedded_config_cannot_be_reloaded() {
     assert!(matches!(relay.reload.reload().await, Err(ReloadError::Stopped)));
 }
 
-/// The relay binary, killed and reaped if the test ends early. (Running the `reload` command
-/// blocks the test's runtime for a moment; the relay is another process, so that is fine.)
-struct Binary {
-    child: common::process::ChildGuard,
-    log: PathBuf,
-}
-
-impl Binary {
-    async fn start(setup: &Setup, admin: SocketAddr) -> Binary {
-        let log = setup.pki.dir.path().join("stderr.log");
-        let child = common::process::serve(&setup.path, &["--log-format", "json"], &log, |cmd| {
-            cmd.env("RUST_LOG", "info");
-        });
-        let mut b = Binary { child, log };
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            if tokio::net::TcpStream::connect(admin).await.is_ok() {
-                break;
-            }
-            assert!(b.child.0.try_wait().unwrap().is_none(), "the relay exited: {}", b.stderr());
-            assert!(Instant::now() < until, "not listening within 10 s: {}", b.stderr());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        b
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        self.child.signal(sig);
-    }
-
-    /// Waits (at most 10 s) until the log contains `needle`.
-    async fn wait_log(&self, needle: &str) {
-        let until = Instant::now() + Duration::from_secs(10);
-        while !self.stderr().contains(needle) {
-            assert!(Instant::now() < until, "no `{needle}` in the log within 10 s:\n{}", self.stderr());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM, then the exit status (at most 10 s).
-    async fn stop(mut self) -> std::process::ExitStatus {
-        self.signal("TERM");
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < until, "still running 10 s after SIGTERM");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-/// A configuration on free ports with an admin listener, the relay binary started on it, a client
-/// for it, and the admin address (the binary's twin of `start_in_process`).
-async fn start_binary() -> (Setup, Shape, Binary, TlsClient, SocketAddr) {
+/// A configuration with an admin listener on a free port (the `reload` command reads it from the
+/// file) and HTTPS on port 0, the relay binary started on it, a client for it, and the admin
+/// address (the binary's twin of `start_in_process`). Running the `reload` command blocks the
+/// test's runtime for a moment; the relay is another process, so that is fine.
+async fn start_binary() -> (Setup, Shape, RelayProcess, TlsClient, SocketAddr) {
     let setup = Setup::new();
-    let (https, admin_addr) = (common::process::free_addr(), common::process::free_addr());
-    let shape = Shape::new(&https.to_string(), Some(&admin_addr.to_string()));
+    let admin_addr = common::process::free_addr();
+    let shape = Shape::new("127.0.0.1:0", Some(&admin_addr.to_string()));
     setup.write(&shape);
-    let relay = Binary::start(&setup, admin_addr).await;
-    let client = setup.client(https);
+    let mut relay = RelayProcess::serve(&setup.path, &["--log-format", "json"], |cmd| {
+        cmd.env("RUST_LOG", "info");
+    });
+    assert_eq!(relay.admin_addr().await, admin_addr);
+    let client = setup.client(relay.https_addr().await);
     (setup, shape, relay, client, admin_addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_binary_under_load_and_keeps_it_on_a_bad_file() {
-    let (setup, shape, relay, client, _) = start_binary().await;
+    let (setup, shape, mut relay, client, _) = start_binary().await;
 
     // A bad file first: refused, logged with its problem, and the relay goes on unchanged.
     let load = Load::start(client.clone()).await;
     let_load_run(&client, 5).await;
     setup.write(&Shape { callback_status: 304, ..shape.clone() });
     relay.signal("HUP");
-    relay.wait_log("configuration reload refused").await;
+    relay.wait_for("configuration reload refused").await;
     let problem =
         format!("{}:{}: site[0].callback.status: 304: use 302, 303 or 307", setup.path.display(), setup.line_of("304"));
-    assert!(relay.stderr().contains(&problem.replace('"', "\\\"")), "the problem is logged:\n{}", relay.stderr());
+    assert!(relay.log().contains(&problem.replace('"', "\\\"")), "the problem is logged:\n{}", relay.log());
     let_load_run(&client, 5).await;
     let report = load.finish().await;
     assert!(report.failures.is_empty(), "failed requests: {:#?}", report.failures);
@@ -477,14 +426,14 @@ async fn sighup_reloads_the_binary_under_load_and_keeps_it_on_a_bad_file() {
     let_load_run(&client, 5).await;
     setup.write(&Shape { callback_status: 303, second_site: true, ..shape });
     relay.signal("HUP");
-    relay.wait_log("configuration reloaded").await;
+    relay.wait_for("configuration reloaded").await;
     assert_eq!(client.get(HOST, CALLBACK).await.status, 303);
     let_load_run(&client, 5).await;
     let report = load.finish().await;
     assert_switched(&report);
     assert_eq!(client.peer_serial(NEW_HOST).await, setup.new_leaf.serial);
 
-    let status = relay.stop().await;
+    let (status, _) = relay.stop().await;
     assert_eq!(status.code(), Some(0));
 }
 
@@ -494,7 +443,7 @@ fn reload_cli(config: &Path) -> std::process::Output {
 
 #[tokio::test]
 async fn reload_command_talks_to_the_running_binary() {
-    let (setup, shape, relay, client, admin_addr) = start_binary().await;
+    let (setup, shape, mut relay, client, admin_addr) = start_binary().await;
 
     setup.write(&Shape { callback_status: 307, ..shape.clone() });
     let out = reload_cli(&setup.path);
@@ -521,5 +470,5 @@ async fn reload_command_talks_to_the_running_binary() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no `[server] admin` listener") && stderr.contains("kill -HUP <pid>"), "{stderr}");
 
-    assert_eq!(relay.stop().await.code(), Some(0));
+    assert_eq!(relay.stop().await.0.code(), Some(0));
 }
