@@ -359,13 +359,11 @@ fn container_files_agree_with_the_relay() {
     assert_eq!(dockerfile_array(&dockerfile, "ENTRYPOINT"), ["/usr/local/bin/oauth-relay"]);
     assert!(dockerfile.contains("/out/usr/local/bin/oauth-relay /usr/local/bin/oauth-relay"));
     assert!(dockerfile.contains("FROM gcr.io/distroless/cc-debian12:nonroot") && dockerfile.contains("USER 65532"));
-    // The shipped build: the profile-optimised one, with the llvm-profdata it needs.
-    assert!(dockerfile.contains("RUN rustup component add llvm-tools"));
-    assert!(dockerfile.contains(
-        "    scripts/build-pgo \\\n && install -D -m 0755 target/pgo/oauth-relay /out/usr/local/bin/oauth-relay"
-    ));
-    let build_pgo = std::fs::metadata(repo().join("scripts/build-pgo")).expect("scripts/build-pgo");
-    assert!(std::os::unix::fs::PermissionsExt::mode(&build_pgo.permissions()) & 0o111 != 0, "build-pgo is executable");
+    // The build stage installs the binary, executable, where the runtime stage copies it from.
+    // How it is built (plain release, profile-optimised) is the build's business, not this test's.
+    let installed =
+        dockerfile.lines().any(|l| l.contains("install -D -m 0755 ") && l.contains(" /out/usr/local/bin/oauth-relay"));
+    assert!(installed, "the build stage installs /out/usr/local/bin/oauth-relay:\n{dockerfile}");
 
     // Mounts: the config where CMD reads it, the TLS files, and the store where VOLUME is.
     let mounts: BTreeMap<String, String> = list(svc, "volumes")
