@@ -4,7 +4,7 @@
 //! answer checked. Twice: once as deployed (JSON access lines), once as benchmarked (none).
 //!
 //! `scripts/build-pgo` runs it against the instrumented release build, so the profile the
-//! shipped build is optimised with comes from this repository alone:
+//! optional profile-optimised build is made with comes from this repository alone:
 //!
 //! ```text
 //! RELAY_BIN=target/pgo/generate/release/oauth-relay EXERCISE_SECONDS=2 cargo test --test exercise
