@@ -104,6 +104,10 @@ fn serving(config: Config) -> anyhow::Result<()> {
     }
     let runtime = serving_runtime().context("starting the runtime")?;
     runtime.block_on(async {
+        // Before anything else: a SIGHUP during start-up (systemd's reload) queues a reload
+        // instead of killing the process, SIGHUP's default action.
+        let reloads = reload::Requests::new();
+        forward_sighup(reloads.handle())?;
         let listeners = Listeners::bind(&config).await?;
         for l in &listeners.https {
             tracing::info!(addr = %l.local_addr()?, "serving HTTPS");
@@ -117,8 +121,6 @@ fn serving(config: Config) -> anyhow::Result<()> {
         if !config.outbound.is_direct() {
             tracing::info!(proxy = %config.outbound.summary(), "outbound connections go through a proxy");
         }
-        let reloads = reload::Requests::new();
-        forward_sighup(reloads.handle())?;
         crate::run_with(Arc::new(config), listeners, shutdown_signal(), reloads).await?;
         tracing::info!("stopped");
         Ok(())
@@ -139,8 +141,7 @@ fn serving_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-/// SIGHUP asks for a reload (the outcome is logged). Installed before serving starts, so an
-/// early SIGHUP is queued rather than killing the process (its default action).
+/// SIGHUP asks for a reload (the outcome is logged).
 fn forward_sighup(handle: reload::ReloadHandle) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
