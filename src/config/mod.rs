@@ -120,9 +120,13 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long a response may make no progress toward its client (nginx's `send_timeout`).
+    pub send_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    /// Connections one client address may hold open at once.
+    pub max_connections_per_ip: usize,
     pub max_query_bytes: usize,
     pub max_body_bytes: u64,
 }

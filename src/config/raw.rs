@@ -69,9 +69,12 @@ pub struct RawLimits {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub max_query_bytes: usize,
     pub max_body_bytes: u64,
 }
@@ -82,9 +85,11 @@ impl Default for RawLimits {
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
             max_connections: 10_000,
+            max_connections_per_ip: 256,
             max_query_bytes: 8 * 1024,
             max_body_bytes: 64 * 1024,
         }

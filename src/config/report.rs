@@ -35,13 +35,13 @@ pub fn report(c: &Config) -> String {
     let _ = writeln!(out, "\nlimits");
     let _ = writeln!(
         out,
-        "  handshake {:?}, header read {:?}, idle {:?}, shutdown grace {:?}",
-        l.handshake_timeout, l.header_read_timeout, l.idle_timeout, l.shutdown_grace
+        "  handshake {:?}, header read {:?}, idle {:?}, send {:?}, shutdown grace {:?}",
+        l.handshake_timeout, l.header_read_timeout, l.idle_timeout, l.send_timeout, l.shutdown_grace
     );
     let _ = writeln!(
         out,
-        "  max header {} B, max query {} B, max body {} B, max connections {}",
-        l.max_header_bytes, l.max_query_bytes, l.max_body_bytes, l.max_connections
+        "  max header {} B, max query {} B, max body {} B, max connections {} ({} per client address)",
+        l.max_header_bytes, l.max_query_bytes, l.max_body_bytes, l.max_connections, l.max_connections_per_ip
     );
     for site in &c.sites {
         let _ = writeln!(out, "\nsite {}{}", site.name, if site.default { " (default)" } else { "" });

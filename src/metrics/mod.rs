@@ -112,6 +112,12 @@ pub const HANDSHAKE_REASONS: [&str; 6] = ["timeout", "no_sni", "unknown_sni", "p
 /// start (see `ProxyHeaderError::reason`).
 pub const PROXY_HEADER_REASONS: [&str; 6] = ["untrusted", "missing", "too_long", "closed", "timeout", "io"];
 
+/// Why the relay closed a connection on its own (the `reason` label of `connection_closures`):
+/// a deadline passed (`header_timeout`, `idle_timeout`, `send_timeout`), its client address
+/// already held `max_connections_per_ip` (`per_ip_limit`), or it was idle when the relay ran
+/// short of connection slots (`overload`).
+pub const CLOSE_REASONS: [&str; 5] = ["header_timeout", "idle_timeout", "send_timeout", "per_ip_limit", "overload"];
+
 /// The relay's metrics. Call sites use [`global`]; tests may make their own.
 #[derive(Debug)]
 pub struct Metrics {
@@ -123,6 +129,7 @@ pub struct Metrics {
     handshakes: Counter,
     handshake_failures: Family<Label, Counter>,
     proxy_header_failures: Family<Label, Counter>,
+    connection_closures: Family<Label, Counter>,
     open_connections: [Gauge; Listener::ALL.len()],
     acme_orders: Family<Hostname, Counter>,
     acme_failures: Family<HostProblem, Counter>,
@@ -207,6 +214,13 @@ impl Metrics {
             PROXY_HEADER_REASONS,
         );
 
+        let connection_closures = by_reason(
+            &mut r,
+            "connection_closures",
+            "Connections the relay closed on its own, by reason",
+            CLOSE_REASONS,
+        );
+
         let conns = Family::<Label, Gauge>::default();
         let open_connections = precreate(&conns, "listener", Listener::ALL.map(Listener::as_str));
         r.register("open_connections", "Connections open now, by listener", conns);
@@ -247,6 +261,7 @@ impl Metrics {
             handshakes,
             handshake_failures,
             proxy_header_failures,
+            connection_closures,
             open_connections,
             acme_orders,
             acme_failures,
@@ -289,6 +304,11 @@ impl Metrics {
     /// peer not in `server.proxy_protocol_from`; `reason` is one of [`PROXY_HEADER_REASONS`].
     pub fn proxy_header_failed(&self, reason: &'static str) {
         self.proxy_header_failures.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// The relay closed a connection on its own; `reason` is one of [`CLOSE_REASONS`].
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.connection_closures.get_or_create(&[("reason", reason)]).inc();
     }
 
     /// Counts a connection as open until the returned guard is dropped.

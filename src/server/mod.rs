@@ -3,6 +3,7 @@
 //! deadline, HTTP/1.1 or HTTP/2 by ALPN, idle and header-read deadlines per connection, and a
 //! bounded drain on shutdown.
 
+mod budget;
 mod deadline;
 mod proxy_header;
 mod serve;
@@ -15,10 +16,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use budget::Budget;
 use deadline::Drain;
 use serve::{serve_plain, serve_tls};
 
@@ -81,16 +82,17 @@ pub struct Shared {
     /// The configuration in force: loaded once per connection (handshake, deadlines) and once
     /// per request (routes), never locked.
     live: ArcSwap<Live>,
-    /// Connection slots: `limits.max_connections`, resized on reload.
-    capacity: Capacity,
+    /// Connection slots, per client address and in all (`limits.max_connections`, resized on
+    /// reload).
+    budget: Arc<Budget>,
     /// Where `POST /reload` on the admin listener sends its request.
     reload: ReloadHandle,
 }
 
 impl Shared {
     pub fn new(live: Live, reload: ReloadHandle) -> Shared {
-        let capacity = Capacity::new(live.limits().max_connections);
-        Shared { live: ArcSwap::from_pointee(live), capacity, reload }
+        let budget = Arc::new(Budget::new(live.limits().max_connections));
+        Shared { live: ArcSwap::from_pointee(live), budget, reload }
     }
 
     /// The configuration in force.
@@ -100,38 +102,8 @@ impl Shared {
 
     /// Puts `live` in force for the next connection and the next request.
     pub fn replace(&self, live: Live) {
-        self.capacity.resize(live.limits().max_connections);
+        self.budget.resize(live.limits().max_connections);
         self.live.store(Arc::new(live));
-    }
-}
-
-/// A semaphore of connection slots whose size can change while connections hold slots.
-struct Capacity {
-    permits: Arc<Semaphore>,
-    size: std::sync::Mutex<usize>,
-}
-
-impl Capacity {
-    fn new(size: usize) -> Capacity {
-        Capacity { permits: Arc::new(Semaphore::new(size)), size: std::sync::Mutex::new(size) }
-    }
-
-    /// Grows at once; shrinks as connections close (the surplus slots are taken and dropped
-    /// as they come free, so no open connection is cut).
-    fn resize(&self, new: usize) {
-        let Ok(mut size) = self.size.lock() else { return };
-        if new > *size {
-            self.permits.add_permits(new - *size);
-        } else if new < *size {
-            let (permits, surplus) = (self.permits.clone(), u32::try_from(*size - new).unwrap_or(u32::MAX));
-            tokio::spawn(async move {
-                // Ends with an error once the semaphore is closed at shutdown.
-                if let Ok(taken) = permits.acquire_many_owned(surplus).await {
-                    taken.forget();
-                }
-            });
-        }
-        *size = new;
     }
 }
 
@@ -159,7 +131,6 @@ impl Kind {
 pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: CancellationToken) {
     let drain = Drain::default();
     let tracker = TaskTracker::new();
-    let permits = shared.capacity.permits.clone();
     let mut loops = tokio::task::JoinSet::new();
     let all = listeners
         .https
@@ -168,14 +139,14 @@ pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: Cancellation
         .chain(listeners.http.into_iter().map(|l| (l, Kind::Http)))
         .chain(listeners.admin.into_iter().map(|l| (l, Kind::Admin)));
     for (listener, kind) in all {
-        let (shared, permits, drain, tracker) = (shared.clone(), permits.clone(), drain.clone(), tracker.clone());
-        loops.spawn(accept_loop(listener, kind, shared, permits, drain, tracker, stop.clone()));
+        let (shared, drain, tracker) = (shared.clone(), drain.clone(), tracker.clone());
+        loops.spawn(accept_loop(listener, kind, shared, drain, tracker, stop.clone()));
     }
     let trimmer = tokio::spawn(trim::after_bursts(tracker.clone(), stop.clone()));
     // The loops return once `stop` fires; then in-flight requests get the grace period.
     while loops.join_next().await.is_some() {}
     let _ = trimmer.await;
-    permits.close();
+    shared.budget.permits.close();
     tracker.close();
     let grace = shared.current().limits().shutdown_grace;
     tracing::info!(connections = tracker.len(), "stopped accepting; draining for at most {grace:?}");
@@ -192,17 +163,12 @@ async fn accept_loop(
     listener: TcpListener,
     kind: Kind,
     shared: Arc<Shared>,
-    permits: Arc<Semaphore>,
     drain: Drain,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
     let inherits_nodelay = nodelay_for_accepted(&listener);
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
         let (tcp, remote) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
@@ -213,6 +179,9 @@ async fn accept_loop(
                 }
             },
         };
+        // Taken once a client is there, so a shortage makes room only for someone who waits;
+        // meanwhile this loop accepts nobody else.
+        let Some(permit) = slot(&shared.budget, &stop).await else { return };
         if !inherits_nodelay {
             let _ = tcp.set_nodelay(true);
         }
@@ -224,6 +193,29 @@ async fn accept_loop(
         });
     }
 }
+
+/// A connection slot; `None` once the relay stops. When every slot is taken, the connections
+/// that serve nobody are asked to make room, again every [`RECLAIM_EVERY`] while none comes
+/// free (connections busy a moment ago may be idle by then).
+async fn slot(budget: &Budget, stop: &CancellationToken) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    loop {
+        match budget.permits.clone().try_acquire_owned() {
+            Ok(permit) => return Some(permit),
+            Err(tokio::sync::TryAcquireError::Closed) => return None,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        }
+        let asked = budget.reclaim();
+        tracing::debug!(asked, "connection slots exhausted; closing idle and stalled connections");
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            p = budget.permits.clone().acquire_owned() => return p.ok(),
+            _ = tokio::time::sleep(RECLAIM_EVERY) => {}
+        }
+    }
+}
+
+/// How often a shortage of connection slots looks for connections to close again.
+const RECLAIM_EVERY: Duration = Duration::from_millis(250);
 
 /// Sets `TCP_NODELAY` on the listener and says whether the connections it accepts inherit it,
 /// as they do on Linux: one system call per listener instead of one per connection. (Answers
@@ -256,6 +248,16 @@ async fn connection(mut tcp: TcpStream, mut remote: SocketAddr, kind: Kind, shar
             None => return,
         }
     }
+    let _counted = match kind {
+        Kind::Admin => None,
+        _ => match shared.budget.admit(remote.ip(), limits.max_connections_per_ip) {
+            Some(slot) => Some(slot),
+            None => {
+                refused(remote, &limits, live.config(), &shared.budget);
+                return;
+            }
+        },
+    };
     if kind != Kind::Https {
         let serving = serve_plain(tcp, remote, kind, shared, &live, &limits, drain);
         // Each request loads the configuration in force; the connection pins none.
@@ -280,6 +282,33 @@ async fn connection(mut tcp: TcpStream, mut remote: SocketAddr, kind: Kind, shar
     let serving = serve_tls(hs, remote, kind, shared, &live, &limits, drain);
     drop(live);
     serving.await;
+}
+
+/// Logs and counts a connection closed for its address's cap. The first one is a warning, and
+/// says more when the address looks like a load balancer's (private or loopback while no
+/// PROXY protocol names the clients behind it): then the cap throttles every client at once.
+fn refused(remote: SocketAddr, limits: &crate::config::Limits, config: &Config, budget: &Budget) {
+    crate::metrics::global().connection_closed("per_ip_limit");
+    let cap = limits.max_connections_per_ip;
+    if !budget.first_refusal() {
+        tracing::debug!(%remote, cap, "connection closed: its address holds max_connections_per_ip");
+        return;
+    }
+    let ip = remote.ip().to_canonical();
+    let private = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_private() || v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => v6.is_loopback() || v6.is_unique_local(),
+    };
+    if private && config.server.proxy_protocol_from.is_empty() {
+        tracing::warn!(
+            %remote, cap,
+            "connection closed: its address holds limits.max_connections_per_ip; if a load balancer or proxy \
+             sits in front, every client shares its address: have it send the PROXY protocol \
+             (server.proxy_protocol_from) or raise the cap"
+        );
+    } else {
+        tracing::warn!(%remote, cap, "connection closed: its address holds limits.max_connections_per_ip (further ones are logged at debug level)");
+    }
 }
 
 /// The client's address from the PROXY protocol header `tcp` starts with, read within the

@@ -13,6 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::budget::Registered;
 use super::deadline::{self, Drain, TrackedBody, Watch, WatchedIo};
 use super::{Kind, Shared};
 use crate::app::Live;
@@ -35,11 +36,12 @@ pub(super) fn serve_tls<'a>(
 ) -> Serving<'a> {
     let tls::Handshake { stream, site, server_name: sni, h2 } = hs;
     let info = ConnInfo::new(remote, true, sni.is_some().then_some(site));
-    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni, kind });
+    let conn = Conn { shared: shared.clone(), info, generation: live.id, sni, kind, listed: None };
     if !h2 {
         return serve_h1(stream, conn, limits, drain);
     }
     let watch = Watch::http2(limits);
+    let conn = conn.register(&watch);
     let io = TokioIo::new(WatchedIo::new(stream, watch.clone()));
     let svc = service(conn, watch.clone());
     let mut b = http2::Builder::new(TokioExecutor::new());
@@ -58,7 +60,7 @@ pub(super) fn serve_plain<'a>(
     drain: &'a Drain,
 ) -> Serving<'a> {
     let info = ConnInfo::new(remote, false, None);
-    let conn = Arc::new(Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind });
+    let conn = Conn { shared: shared.clone(), info, generation: live.id, sni: None, kind, listed: None };
     serve_h1(tcp, conn, limits, drain)
 }
 
@@ -72,9 +74,20 @@ struct Conn {
     /// The SNI hostname the client sent, to find its site again after a reload.
     sni: Option<Arc<str>>,
     kind: Kind,
+    /// Listed for reclaiming (see `budget`) for as long as the connection is served.
+    listed: Option<Registered>,
 }
 
 impl Conn {
+    /// The connection as its service holds it, listed for reclaiming when the relay runs
+    /// short of slots (the admin listener's are not).
+    fn register(mut self, watch: &Arc<Watch>) -> Arc<Conn> {
+        if self.kind != Kind::Admin {
+            self.listed = Some(self.shared.budget.register(watch));
+        }
+        Arc::new(self)
+    }
+
     /// The connection facts in terms of `live`: after a reload, the SNI site is looked up again
     /// (sites may have moved or gone; a name no longer served matches no site, so its requests
     /// get 421 like any foreign Host).
@@ -88,11 +101,12 @@ impl Conn {
 }
 
 /// An HTTP/1.1 connection (plain, or TLS after the handshake).
-fn serve_h1<'a, IO>(io: IO, conn: Arc<Conn>, limits: &Limits, drain: &'a Drain) -> Serving<'a>
+fn serve_h1<'a, IO>(io: IO, conn: Conn, limits: &Limits, drain: &'a Drain) -> Serving<'a>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let watch = Watch::http1(limits);
+    let conn = conn.register(&watch);
     let io = TokioIo::new(WatchedIo::new(io, watch.clone()));
     let svc = service(conn, watch.clone());
     let mut b = http1::Builder::new();

@@ -216,25 +216,72 @@ async fn silent_tls_client_hits_the_handshake_deadline() {
 }
 
 #[tokio::test]
-async fn connections_beyond_max_connections_wait_for_a_free_slot() {
+async fn when_every_slot_is_held_by_idle_connections_they_make_room() {
     let pki = Pki::new();
     let (_relay, client) = relay(&pki, "max_connections = 2", "").await;
     let (mut first, first_conn) = keep_alive(&client).await;
-    let (mut second, _second_conn) = keep_alive(&client).await;
+    let (mut second, second_conn) = keep_alive(&client).await;
     for s in [&mut first, &mut second] {
         assert_eq!(s.send_request(request("GET", "/healthz")).await.expect("response").status(), 200);
     }
+    // Both slots are held by idle keep-alive connections: they go, and a new client is served.
+    let reply = tokio::time::timeout(Duration::from_secs(5), client.get("auth.example.test", "/healthz"))
+        .await
+        .expect("served within 5 s");
+    assert_eq!((reply.status, reply.text()), (200, "ok"));
+    for closed in [first_conn, second_conn] {
+        tokio::time::timeout(Duration::from_secs(5), closed).await.expect("closed within 5 s").expect("task");
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_while_every_slot_is_answering() {
+    let pki = Pki::new();
+    let slow = Upstream::start(
+        None,
+        UpstreamBehaviour::Delayed(
+            Duration::from_millis(1500),
+            Arc::new(|_| http::Response::new(Full::new(Bytes::from_static(b"{}")))),
+        ),
+    )
+    .await;
+    let site = format!("upstream = \"http://{}\"", slow.addr);
+    let (_relay, client) = relay(&pki, "max_connections = 2", &site).await;
+    let in_flight: Vec<_> = (0..2)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client.send("auth.example.test", "POST", &format!("/v1/auth/token/c{i}"), &[], "").await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let third = tokio::spawn({
         let client = client.clone();
         async move { client.get("auth.example.test", "/healthz").await }
     });
-    // While both slots are held the third connection is not even accepted: no handshake, no answer.
+    // Both slots answer a request: the third connection is not even accepted.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!third.is_finished(), "the third connection was served while two were open");
-    drop(first);
-    first_conn.await.expect("first connection closed");
+    assert!(!third.is_finished(), "the third connection was served while two requests were in flight");
+    for t in in_flight {
+        assert_eq!(t.await.expect("task").status, 200, "answers in flight are never cut for room");
+    }
     let reply = tokio::time::timeout(Duration::from_secs(5), third).await.expect("served within 5 s").expect("task");
     assert_eq!((reply.status, reply.text()), (200, "ok"));
+}
+
+#[tokio::test]
+async fn one_address_holds_at_most_max_connections_per_ip() {
+    let pki = Pki::new();
+    let (_relay, client) = relay(&pki, "max_connections_per_ip = 2", "").await;
+    let (mut first, _a) = keep_alive(&client).await;
+    let (_second, _b) = keep_alive(&client).await;
+    // A third connection from 127.0.0.1 is closed before its handshake.
+    assert!(client.connect("auth.example.test").await.is_err(), "a third connection from one address");
+    // Another address is served, and the first two still are.
+    let other = client.with_source("127.0.0.2".parse().unwrap());
+    assert_eq!(other.get("auth.example.test", "/healthz").await.status, 200);
+    assert_eq!(first.send_request(request("GET", "/healthz")).await.expect("response").status(), 200);
 }
 
 #[tokio::test]
@@ -254,4 +301,40 @@ async fn slow_header_after_an_idle_keep_alive_is_cut_at_the_header_deadline() {
     let took = time_until_closed(read, Duration::from_secs(5)).await;
     assert!(took >= Duration::from_millis(250), "not before the header deadline: {took:?}");
     assert!(took < Duration::from_secs(3), "cut at the header deadline, not the idle one: {took:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_a_large_answer_is_cut_off_after_the_send_timeout() {
+    let pki = Pki::new();
+    // 32 MiB: more than the loopback socket buffers of both hops can hold.
+    let big = Bytes::from(vec![b'x'; 32 << 20]);
+    let upstream =
+        Upstream::start(None, UpstreamBehaviour::respond(move |_| http::Response::new(Full::new(big.clone())))).await;
+    let site = format!("upstream = \"http://{}\"", upstream.addr);
+    let (relay, client) = relay(&pki, "send_timeout = \"300ms\"", &site).await;
+    let mut tls = client.connect("auth.example.test").await.expect("handshake");
+    tls.write_all(b"POST /v1/auth/token/c1 HTTP/1.1\r\nhost: auth.example.test\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .expect("send the request");
+    let mut head = [0u8; 64];
+    tls.read_exact(&mut head).await.expect("the answer starts");
+    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&head));
+    // The client stops reading: the relay's writes block, and after the send timeout it lets go.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fresh = TlsClient::new(relay.https, pki.client_config(&[b"http/1.1"]));
+    assert_eq!(fresh.get("auth.example.test", "/healthz").await.status, 200, "others are served meanwhile");
+    // What was already in the socket buffers arrives, then the end: far less than the answer.
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the relay kept the stalled connection open");
+    assert!(received < 32 << 20, "the whole answer arrived ({received} bytes): nothing was cut off");
 }

@@ -137,6 +137,7 @@ impl Validator<'_> {
             ("handshake_timeout", l.handshake_timeout),
             ("header_read_timeout", l.header_read_timeout),
             ("idle_timeout", l.idle_timeout),
+            ("send_timeout", l.send_timeout),
         ] {
             if d.is_zero() {
                 self.error(&key(name), "must be greater than zero (every wait needs a bound)");
@@ -148,6 +149,25 @@ impl Validator<'_> {
         if l.max_connections == 0 {
             self.error(&key("max_connections"), "must be at least 1");
         }
+        if l.max_connections_per_ip == 0 {
+            self.error(
+                &key("max_connections_per_ip"),
+                "must be at least 1 (to lift the cap, set it to max_connections)",
+            );
+        } else if l.max_connections_per_ip < l.max_connections
+            && !raw.server.trusted_proxies.is_empty()
+            && raw.server.proxy_protocol_from.is_empty()
+        {
+            self.warn(
+                &key("max_connections_per_ip"),
+                format!(
+                    "with server.trusted_proxies, clients reach the relay through a proxy, and the cap counts the \
+                     proxy's own address: at most {} connections in all through each proxy. Raise it to \
+                     max_connections, or have the proxy send the PROXY protocol (server.proxy_protocol_from)",
+                    l.max_connections_per_ip
+                ),
+            );
+        }
         if l.max_query_bytes == 0 {
             self.error(&key("max_query_bytes"), "must be at least 1");
         }
@@ -155,9 +175,11 @@ impl Validator<'_> {
             handshake_timeout: l.handshake_timeout,
             header_read_timeout: l.header_read_timeout,
             idle_timeout: l.idle_timeout,
+            send_timeout: l.send_timeout,
             shutdown_grace: l.shutdown_grace,
             max_header_bytes: l.max_header_bytes,
             max_connections: l.max_connections,
+            max_connections_per_ip: l.max_connections_per_ip.min(l.max_connections),
             max_query_bytes: l.max_query_bytes,
             max_body_bytes: l.max_body_bytes,
         })
