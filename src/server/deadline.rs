@@ -65,6 +65,9 @@ pub struct Watch {
     armed: AtomicU64,
     /// Set when the relay, short of connection slots, asks this connection to go.
     evict: AtomicBool,
+    /// Set when the connection ends after refusing a request its client may still be sending:
+    /// the transport then lingers (see `linger`).
+    linger: AtomicBool,
     wake: Notify,
 }
 
@@ -107,6 +110,7 @@ impl Watch {
             write_blocked: AtomicU64::new(0),
             armed: AtomicU64::new(u64::MAX),
             evict: AtomicBool::new(false),
+            linger: AtomicBool::new(false),
             wake: Notify::new(),
         })
     }
@@ -264,7 +268,10 @@ pub struct Drain {
 /// `conn` comes boxed: every open connection holds this future for its whole life, and a future
 /// keeps what it was given in a slot of its own, so an unboxed connection would take its room
 /// (about 2 KB with TLS) more than once.
-pub async fn drive<C: GracefulConnection>(mut conn: Pin<Box<C>>, watch: Arc<Watch>, drain: &Drain) {
+pub async fn drive<C>(mut conn: Pin<Box<C>>, watch: Arc<Watch>, drain: &Drain)
+where
+    C: GracefulConnection<Error = hyper::Error>,
+{
     let mut draining = false;
     let mut closing = false;
     // Set once an idle connection has been told goodbye: when it must be gone.
@@ -276,7 +283,13 @@ pub async fn drive<C: GracefulConnection>(mut conn: Pin<Box<C>>, watch: Arc<Watc
     loop {
         tokio::select! {
             biased;
-            _ = conn.as_mut() => return,
+            served = conn.as_mut() => {
+                // hyper answered a request it could not parse (400, 414, 431) and stopped.
+                if served.is_err_and(|e| e.is_parse() || e.is_parse_too_large()) {
+                    watch.linger.store(true, Ordering::Release);
+                }
+                return;
+            }
             _ = &mut force, if draining => return,
             _ = &mut graceful, if !draining => {
                 draining = true;
@@ -359,6 +372,15 @@ pub struct TrackedBody {
 }
 
 impl TrackedBody {
+    /// `resp` with its body tracked. An answer that refuses its request (see `linger`) makes
+    /// the transport read on for a while if the connection ends after it.
+    pub fn response(resp: http::Response<RelayBody>, in_flight: InFlight) -> http::Response<TrackedBody> {
+        if super::linger::refuses_request(resp.status()) {
+            in_flight.0.linger.store(true, Ordering::Release);
+        }
+        resp.map(|body| TrackedBody::new(body, in_flight))
+    }
+
     pub fn new(inner: RelayBody, in_flight: InFlight) -> Self {
         let mut body = TrackedBody { inner, in_flight, sending: false };
         if !body.inner.is_end_stream() {
@@ -412,24 +434,40 @@ impl Drop for TrackedBody {
     }
 }
 
-/// A transport that tells its [`Watch`] when bytes arrive.
+/// A transport that tells its [`Watch`] when bytes arrive and when writes block, and lingers
+/// when the connection ends after a refused request (see `linger`).
 #[derive(Debug)]
-pub struct WatchedIo<T> {
-    inner: T,
+pub struct WatchedIo<T: AsyncRead + Unpin + Send + 'static> {
+    /// Taken only when it is dropped, to linger.
+    inner: Option<T>,
     watch: Arc<Watch>,
 }
 
-impl<T> WatchedIo<T> {
+impl<T: AsyncRead + Unpin + Send + 'static> WatchedIo<T> {
     pub fn new(inner: T, watch: Arc<Watch>) -> Self {
-        WatchedIo { inner, watch }
+        WatchedIo { inner: Some(inner), watch }
+    }
+
+    fn inner(&mut self) -> Pin<&mut T> {
+        Pin::new(self.inner.as_mut().expect("taken only on drop"))
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
+impl<T: AsyncRead + Unpin + Send + 'static> Drop for WatchedIo<T> {
+    fn drop(&mut self) {
+        if self.watch.linger.load(Ordering::Acquire) {
+            if let Some(io) = self.inner.take() {
+                super::linger::spawn(io);
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin + Send + 'static> AsyncRead for WatchedIo<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let r = this.inner().poll_read(cx, buf);
         if buf.filled().len() > before {
             this.watch.bytes_read();
         }
@@ -446,10 +484,11 @@ fn track<R>(watch: &Watch, poll: Poll<std::io::Result<R>>) -> Poll<std::io::Resu
     poll
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for WatchedIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        track(&this.watch, Pin::new(&mut this.inner).poll_write(cx, buf))
+        let poll = this.inner().poll_write(cx, buf);
+        track(&this.watch, poll)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
@@ -457,18 +496,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        track(&this.watch, Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))
+        let poll = this.inner().poll_write_vectored(cx, bufs);
+        track(&this.watch, poll)
     }
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|i| i.is_write_vectored())
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        track(&this.watch, Pin::new(&mut this.inner).poll_flush(cx))
+        let poll = this.inner().poll_flush(cx);
+        track(&this.watch, poll)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        track(&this.watch, Pin::new(&mut this.inner).poll_shutdown(cx))
+        let poll = this.inner().poll_shutdown(cx);
+        track(&this.watch, poll)
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod budget;
 mod deadline;
+mod linger;
 mod proxy_header;
 mod serve;
 mod trim;

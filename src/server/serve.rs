@@ -19,6 +19,7 @@ use super::{Kind, Shared};
 use crate::app::Live;
 use crate::config::Limits;
 use crate::relay::ConnInfo;
+use crate::response::{Reply, plain};
 use crate::tls;
 
 /// A connection's serving future, boxed (see `connection` in `server/mod.rs`).
@@ -45,7 +46,7 @@ pub(super) fn serve_tls<'a>(
     let io = TokioIo::new(WatchedIo::new(stream, watch.clone()));
     let svc = service(conn, watch.clone());
     let mut b = http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+    b.timer(TokioTimer::new()).max_header_list_size(h2_header_list_bound(limits.max_header_bytes));
     Box::pin(deadline::drive(Box::pin(b.serve_connection(io, svc)), watch, drain))
 }
 
@@ -116,6 +117,25 @@ where
     Box::pin(deadline::drive(Box::pin(b.serve_connection(io, svc)), watch, drain))
 }
 
+/// The header list HTTP/2 itself refuses (with a 431 and a reset stream that clients retry):
+/// four times `max_header_bytes` and at least 64 KiB, so that a list over `max_header_bytes`
+/// gets the relay's own 431 answer instead ([`header_list_size`]).
+fn h2_header_list_bound(max_header_bytes: usize) -> u32 {
+    u32::try_from(max_header_bytes.saturating_mul(4).max(64 * 1024)).unwrap_or(u32::MAX)
+}
+
+/// A request's header list size as HTTP/2 counts it (RFC 9113 section 6.5.2): each field's
+/// name and value plus 32, the pseudo-header fields included.
+fn header_list_size<B>(req: &http::Request<B>) -> usize {
+    let field = |name: usize, value: usize| name + value + 32;
+    let uri = req.uri();
+    let pseudo = field(7, req.method().as_str().len())
+        + field(7, uri.scheme_str().map_or(0, str::len))
+        + field(10, uri.authority().map_or(0, |a| a.as_str().len()))
+        + field(5, uri.path_and_query().map_or(0, |p| p.as_str().len()));
+    pseudo + req.headers().iter().map(|(n, v)| field(n.as_str().len(), v.len())).sum::<usize>()
+}
+
 /// The per-connection service: keeps a request in flight until its response body is done, and
 /// hands it to the configuration in force (one `ArcSwap` load per request).
 fn service(
@@ -132,10 +152,15 @@ fn service(
         let live = conn.shared.current();
         // Answered here, in hyper's call rather than in the future it polls later (see
         // `Relay::handle`): a redirect never keeps the request past this call.
-        let reply = match conn.kind {
-            Kind::Admin => crate::admin::handle(req, &live, &conn.shared.reload),
-            _ => live.relay.handle(req, &conn.info_for(&live)),
+        let reply = if req.version() == http::Version::HTTP_2 && header_list_size(&req) > live.limits().max_header_bytes
+        {
+            Reply::ready(plain(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request header fields too large\n"))
+        } else {
+            match conn.kind {
+                Kind::Admin => crate::admin::handle(req, &live, &conn.shared.reload),
+                _ => live.relay.handle(req, &conn.info_for(&live)),
+            }
         };
-        reply.map(|resp| Ok(resp.map(|body| TrackedBody::new(body, in_flight))))
+        reply.map(|resp| Ok(TrackedBody::response(resp, in_flight)))
     })
 }

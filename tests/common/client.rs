@@ -42,16 +42,24 @@ pub struct TlsClient {
     pub preamble: Vec<Vec<u8>>,
     /// The local address to connect from (a second loopback address, say); `None`: the system's.
     pub source: Option<std::net::IpAddr>,
+    /// The socket's send buffer size; `None`: the system's (on loopback, megabytes, which hide
+    /// how a server closes while a client on a real network is still sending).
+    pub send_buffer: Option<u32>,
 }
 
 impl TlsClient {
     pub fn new(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Self {
-        TlsClient { addr, config, preamble: Vec::new(), source: None }
+        TlsClient { addr, config, preamble: Vec::new(), source: None, send_buffer: None }
     }
 
     /// The same client, writing `parts` on every new connection before its handshake.
     pub fn with_preamble(&self, parts: &[&[u8]]) -> Self {
         TlsClient { preamble: parts.iter().map(|p| p.to_vec()).collect(), ..self.clone() }
+    }
+
+    /// The same client, with a send buffer of `bytes` on every new connection.
+    pub fn with_send_buffer(&self, bytes: u32) -> Self {
+        TlsClient { send_buffer: Some(bytes), ..self.clone() }
     }
 
     /// The same client, connecting from `source`.
@@ -61,12 +69,17 @@ impl TlsClient {
 
     /// A TLS connection with SNI `sni` (an IP literal sends no SNI).
     pub async fn connect(&self, sni: &str) -> std::io::Result<TlsStream<TcpStream>> {
-        let mut tcp = match self.source {
-            None => TcpStream::connect(self.addr).await?,
-            Some(ip) => {
-                let socket =
-                    if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-                socket.bind(SocketAddr::new(ip, 0))?;
+        let mut tcp = match (self.source, self.send_buffer) {
+            (None, None) => TcpStream::connect(self.addr).await?,
+            (source, send_buffer) => {
+                let v4 = source.map_or(self.addr.is_ipv4(), |ip| ip.is_ipv4());
+                let socket = if v4 { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                if let Some(ip) = source {
+                    socket.bind(SocketAddr::new(ip, 0))?;
+                }
+                if let Some(bytes) = send_buffer {
+                    socket.set_send_buffer_size(bytes)?;
+                }
                 socket.connect(self.addr).await?
             }
         };
