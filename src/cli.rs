@@ -52,15 +52,45 @@ fn causes(e: &anyhow::Error) -> String {
     line
 }
 
-/// `check`: the effective settings and the redirect URIs to register.
+/// `check`: the effective settings and the redirect URIs to register. A `files` certificate
+/// and key that can be read but that `serve` could not load make it fail as a bad
+/// configuration does; files it cannot read are a warning (`check` often runs on another
+/// machine than the relay; `doctor`, run where the relay runs, makes them an error).
 pub fn check(path: Option<&Path>) -> ExitCode {
-    match load(path) {
-        Ok(c) => {
-            print!("{}", crate::config::report(&c));
-            ExitCode::SUCCESS
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(e) => return config_failed(&e),
+    };
+    let mut refused = 0;
+    for c in crate::tls::check_files(&config) {
+        match &c.loaded {
+            Err(e @ crate::tls::TlsError::Read { .. }) => {
+                eprintln!(
+                    "{}: site {}: warning: site.tls: {e}; `serve` will refuse to start without it",
+                    config.file, c.site
+                );
+            }
+            Err(e) => {
+                eprintln!("{}: site {}: site.tls: {e}", config.file, c.site);
+                refused += 1;
+            }
+            Ok(_) if !c.uncovered.is_empty() => {
+                eprintln!(
+                    "{}: site {}: warning: the certificate does not name {}; clients will reject it there",
+                    config.file,
+                    c.site,
+                    c.uncovered.join(", ")
+                );
+            }
+            Ok(_) => {}
         }
-        Err(e) => config_failed(&e),
     }
+    if refused > 0 {
+        eprintln!("{refused} problem{} found; nothing was started", if refused == 1 { "" } else { "s" });
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    print!("{}", crate::config::report(&config));
+    ExitCode::SUCCESS
 }
 
 /// `doctor`: every check, the report with the strings to paste, status 1 on any error.

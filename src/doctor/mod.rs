@@ -4,6 +4,7 @@
 //! Each check is a plain function that returns [`Finding`]s, so tests call them one by one:
 //!
 //! - [`redirect`]: each redirect URI against Microsoft Entra's rules (no network).
+//! - [`certs`]: each `files` site's certificate and key, read and matched as `serve` would.
 //! - [`dns`]: each hostname resolves and, when this machine's public address is known, points
 //!   at it.
 //! - [`listen`]: each listen address can be bound by this user.
@@ -16,6 +17,7 @@
 //! changed on disk and no service outside the configuration is contacted.
 
 pub mod acme;
+pub mod certs;
 pub mod dns;
 pub mod listen;
 pub mod redirect;
@@ -57,7 +59,8 @@ impl std::fmt::Display for Level {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     pub level: Level,
-    /// Which check: `redirect-uri`, `dns`, `listen`, `storage`, `upstream`, `acme`, `config`.
+    /// Which check: `redirect-uri`, `certificate`, `dns`, `listen`, `storage`, `upstream`,
+    /// `acme`, `config`.
     pub check: &'static str,
     /// What was found, naming the thing checked (URI, hostname, address, folder, URL).
     pub message: String,
@@ -91,6 +94,7 @@ pub async fn run(config: &Config) -> Vec<Finding> {
     for site in &config.sites {
         out.extend(redirect::check_site(site, config.server.public_https_port));
     }
+    out.extend(certs::check(config));
     let lookups = config.sites.iter().flat_map(|site| {
         let acme = matches!(site.tls, TlsSource::Acme(_));
         site.hostnames.iter().map(move |h| dns::check_hostname(h, acme))

@@ -20,7 +20,7 @@ use rustls::sign::CertifiedKey;
 pub use accept::{Handshake, HandshakeError, TlsStream, accept};
 pub use challenge::{ACME_TLS_ALPN, AlpnChallenges};
 use gather::Gather;
-pub use sources::{load_site_certificates, spawn_file_watchers};
+pub use sources::{FilesCheck, check_files, load_site_certificates, spawn_file_watchers};
 pub use store::{CertStore, Slot};
 
 /// Why a certificate could not be loaded or made.
@@ -54,6 +54,11 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    #[error(
+        "{what}: the private key does not belong to the first certificate of the chain (the chain must start with \
+         the server's own certificate, then its intermediates)"
+    )]
+    KeyMismatch { what: String },
     #[error("{what}: the certificate cannot be parsed: {detail}")]
     X509 { what: String, detail: String },
     #[error("cannot generate a self-signed certificate: {0}")]
@@ -145,7 +150,12 @@ impl LoadedCert {
         let rustls_err = |source| TlsError::Rustls { what: what.into(), source };
         let signer = crate::crypto::provider().key_provider.load_private_key(key).map_err(rustls_err)?;
         let certified = CertifiedKey::new(chain, signer);
-        certified.keys_match().map_err(rustls_err)?;
+        certified.keys_match().map_err(|e| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TlsError::KeyMismatch { what: what.into() }
+            }
+            source => rustls_err(source),
+        })?;
         let (not_before, not_after, serial, issuer, dns_names) = leaf_facts(what, &certified.cert[0])?;
         Ok(LoadedCert { key: Arc::new(certified), not_before, not_after, serial, issuer, dns_names })
     }

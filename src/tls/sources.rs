@@ -65,6 +65,36 @@ fn read_files(cert: &Path, key: &Path) -> Result<LoadedCert, TlsError> {
     PemPair::read(cert, key)?.parse(cert, key)
 }
 
+/// A `files` site's certificate as `serve` would load it, for `check` and `doctor`.
+#[derive(Debug)]
+pub struct FilesCheck {
+    /// The site's name.
+    pub site: String,
+    /// The loaded certificate, or why `serve` would refuse to start.
+    pub loaded: Result<LoadedCert, TlsError>,
+    /// The site's hostnames the certificate does not name (clients would reject it for them).
+    pub uncovered: Vec<String>,
+}
+
+/// Reads and matches the certificate and key files of every `files` site, as `serve` does
+/// at start, without installing anything.
+pub fn check_files(config: &Config) -> Vec<FilesCheck> {
+    let files = config.sites.iter().filter_map(|site| match &site.tls {
+        TlsSource::Files { cert, key, .. } => Some((site, cert, key)),
+        _ => None,
+    });
+    files
+        .map(|(site, cert, key)| {
+            let loaded = read_files(cert, key);
+            let uncovered = match &loaded {
+                Ok(c) => site.hostnames.iter().filter(|h| !c.covers(h)).cloned().collect(),
+                Err(_) => Vec::new(),
+            };
+            FilesCheck { site: site.name.clone(), loaded, uncovered }
+        })
+        .collect()
+}
+
 /// Starts one task per `files` site that re-reads the files every `reload_interval` and swaps
 /// the certificate when they changed and parse; a bad file is logged and the old one kept.
 pub fn spawn_file_watchers(config: &Config, store: &Arc<CertStore>, stop: CancellationToken) {

@@ -108,13 +108,19 @@ fn check_example_prints_what_to_register() {
     assert!(out.contains("\n  https listeners     0.0.0.0:443\n"), "{out}");
     assert!(out.contains("\n  admin listener      127.0.0.1:9090\n"), "{out}");
     assert!(!out.contains("warnings"), "{out}");
-    assert_eq!(stderr(&o), "");
+    // The example's certificate files are not on this machine: said, not refused.
+    assert_eq!(
+        stderr(&o),
+        "config/example.toml: site aurinko: warning: site.tls: /etc/oauth-relay/tls/tls.crt: cannot read: No such \
+         file or directory (os error 2); `serve` will refuse to start without it\n"
+    );
 }
 
 #[test]
 fn check_multi_site_prints_each_sites_uris() {
     let o = run(&["check", "-c", "config/multi-site.toml"]);
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(stderr(&o).lines().filter(|l| l.contains(": warning: site.tls: ")).count(), 2, "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("\nsite aurinko (default)\n"), "{out}");
     assert!(out.contains("\nsite other-broker\n"), "{out}");
@@ -281,4 +287,25 @@ fn check_prints_warnings_for_plain_http_upstream_and_mixed_modes() {
             ),
         ]
     );
+}
+
+#[test]
+fn check_refuses_certificate_files_serve_could_not_load() {
+    let pki = crate::common::Pki::new();
+    let good = pki.leaf("good", &["auth.example.test"]);
+    let other = pki.leaf("other", &["auth.example.test"]);
+    let text = format!(
+        "[[site]]\nname = \"auth\"\nhostnames = [\"auth.example.test\"]\n\n[site.tls]\nsource = \"files\"\n\
+         cert = \"{}\"\nkey = \"{}\"\n",
+        good.cert_path.display(),
+        other.key_path.display()
+    );
+    let (_dir, path) = temp_config("relay.toml", &text);
+    let o = run(&["check", "--config", &path]);
+    assert_eq!(o.status.code(), Some(64), "stdout: {}\nstderr: {}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    assert!(err.starts_with(&format!("{path}: site auth: site.tls: ")), "{err}");
+    assert!(err.ends_with("1 problem found; nothing was started\n"), "{err}");
+    assert!(stdout(&o).is_empty(), "nothing printed as if it were fine: {}", stdout(&o));
+    assert!(!err.contains("PRIVATE KEY"), "no key material in the message: {err}");
 }

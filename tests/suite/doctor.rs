@@ -522,3 +522,36 @@ async fn unprivileged_user_is_told_about_low_ports_and_an_unwritable_store() {
         "{text}"
     );
 }
+
+#[test]
+fn certificate_files_are_read_and_matched_as_serve_would() {
+    let pki = Pki::new();
+    let store = tempfile::tempdir().expect("tempdir");
+    let good = pki.leaf("good", &["auth.example.test"]);
+    let other = pki.leaf("other", &["auth.example.test"]);
+    let files = |cert: &Path, key: &Path| {
+        format!("\n[site.tls]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display())
+    };
+    let check =
+        |site: String| oauth_relay::doctor::certs::check(&parse(&toml("\"auth.example.test\"", store.path(), &site)));
+
+    let ok = check(files(&good.cert_path, &good.key_path));
+    assert_eq!(levels(&ok), [Level::Ok]);
+    assert!(
+        ok[0].message.starts_with(&format!("site auth: certificate and key match, serial {}", good.serial)),
+        "{ok:?}"
+    );
+
+    let mismatched = check(files(&good.cert_path, &other.key_path));
+    assert_eq!(levels(&mismatched), [Level::Error]);
+    assert!(mismatched[0].message.ends_with(": the private key does not belong to the first certificate of the chain (the chain must start with the server's own certificate, then its intermediates)"), "{mismatched:?}");
+
+    let missing = check(files(&store.path().join("absent.crt"), &good.key_path));
+    assert_eq!(levels(&missing), [Level::Error]);
+    assert!(missing[0].message.contains("absent.crt: cannot read"), "{missing:?}");
+
+    let foreign = pki.leaf("foreign", &["elsewhere.example.test"]);
+    let uncovered = check(files(&foreign.cert_path, &foreign.key_path));
+    assert_eq!(levels(&uncovered), [Level::Error]);
+    assert_eq!(uncovered[0].message, "site auth: the certificate does not name auth.example.test");
+}
