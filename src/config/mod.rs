@@ -356,4 +356,119 @@ mod tests {
         assert!(!in_networks(&nets, "11.0.0.1".parse().unwrap()));
         assert!(!in_networks(&[], "10.1.2.3".parse().unwrap()));
     }
+
+    mod properties {
+        //! Whatever an operator writes, `parse` answers with a configuration or with problems
+        //! that name the file, and a configuration it accepts holds only values the relay can
+        //! run with.
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A TOML value of any kind an operator might write, odd ones included.
+        fn value() -> impl Strategy<Value = String> {
+            let text =
+                || proptest::string::string_regex("[a-zA-Z0-9 ./:*_\\-\\[\\]\\x00-\\x1f\\u{e9}]{0,24}").expect("regex");
+            let duration = (any::<u64>(), prop::sample::select(vec!["ns", "ms", "s", "m", "h", "d", "y", "", "x"]))
+                .prop_map(|(n, unit)| format!("\"{n}{unit}\""));
+            prop_oneof![
+                text().prop_map(quoted),
+                duration,
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<bool>().prop_map(|b| b.to_string()),
+                prop::collection::vec(text().prop_map(quoted), 0..3).prop_map(|v| format!("[{}]", v.join(", "))),
+            ]
+        }
+
+        /// A TOML string holding `t`.
+        fn quoted(t: String) -> String {
+            toml::Value::String(t).to_string()
+        }
+
+        /// Each of `keys` at most once, in order, with a value from `values`.
+        fn lines(
+            keys: &[&'static str],
+            values: impl Strategy<Value = String> + Clone + 'static,
+        ) -> BoxedStrategy<String> {
+            prop::sample::subsequence(keys.to_vec(), 0..=keys.len().min(4))
+                .prop_flat_map(move |keys| {
+                    let n = keys.len();
+                    (Just(keys), prop::collection::vec(values.clone(), n))
+                })
+                .prop_map(|(keys, values)| {
+                    keys.iter().zip(&values).map(|(k, v)| format!("{k} = {v}\n")).collect::<String>()
+                })
+                .boxed()
+        }
+
+        /// `name` with lines of `key = value` for a subset of `keys`.
+        fn table(name: &'static str, keys: &'static [&'static str]) -> impl Strategy<Value = String> {
+            lines(keys, value().boxed()).prop_map(move |body| format!("{name}\n{body}"))
+        }
+
+        /// `[limits]` with each key present or not: durations for the waits and numbers for the
+        /// sizes, of any magnitude (the usual kind of mistake), or any value at all (the rarer).
+        fn limits() -> impl Strategy<Value = String> {
+            const WAITS: [&str; 5] =
+                ["handshake_timeout", "header_read_timeout", "idle_timeout", "send_timeout", "shutdown_grace"];
+            const SIZES: [&str; 5] =
+                ["max_header_bytes", "max_connections", "max_connections_per_ip", "max_query_bytes", "max_body_bytes"];
+            let magnitude = || prop_oneof![6 => 0u64..100, 1 => 100u64..100_000, 1 => any::<u64>()];
+            let wait = (magnitude(), prop::sample::select(vec!["ms", "s", "m", "h", "d"]))
+                .prop_map(|(n, unit)| format!("\"{n}{unit}\""));
+            let size = magnitude().prop_map(|n| n.to_string());
+            let typed = |t: BoxedStrategy<String>| prop_oneof![4 => t, 1 => value()].boxed();
+            (lines(&WAITS, typed(wait.boxed())), lines(&SIZES, typed(size.boxed())))
+                .prop_map(|(w, s)| format!("[limits]\n{w}{s}"))
+        }
+
+        fn document() -> impl Strategy<Value = String> {
+            const SERVER: &[&str] = &[
+                "https",
+                "http",
+                "admin",
+                "storage",
+                "public_https_port",
+                "hsts",
+                "trusted_proxies",
+                "min_tls_version",
+            ];
+            const SITE: &[&str] = &["name", "upstream", "default", "connect_timeout", "response_timeout"];
+            let sometimes =
+                |t: BoxedStrategy<String>, bare: &'static str| prop_oneof![3 => Just(bare.to_string()), 1 => t];
+            (
+                sometimes(table("[server]", SERVER).boxed(), ""),
+                limits(),
+                sometimes(table("[[site]]", SITE).boxed(), "[[site]]\n"),
+            )
+                .prop_map(|(server, limits, site)| {
+                    format!("{server}\n{limits}\n{site}hostnames = [\"auth.example.test\"]\n")
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn any_document_is_a_configuration_or_problems_that_name_the_file(text in document()) {
+                match Config::parse("p.toml", &text) {
+                    Ok(c) => {
+                        let l = &c.limits;
+                        let now = std::time::Instant::now();
+                        for d in [l.handshake_timeout, l.header_read_timeout, l.idle_timeout, l.send_timeout, l.shutdown_grace] {
+                            prop_assert!(now.checked_add(d).is_some(), "{d:?} from\n{text}");
+                        }
+                        prop_assert!(u32::try_from(l.max_header_bytes * 4).is_ok(), "{}", l.max_header_bytes);
+                        prop_assert!(l.max_connections_per_ip <= l.max_connections);
+                    }
+                    Err(ConfigError::Invalid(problems)) => {
+                        prop_assert!(!problems.is_empty());
+                        for p in problems {
+                            prop_assert!(p.to_string().starts_with("p.toml"), "{p}");
+                        }
+                    }
+                    Err(e) => prop_assert!(false, "{e}"),
+                }
+            }
+        }
+    }
 }

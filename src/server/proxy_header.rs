@@ -79,24 +79,48 @@ pub async fn read(tcp: &mut TcpStream, peer: SocketAddr, from: &[IpNet]) -> Resu
         if n == 0 {
             return Err(ProxyHeaderError::Closed);
         }
-        let (len, client) = match HeaderResult::parse(&buf[..n]) {
-            HeaderResult::V1(Ok(h)) => (h.header.len(), v1_source(&h.addresses)),
-            HeaderResult::V2(Ok(h)) => (h.len(), v2_source(&h)),
-            incomplete if incomplete.is_incomplete() => {
-                if n == MAX_HEADER {
-                    return Err(ProxyHeaderError::TooLong);
-                }
+        match parse(&buf[..n]) {
+            Parsed::Header { len, client } => {
+                tcp.read_exact(&mut buf[..len]).await?;
+                return Ok(client.unwrap_or(peer));
+            }
+            Parsed::Incomplete if n == MAX_HEADER => return Err(ProxyHeaderError::TooLong),
+            Parsed::Incomplete => {
                 if n == seen {
                     // The bytes stay readable, so a peek would return at once: wait a little.
                     tokio::time::sleep(PARTIAL_PAUSE).await;
                 }
                 seen = n;
-                continue;
             }
-            _ => return Err(ProxyHeaderError::Missing),
-        };
-        tcp.read_exact(&mut buf[..len]).await?;
-        return Ok(client.unwrap_or(peer));
+            Parsed::Missing => return Err(ProxyHeaderError::Missing),
+        }
+    }
+}
+
+/// What the first bytes of a connection are.
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    /// A whole header of `len` bytes; the client's address unless it is the balancer's own
+    /// connection.
+    Header { len: usize, client: Option<SocketAddr> },
+    /// The start of a header, or too few bytes to tell.
+    Incomplete,
+    /// Not a PROXY header.
+    Missing,
+}
+
+/// Parses (with ppp) the header `bytes` start with.
+fn parse(bytes: &[u8]) -> Parsed {
+    // A v1 header ends with CRLF; until it has come, it is incomplete (ppp calls some cuts, as
+    // one right after the source port, an invalid header).
+    if bytes.starts_with(b"PROXY ") && !bytes.windows(2).any(|w| w == b"\r\n") {
+        return Parsed::Incomplete;
+    }
+    match HeaderResult::parse(bytes) {
+        HeaderResult::V1(Ok(h)) => Parsed::Header { len: h.header.len(), client: v1_source(&h.addresses) },
+        HeaderResult::V2(Ok(h)) => Parsed::Header { len: h.len(), client: v2_source(&h) },
+        incomplete if incomplete.is_incomplete() => Parsed::Incomplete,
+        _ => Parsed::Missing,
     }
 }
 
@@ -116,5 +140,65 @@ fn v2_source(h: &ppp::v2::Header<'_>) -> Option<SocketAddr> {
         ppp::v2::Addresses::IPv4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
         ppp::v2::Addresses::IPv6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
         ppp::v2::Addresses::Unix(_) | ppp::v2::Addresses::Unspecified => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, SocketAddr};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Any client and balancer address, v4 or v6 (a header carries one family).
+    fn addresses() -> impl Strategy<Value = (SocketAddr, SocketAddr)> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>(), any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(a, p, b, q)| (SocketAddr::from((a, p)), SocketAddr::from((b, q)))),
+            (any::<[u8; 16]>(), any::<u16>(), any::<[u8; 16]>(), any::<u16>()).prop_map(|(a, p, b, q)| {
+                (SocketAddr::from((IpAddr::from(a), p)), SocketAddr::from((IpAddr::from(b), q)))
+            }),
+        ]
+    }
+
+    /// A v1 (text) or v2 (binary) header naming `client`.
+    fn header(v2: bool, client: SocketAddr, balancer: SocketAddr) -> Vec<u8> {
+        if v2 {
+            let command = ppp::v2::Version::Two as u8 | ppp::v2::Command::Proxy as u8;
+            ppp::v2::Builder::with_addresses(command, ppp::v2::Protocol::Stream, (client, balancer))
+                .build()
+                .expect("a v2 header")
+        } else {
+            ppp::v1::Addresses::from((client, balancer)).to_string().into_bytes()
+        }
+    }
+
+    proptest! {
+        /// Whatever a connection starts with, parsing never panics, and a header it accepts
+        /// lies within the bytes it was given.
+        #[test]
+        fn any_bytes_parse_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Parsed::Header { len, .. } = parse(&bytes) {
+                prop_assert!(len <= bytes.len());
+            }
+        }
+
+        /// A header followed by the TLS bytes: exactly the header is taken, and the client is
+        /// the address it names; any shorter start of it waits for more.
+        #[test]
+        fn a_header_names_its_client_and_its_start_waits(
+            (client, balancer) in addresses(),
+            v2 in any::<bool>(),
+            tail in proptest::collection::vec(any::<u8>(), 0..64),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let head = header(v2, client, balancer);
+            let mut bytes = head.clone();
+            bytes.extend_from_slice(&tail);
+            prop_assert_eq!(parse(&bytes), Parsed::Header { len: head.len(), client: Some(client) });
+            let short = cut.index(head.len());
+            prop_assert_eq!(parse(&head[..short]), Parsed::Incomplete);
+        }
     }
 }

@@ -3,6 +3,15 @@
 
 use super::*;
 
+/// The longest `[limits]` wait.
+const MAX_LIMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The largest header block (and query) the relay can be told to take.
+const MAX_HEADER_BYTES: usize = 1 << 20;
+/// The most connections the relay can be told to hold (each holds a file descriptor).
+const MAX_CONNECTIONS: usize = 1_000_000;
+/// The largest request body the relay can be told to read whole.
+const MAX_BODY_BYTES: u64 = 100 << 20;
+
 /// The tables that hold one value for the whole process, not one per site.
 impl Validator<'_> {
     pub(super) fn addrs(&mut self, key: &'static str, list: &[String]) -> Vec<SocketAddr> {
@@ -129,6 +138,9 @@ impl Validator<'_> {
         out
     }
 
+    /// `[limits]`: every wait bounded (at most a day: past that no deadline is a bound any
+    /// more, and far-off instants overflow the clock), every size within what the relay can
+    /// hold.
     pub(super) fn limits(&mut self, raw: &RawConfig) -> Option<Limits> {
         let l = &raw.limits;
         let key = |k| [Seg::Key("limits"), Seg::Key(k)];
@@ -138,16 +150,26 @@ impl Validator<'_> {
             ("header_read_timeout", l.header_read_timeout),
             ("idle_timeout", l.idle_timeout),
             ("send_timeout", l.send_timeout),
+            ("shutdown_grace", l.shutdown_grace),
         ] {
-            if d.is_zero() {
+            if d.is_zero() && name != "shutdown_grace" {
                 self.error(&key(name), "must be greater than zero (every wait needs a bound)");
+            } else if d > MAX_LIMIT_WAIT {
+                self.error(&key(name), "must be at most 24h");
             }
         }
         if l.max_header_bytes < 8192 {
             self.error(&key("max_header_bytes"), "must be at least 8192 (browsers send large cookies)");
+        } else if l.max_header_bytes > MAX_HEADER_BYTES {
+            self.error(&key("max_header_bytes"), "must be at most 1048576 (1 MiB)");
         }
         if l.max_connections == 0 {
             self.error(&key("max_connections"), "must be at least 1");
+        } else if l.max_connections > MAX_CONNECTIONS {
+            self.error(&key("max_connections"), "must be at most 1000000");
+        }
+        if l.max_body_bytes > MAX_BODY_BYTES {
+            self.error(&key("max_body_bytes"), "must be at most 104857600 (100 MiB)");
         }
         if l.max_connections_per_ip == 0 {
             self.error(
@@ -170,6 +192,8 @@ impl Validator<'_> {
         }
         if l.max_query_bytes == 0 {
             self.error(&key("max_query_bytes"), "must be at least 1");
+        } else if l.max_query_bytes > MAX_HEADER_BYTES {
+            self.error(&key("max_query_bytes"), "must be at most 1048576 (1 MiB)");
         }
         (self.problems.len() == before).then_some(Limits {
             handshake_timeout: l.handshake_timeout,
