@@ -122,7 +122,14 @@ pub fn serve(path: Option<&Path>, log_format: LogFormat) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", causes(&e));
-            ExitCode::FAILURE
+            // A certificate, key or store the configuration names that cannot be used: a
+            // restart cannot fix it (systemd's unit does not restart on 64). Anything else (a
+            // port taken, the runtime) may pass.
+            if e.downcast_ref::<crate::BuildError>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -139,18 +146,6 @@ fn serving(config: Config) -> anyhow::Result<()> {
         let reloads = reload::Requests::new();
         forward_sighup(reloads.handle())?;
         let listeners = Listeners::bind(&config).await?;
-        for l in &listeners.https {
-            tracing::info!(addr = %l.local_addr()?, "serving HTTPS");
-        }
-        for l in &listeners.http {
-            tracing::info!(addr = %l.local_addr()?, "serving plain HTTP (redirects to HTTPS)");
-        }
-        if let Some(l) = &listeners.admin {
-            tracing::info!(addr = %l.local_addr()?, "serving admin (health)");
-        }
-        if !config.outbound.is_direct() {
-            tracing::info!(proxy = %config.outbound.summary(), "outbound connections go through a proxy");
-        }
         crate::run_with(Arc::new(config), listeners, shutdown_signal(), reloads).await?;
         tracing::info!("stopped");
         Ok(())

@@ -81,6 +81,8 @@ pub async fn run_with(
     let stop = CancellationToken::new();
     let https_port = listeners.https.first().and_then(|l| l.local_addr().ok()).map(|a| a.port());
     let (mut app, live) = app::App::start(config, https_port, &stop)?;
+    // Only now, with every certificate loaded: a relay that says it serves does.
+    listeners.log(live.config());
     let shared = Arc::new(server::Shared::new(live, reloads.handle()));
     let serving = server::serve(shared.clone(), listeners, stop.clone());
     let mut serving = std::pin::pin!(serving);

@@ -4,7 +4,7 @@
 //! `/healthz` says the process serves. `/readyz` says whether a sign-in through this relay
 //! would work now, and names every reason when it would not:
 //!
-//! - a hostname has no currently valid certificate (read from the store, in memory);
+//! - a hostname has no currently valid certificate that names it (read from the store, in memory);
 //! - a certificate expires within `[health] cert_expiry_margin` while nothing renews it
 //!   ([`certs`]: `files` and `self-signed` never renew, `acme` counts once renewal keeps failing);
 //! - an upstream has failed every probe for longer than `upstream_unreachable_window`, or its

@@ -67,6 +67,25 @@ impl Listeners {
     }
 }
 
+impl Listeners {
+    /// One line per listener (and the outbound proxy), once the relay serves.
+    pub fn log(&self, config: &Config) {
+        let addr = |l: &TcpListener| l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+        for l in &self.https {
+            tracing::info!(addr = %addr(l), "serving HTTPS");
+        }
+        for l in &self.http {
+            tracing::info!(addr = %addr(l), "serving plain HTTP (redirects to HTTPS)");
+        }
+        if let Some(l) = &self.admin {
+            tracing::info!(addr = %addr(l), "serving admin (health)");
+        }
+        if !config.outbound.is_direct() {
+            tracing::info!(proxy = %config.outbound.summary(), "outbound connections go through a proxy");
+        }
+    }
+}
+
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr).await.map_err(|source| {
         let hint = if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {

@@ -42,9 +42,13 @@ impl Slot {
         }
     }
 
-    /// Why this hostname is not ready, or `None` when it serves a currently valid certificate.
+    /// Why this hostname is not ready, or `None` when it serves a currently valid certificate
+    /// that names it (clients refuse one that does not).
     pub fn not_ready(&self, now: SystemTime) -> Option<String> {
         match self.current() {
+            Some(c) if !c.covers(&self.hostname) => {
+                Some(format!("{}: the certificate does not name this hostname", self.hostname))
+            }
             Some(c) if c.valid_at(now) => None,
             Some(c) if now < c.not_before => Some(format!("{}: certificate not valid yet", self.hostname)),
             Some(_) => Some(format!("{}: certificate expired", self.hostname)),

@@ -309,3 +309,25 @@ fn check_refuses_certificate_files_serve_could_not_load() {
     assert!(stdout(&o).is_empty(), "nothing printed as if it were fine: {}", stdout(&o));
     assert!(!err.contains("PRIVATE KEY"), "no key material in the message: {err}");
 }
+
+#[test]
+fn serve_with_a_certificate_it_cannot_load_says_why_never_serving_and_exits_64() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "[server]\nhttps = [\"127.0.0.1:0\"]\nstorage = \"{}\"\n\n[[site]]\nname = \"auth\"\nhostnames = [\"localhost\"]\n\n\
+         [site.tls]\nsource = \"files\"\ncert = \"{}/absent.crt\"\nkey = \"{}/absent.key\"\n",
+        store.path().display(),
+        store.path().display(),
+        store.path().display()
+    );
+    let (_d, path) = temp_config("absent.toml", &text);
+    let o = run(&["serve", "--config", &path]);
+    // A restart cannot fix a missing file: 64, which systemd's unit does not restart on.
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("{}/absent.crt: cannot read: No such file or directory", store.path().display())),
+        "{err}"
+    );
+    assert!(!err.contains("serving"), "it said it served: {err}");
+}

@@ -405,3 +405,20 @@ async fn readyz_follows_certificate_validity() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn readyz_says_when_a_certificate_does_not_name_its_hostname() {
+    let pki = Pki::new();
+    let good = pki.leaf("good", &["auth.example.test"]);
+    let foreign = pki.leaf("foreign", &["elsewhere.example.test"]);
+    let relay = RelayUnderTest::start(&config(
+        "admin = \"127.0.0.1:0\"",
+        &[site("auth", &["auth.example.test"], &good, ""), site("other", &["other.example.test"], &foreign, "")],
+    ))
+    .await;
+    let reply = common::client::plain_get(relay.admin.expect("admin"), "localhost", "/readyz").await;
+    assert_eq!(
+        (reply.status, reply.text()),
+        (503, "not ready\nother.example.test: the certificate does not name this hostname\n")
+    );
+}
