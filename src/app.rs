@@ -192,8 +192,8 @@ impl App {
 
     /// Re-reads the file and, when it is good, starts its tasks and returns it for the caller to
     /// put in force; logs and counts the outcome either way.
-    pub fn reload(&mut self, current: &Live) -> Result<(Live, Reloaded), ReloadError> {
-        let outcome = self.try_reload(current);
+    pub async fn reload(&mut self, current: &Live) -> Result<(Live, Reloaded), ReloadError> {
+        let outcome = self.try_reload(current).await;
         crate::metrics::global().config_reload(outcome.is_ok());
         match &outcome {
             Ok((_, r)) => {
@@ -221,9 +221,9 @@ impl App {
         self.source.as_ref().map_or_else(|| config::EMBEDDED_NAME.to_string(), |p| p.display().to_string())
     }
 
-    fn try_reload(&mut self, current: &Live) -> Result<(Live, Reloaded), ReloadError> {
-        let path = self.source.as_ref().ok_or(ReloadError::Embedded)?;
-        let config = with_bound_port(Arc::new(Config::load(path)?), self.bound.https_port);
+    async fn try_reload(&mut self, current: &Live) -> Result<(Live, Reloaded), ReloadError> {
+        let path = self.source.clone().ok_or(ReloadError::Embedded)?;
+        let config = with_bound_port(Arc::new(read_config(path).await?), self.bound.https_port);
         let mut warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
         warnings.extend(self.moved_listeners(&config));
         let live = build(config, Some(current), self.next_id)?;
@@ -252,6 +252,24 @@ impl App {
         let admin = |a: Option<SocketAddr>| a.map_or_else(|| "none".to_string(), |a| a.to_string());
         differs("admin", admin(b.admin), admin(s.admin));
         out
+    }
+}
+
+/// How long a reload may take to read its file (a file system that hangs, say).
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and validates the file at `path` off the runtime's threads, within [`READ_TIMEOUT`],
+/// so a slow read never holds up serving or shutdown.
+async fn read_config(path: PathBuf) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let read = tokio::task::spawn_blocking(move || Config::load(&path));
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(panicked)) => Err(ConfigError::Read { file, source: std::io::Error::other(panicked.to_string()) }),
+        Err(_) => Err(ConfigError::Read {
+            file,
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, format!("not read within {READ_TIMEOUT:?}")),
+        }),
     }
 }
 

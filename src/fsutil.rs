@@ -1,12 +1,38 @@
-//! Files that hold secrets: written atomically (temp file, fsync, rename, fsync of the folder)
-//! with mode 0600 in folders of mode 0700, so a crash never leaves a torn key or certificate and
-//! no other user can read them.
+//! Files the relay reads and writes. Those it is told to read (the configuration, certificates,
+//! keys) are read only when they are regular files of a bounded size, so a path that names a
+//! FIFO or `/dev/zero` cannot block the relay or fill its memory. Those that hold secrets are
+//! written atomically (temp file, fsync, rename, fsync of the folder) with mode 0600 in folders
+//! of mode 0700, so a crash never leaves a torn key or certificate and no other user can read
+//! them.
 
 use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The largest configuration, certificate or key file the relay reads.
+pub const MAX_READ: u64 = 1 << 20;
+
+/// Reads `path` whole, when it is a regular file (or a link to one) of at most [`MAX_READ`]
+/// bytes. Opened without blocking, so a FIFO is refused rather than waited on.
+pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if meta.len() > MAX_READ {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("larger than {MAX_READ} bytes")));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // Bounded again while reading: the file may grow after the check.
+    file.take(MAX_READ + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_READ {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("larger than {MAX_READ} bytes")));
+    }
+    Ok(bytes)
+}
 
 /// Creates `dir` (and parents) with mode 0700 when missing.
 pub fn private_dir(dir: &Path) -> io::Result<()> {

@@ -101,7 +101,7 @@ pub async fn run_with(
             }
             reply = reloads.next() => {
                 notify::reloading();
-                let outcome = app.reload(&shared.current()).map(|(live, reloaded)| {
+                let outcome = app.reload(&shared.current()).await.map(|(live, reloaded)| {
                     shared.replace(live);
                     reloaded
                 });

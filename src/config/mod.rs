@@ -288,7 +288,12 @@ impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        let read = |source| ConfigError::Read { file: file.clone(), source };
+        let bytes = crate::fsutil::read_regular(path).map_err(read)?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            read(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not UTF-8 text (byte {at})")))
+        })?;
         Self::parse(&file, &text)
     }
 

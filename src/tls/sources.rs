@@ -40,7 +40,7 @@ pub fn load_site_certificates(config: &Config, store: &CertStore) -> Result<(), 
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
+    fsutil::read_regular(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
 }
 
 /// A certificate file and its key file, as read.

@@ -331,3 +331,27 @@ fn serve_with_a_certificate_it_cannot_load_says_why_never_serving_and_exits_64()
     );
     assert!(!err.contains("serving"), "it said it served: {err}");
 }
+
+#[test]
+fn check_refuses_at_once_a_config_that_is_not_a_regular_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("relay.toml");
+    assert!(Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    let fifo = fifo.to_str().expect("utf-8 path").to_string();
+    for path in ["/dev/zero", fifo.as_str()] {
+        let started = Instant::now();
+        let o = run(&["check", "--config", path]);
+        assert_eq!(o.status.code(), Some(64), "{path}: {}", stderr(&o));
+        assert_eq!(stderr(&o), format!("{path}: cannot read: not a regular file\n"));
+        assert!(started.elapsed() < Duration::from_secs(10), "{path} was waited on");
+    }
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, vec![b'#'; 2 << 20]).expect("write");
+    let o = run(&["check", "--config", big.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).ends_with(": cannot read: larger than 1048576 bytes\n"), "{}", stderr(&o));
+    let latin1 = dir.path().join("latin1.toml");
+    std::fs::write(&latin1, b"# caf\xe9\n").expect("write");
+    let o = run(&["check", "--config", latin1.to_str().expect("utf-8")]);
+    assert!(stderr(&o).ends_with(": cannot read: not UTF-8 text (byte 5)\n"), "{}", stderr(&o));
+}

@@ -472,3 +472,17 @@ async fn reload_command_talks_to_the_running_binary() {
 
     assert_eq!(relay.stop().await.0.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_config_path_that_became_a_fifo_is_refused_at_once() {
+    let (setup, _shape, mut relay, client) = start_in_process(None).await;
+    std::fs::remove_file(&setup.path).unwrap();
+    assert!(Command::new("mkfifo").arg(&setup.path).status().expect("mkfifo").success());
+    let err = tokio::time::timeout(Duration::from_secs(5), relay.reload.reload())
+        .await
+        .expect("answered at once, never waiting for a writer")
+        .expect_err("refused");
+    assert_eq!(err.lines(), [format!("{}: cannot read: not a regular file", setup.path.display())]);
+    assert_eq!(client.get(HOST, CALLBACK).await.status, 302, "the old configuration serves on");
+    relay.stop().await;
+}
