@@ -54,6 +54,8 @@ pub enum ReloadError {
     Build(#[from] BuildError),
     #[error("the relay is shutting down")]
     Stopped,
+    #[error("building the configuration failed: {0}")]
+    Aborted(#[from] tokio::task::JoinError),
 }
 
 impl ReloadError {
@@ -192,7 +194,7 @@ impl App {
 
     /// Re-reads the file and, when it is good, starts its tasks and returns it for the caller to
     /// put in force; logs and counts the outcome either way.
-    pub async fn reload(&mut self, current: &Live) -> Result<(Live, Reloaded), ReloadError> {
+    pub async fn reload(&mut self, current: &Arc<Live>) -> Result<(Live, Reloaded), ReloadError> {
         let outcome = self.try_reload(current).await;
         crate::metrics::global().config_reload(outcome.is_ok());
         match &outcome {
@@ -221,12 +223,15 @@ impl App {
         self.source.as_ref().map_or_else(|| config::EMBEDDED_NAME.to_string(), |p| p.display().to_string())
     }
 
-    async fn try_reload(&mut self, current: &Live) -> Result<(Live, Reloaded), ReloadError> {
+    async fn try_reload(&mut self, current: &Arc<Live>) -> Result<(Live, Reloaded), ReloadError> {
         let path = self.source.clone().ok_or(ReloadError::Embedded)?;
         let config = with_bound_port(Arc::new(read_config(path).await?), self.bound.https_port);
         let mut warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
         warnings.extend(self.moved_listeners(&config));
-        let live = build(config, Some(current), self.next_id)?;
+        // Off the runtime's threads too: a thousand sites take a while to compile, and one
+        // worker thread would stop serving meanwhile.
+        let (previous, id) = (current.clone(), self.next_id);
+        let live = tokio::task::spawn_blocking(move || build(config, Some(&previous), id)).await??;
         self.next_id += 1;
         // Old tasks first: the new ACME tasks then find no order of ours in progress.
         self.tasks.cancel();

@@ -32,10 +32,37 @@ pub fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
 }
 
-/// The line where `path` is written, or where its nearest written parent is (a missing key is
-/// reported at the table that should hold it).
-pub fn line_of_path(text: &str, path: &[Seg]) -> Option<usize> {
-    let root = DeTable::parse(text).ok()?;
+/// Finds the lines of key paths in one text, which it parses once (on the first question) and
+/// whose line starts it indexes once: a file with many problems costs one parse, not one per
+/// problem.
+pub struct Locator<'a> {
+    text: &'a str,
+    parsed: std::cell::OnceCell<Option<(toml::Spanned<DeTable<'a>>, Vec<usize>)>>,
+}
+
+impl<'a> Locator<'a> {
+    pub fn new(text: &'a str) -> Locator<'a> {
+        Locator { text, parsed: std::cell::OnceCell::new() }
+    }
+
+    /// The line where `path` is written, or where its nearest written parent is (a missing key
+    /// is reported at the table that should hold it).
+    pub fn line_of_path(&self, path: &[Seg]) -> Option<usize> {
+        let (root, newlines) = self
+            .parsed
+            .get_or_init(|| {
+                let root = DeTable::parse(self.text).ok()?;
+                let newlines = self.text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i).collect();
+                Some((root, newlines))
+            })
+            .as_ref()?;
+        let offset = offset_of_path(root, path)?;
+        Some(newlines.partition_point(|&n| n < offset) + 1)
+    }
+}
+
+/// The byte offset where `path` (or its nearest written parent) is written.
+fn offset_of_path(root: &toml::Spanned<DeTable<'_>>, path: &[Seg]) -> Option<usize> {
     let mut table = Some(root.get_ref());
     let mut array: Option<&[toml::Spanned<DeValue>]> = None;
     let mut best = None;
@@ -56,7 +83,7 @@ pub fn line_of_path(text: &str, path: &[Seg]) -> Option<usize> {
             _ => None,
         };
     }
-    best.map(|off| line_of(text, off))
+    best
 }
 
 /// The dotted path of the innermost key whose key or value covers `offset`.

@@ -306,7 +306,8 @@ impl Config {
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         let (raw, mut problems) = deserialize::raw(file, text);
         let Some(raw) = raw else { return Err(invalid(problems)) };
-        let mut v = Validator { file, text, problems: Vec::new(), warnings: Vec::new() };
+        let locator = locate::Locator::new(text);
+        let mut v = Validator { file, locator, problems: Vec::new(), warnings: Vec::new() };
         let config = v.config(raw);
         problems.append(&mut v.problems);
         match config {

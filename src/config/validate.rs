@@ -19,7 +19,8 @@ mod process;
 /// least one problem.
 pub(super) struct Validator<'a> {
     pub file: &'a str,
-    pub text: &'a str,
+    /// Where in the text each problem's key is.
+    pub locator: locate::Locator<'a>,
     pub problems: Vec<Problem>,
     pub warnings: Vec<Problem>,
 }
@@ -28,7 +29,7 @@ impl Validator<'_> {
     fn problem_at(&self, path: &[Seg], message: String) -> Problem {
         Problem {
             file: self.file.to_string(),
-            line: locate::line_of_path(self.text, path),
+            line: self.locator.line_of_path(path),
             key: locate::render(path),
             message,
         }
@@ -306,16 +307,21 @@ impl Validator<'_> {
     }
 
     fn cross_site_checks(&mut self, sites: &[RawSite]) {
-        let mut seen = HashSet::new();
+        // Each hostname and the site that names it first.
+        let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         let mut defaults = 0;
         for (i, site) in sites.iter().enumerate() {
             for (j, h) in site.hostnames.iter().enumerate() {
                 let h = h.trim_end_matches('.').to_ascii_lowercase();
-                if !seen.insert(h.clone()) {
-                    self.error(
-                        &[Seg::Key("site"), Seg::Index(i), Seg::Key("hostnames"), Seg::Index(j)],
-                        format!("`{h}` belongs to more than one site"),
-                    );
+                let key = [Seg::Key("site"), Seg::Index(i), Seg::Key("hostnames"), Seg::Index(j)];
+                match seen.get(&h) {
+                    Some(&first) if first == i => self.error(&key, format!("`{h}` is listed twice in this site")),
+                    Some(&first) => {
+                        self.error(&key, format!("`{h}` belongs to site[{first}] too: a hostname can have one site"))
+                    }
+                    None => {
+                        seen.insert(h, i);
+                    }
                 }
             }
             if site.default {

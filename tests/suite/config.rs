@@ -230,7 +230,7 @@ fn hostname_in_two_sites_is_refused_at_the_second() {
     assert_eq!(
         problems(&text),
         vec![format!(
-            "test.toml:{}: site[1].hostnames[1]: `a.example.com` belongs to more than one site",
+            "test.toml:{}: site[1].hostnames[1]: `a.example.com` belongs to site[0] too: a hostname can have one site",
             line(&text, "b.example.com")
         )]
     );
@@ -312,7 +312,7 @@ default = true
         "test.toml:15: site[0].tls.source: source = \"files\" needs `key` (a PEM file path)",
         "test.toml:17: site[0].tls.sorce: unknown field `sorce`, expected one of ",
         "test.toml:20: site[0].callback.status: 301: use 302, 303 or 307",
-        "test.toml:23: site[1].hostnames[0]: `a.example.com` belongs to more than one site",
+        "test.toml:23: site[1].hostnames[0]: `a.example.com` belongs to site[0] too: a hostname can have one site",
         "test.toml:24: site[1].default: only one site may be the default",
     ];
     assert_eq!(p.len(), want.len(), "{p:#?}");
@@ -442,5 +442,28 @@ fn proxy_sources_are_networks_and_the_tls_version_is_known() {
         w,
         ["test.toml:3: server.proxy_protocol_from[1]: `::/0` lets any peer name its own client address: \
              make sure only the load balancer can reach the listeners"]
+    );
+}
+
+#[test]
+fn a_hostname_twice_in_one_site_is_named_as_such() {
+    let text = "[[site]]\nhostnames = [\"a.example.com\", \"A.example.com.\"]\n";
+    assert_eq!(problems(text), ["test.toml:2: site[0].hostnames[1]: `a.example.com` is listed twice in this site"]);
+}
+
+#[test]
+fn two_thousand_sites_sharing_a_hostname_each_get_their_line() {
+    // One parse of the file for all the problems, not one per problem (that took minutes).
+    let text: String =
+        (0..2000).map(|i| format!("[[site]]\nname = \"s{i}\"\nhostnames = [\"same.example.com\"]\n\n")).collect();
+    let p = problems(&text);
+    assert_eq!(p.len(), 1999);
+    assert_eq!(
+        p[0],
+        "test.toml:7: site[1].hostnames[0]: `same.example.com` belongs to site[0] too: a hostname can have one site"
+    );
+    assert_eq!(
+        p[1998],
+        "test.toml:7999: site[1999].hostnames[0]: `same.example.com` belongs to site[0] too: a hostname can have one site"
     );
 }
