@@ -3,6 +3,7 @@
 //! brings one), so tests can call it without sockets; `server` feeds it from real connections.
 
 mod forwarded;
+mod path;
 mod proxy;
 mod redirect;
 mod route;
@@ -59,6 +60,10 @@ pub struct UpstreamOutcome {
 /// A site compiled for request time: precomputed redirect targets and an upstream client.
 struct SiteRoutes {
     site: Site,
+    /// The route paths, normalised as request paths are before they are compared (`path`).
+    callback_path: String,
+    authorize_paths: Vec<String>,
+    token_prefix: String,
     /// `{callback upstream}{callback path}`, the redirect target without query.
     callback_target: String,
     /// One target per authorize path, in the same order as `site.authorize.paths`.
@@ -96,6 +101,9 @@ impl Relay {
                 |url: &url::Url| UpstreamBase::new(url).ok_or_else(|| UpstreamError::Base { url: url.to_string() });
             let token_allow = site.token.methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
             sites.push(SiteRoutes {
+                callback_path: path::normalised_route(&site.callback.path),
+                authorize_paths: site.authorize.paths.iter().map(|p| path::normalised_route(p)).collect(),
+                token_prefix: path::normalised_route(&site.token.path_prefix),
                 callback_target: target(&site.callback.upstream, &site.callback.path),
                 authorize_targets: site.authorize.paths.iter().map(|p| target(&site.authorize.upstream, p)).collect(),
                 client: UpstreamClient::new(site, &config.outbound)?,

@@ -630,6 +630,51 @@ async fn sni_of_one_site_with_host_of_another_is_421() {
     assert_eq!((crossed.status, crossed.text()), (421, "this relay does not serve that host\n"));
 }
 
+/// A path whose meaning depends on how a server resolves dot-segments or decodes `%2f` is
+/// refused before anything goes upstream, over HTTP/1.1 and HTTP/2 alike; doubled and trailing
+/// slashes are not folded into a route; what is relayed keeps every byte it came with.
+#[tokio::test]
+async fn dot_segments_and_encoded_slashes_never_reach_the_upstream() {
+    let kit = Kit::new();
+    let (upstream, url) = kit.upstream(&[b"http/1.1"], UpstreamBehaviour::fixed(200, &[], "{}")).await;
+    let relay = kit.relay(Conf { upstream: &url, ..Conf::default() }).await;
+    let h2 = TlsClient::new(relay.relay.https, kit.pki.client_config(&[b"h2"]));
+    let dot = (400, "dot-segment in the path\n");
+    let encoded = (400, "encoded / or \\ in the path\n");
+    for (target, expected) in [
+        ("/v1/auth/token/..%2f..%2fadmin", encoded),
+        ("/v1/auth/token/..%2F..%2Fadmin", encoded),
+        ("/v1/auth/token/abc%5c..%5cadmin", encoded),
+        ("/v1/auth/token/..", dot),
+        ("/v1/auth/token/%2e%2E", dot),
+        ("/v1/auth/token/..;jsessionid=1", dot),
+        ("/v1/auth/token/x/../../admin", dot),
+        ("/..", dot),
+        ("/%2e%2e", dot),
+        ("/v1\\auth\\token\\x", (400, "backslash in the path\n")),
+        ("//v1/auth/token/x", (404, "not found\n")),
+        ("/v1/auth/token/x/", (404, "not found\n")),
+    ] {
+        let reply = relay.send("POST", target, &form(), "a=1").await;
+        assert_eq!((reply.status, reply.text()), expected, "HTTP/1.1 {target}");
+        assert_eq!(reply.header("content-type"), "text/plain; charset=utf-8", "{target}");
+        let reply = h2.send_h2(HOST, "POST", target, &form(), "a=1").await;
+        assert_eq!((reply.status, reply.text()), expected, "HTTP/2 {target}");
+    }
+    assert_eq!(upstream.hits(), 0);
+
+    // Dots and encoded slashes elsewhere are no dot-segments: relayed byte for byte, query too.
+    for target in
+        ["/v1/auth/token/a..b%2Bc%7e...", "/v1/auth/token/abc?next=..%2F..%2Fadmin&x=/../", "/v1/auth/%74oken/c"]
+    {
+        let reply = relay.send("POST", target, &form(), "a=1").await;
+        assert_eq!(reply.status, 200, "{target}");
+        assert_eq!(upstream.last().target, target);
+    }
+    let reply = relay.get("/v1/auth/callback?code=..%2F..%2Fa&state=/../").await;
+    assert_eq!(reply.header("location"), format!("{url}/v1/auth/callback?code=..%2F..%2Fa&state=/../"));
+}
+
 // ---- 8. Plain http:// upstream --------------------------------------------------------------
 
 #[tokio::test]
