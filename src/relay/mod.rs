@@ -6,6 +6,7 @@ mod forwarded;
 mod path;
 mod proxy;
 mod redirect;
+mod rewrite;
 mod route;
 mod upstream;
 

@@ -65,6 +65,7 @@ impl Forward<'_> {
         *headers = parts.headers;
         strip_hop_by_hop(headers);
         headers.remove(header::HOST);
+        super::rewrite::join_cookie_crumbs(headers);
         headers.insert(X_FORWARDED_FOR, self.conn.forwarded_for.as_ref().unwrap_or(&self.conn.client_ip).clone());
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if self.conn.https { "https" } else { "http" }));
         if let Ok(h) = HeaderValue::from_str(self.host) {

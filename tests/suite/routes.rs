@@ -356,6 +356,29 @@ async fn authorize_proxy_rewrites_location_and_cookie_domains() {
     assert_eq!(reply.header("location"), "https://login.microsoftonline.com/common/oauth2/v2.0/authorize?client_id=x");
 }
 
+/// An HTTP/2 browser sends each cookie as a field of its own (RFC 9113 section 8.2.3); an
+/// HTTP/1.1 upstream gets them as one `Cookie` line, in their order.
+#[tokio::test]
+async fn authorize_proxy_joins_http2_cookie_crumbs_into_one_line() {
+    let kit = Kit::new();
+    let (upstream, url) = authorize_upstream(&kit).await;
+    let tables = "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n";
+    let relay = kit.relay(Conf { upstream: &url, tables, ..Conf::default() }).await;
+    let h2 = TlsClient::new(relay.relay.https, kit.pki.client_config(&[b"h2"]));
+    let crumbs = [("cookie", "sid=a%3Db"), ("cookie", "lb=7"), ("cookie", "theme=dark")];
+    let reply = h2.send_h2(HOST, "GET", "/v1/auth/authorizeUser?clientId=abc", &crumbs, "").await;
+    assert_eq!(reply.status, 302);
+    let seen = upstream.last();
+    assert_eq!(seen.version, Version::HTTP_11);
+    let lines: Vec<&str> = seen.headers.get_all("cookie").iter().map(|v| v.to_str().unwrap()).collect();
+    assert_eq!(lines, ["sid=a%3Db; lb=7; theme=dark"]);
+
+    // One cookie, over HTTP/1.1: as it was.
+    relay.send("GET", "/v1/auth/authorizeUser?clientId=abc", &[("cookie", "sid=1; lb=2")], "").await;
+    assert_eq!(upstream.last().headers["cookie"], "sid=1; lb=2");
+    assert_eq!(upstream.last().headers.get_all("cookie").iter().count(), 1);
+}
+
 #[tokio::test]
 async fn authorize_proxy_location_carries_a_non_default_public_port() {
     let kit = Kit::new();
