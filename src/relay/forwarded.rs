@@ -22,13 +22,15 @@ impl ConnInfo {
         if trusted.is_empty() || !is_trusted(self.remote.ip()) {
             return None;
         }
-        // Every field, in order, as one list; a field that is not text is not read.
+        // Every field, in order, as one list; a field that is not text is not read, and empty
+        // elements (`a,,b`, an empty field) are skipped as RFC 9110 section 5.6.1.2 asks.
         let chain: Vec<&str> = headers
             .get_all(X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
+            .filter(|e| !e.is_empty())
             .collect();
         let mut client = self.remote.ip();
         for entry in chain.iter().rev() {
@@ -40,7 +42,7 @@ impl ConnInfo {
             }
         }
         let peer = self.remote.ip().to_canonical();
-        let mut forwarded = chain.into_iter().filter(|e| !e.is_empty()).collect::<Vec<_>>().join(", ");
+        let mut forwarded = chain.join(", ");
         if !forwarded.is_empty() {
             forwarded.push_str(", ");
         }
@@ -113,6 +115,11 @@ mod tests {
         assert_eq!(seen("10.0.0.5:443", &["203.0.113.7:5123"], &trusted).unwrap().0, "203.0.113.7");
         assert_eq!(seen("10.0.0.5:443", &["[2001:db8::1]:5123"], &trusted).unwrap().0, "2001:db8::1");
         assert_eq!(seen("10.0.0.5:443", &["2001:db8::1"], &trusted).unwrap().0, "2001:db8::1");
+        // Empty elements are no hops: they neither stop the walk nor reach the upstream.
+        assert_eq!(
+            seen("10.0.0.5:443", &["203.0.113.7, , 10.2.2.2,", ""], &trusted),
+            pair("203.0.113.7", "203.0.113.7, 10.2.2.2, 10.0.0.5")
+        );
         // A hop that is not an address stops the walk at the last address seen.
         assert_eq!(seen("10.0.0.5:443", &["203.0.113.7, unknown"], &trusted).unwrap().0, "10.0.0.5");
         assert_eq!(seen("10.0.0.5:443", &["unknown, 10.2.2.2"], &trusted).unwrap().0, "10.2.2.2");
