@@ -16,7 +16,8 @@
 //!    - a raw backslash `\`, which some servers read as `/`.
 //! 2. **Routes match the normalised path**: percent-encoded unreserved characters (letters,
 //!    digits, `-._~`) decoded and every other percent-encoding's hex digits in upper case, the
-//!    two normalisations RFC 3986 section 6.2.2 says keep a URI's meaning. Nothing else is
+//!    two normalisations RFC 3986 section 6.2.2 says keep a URI's meaning (a path with a stray
+//!    `%` is compared as received: decoding beside it could make a new escape). Nothing else is
 //!    folded: paths are case-sensitive, `//` is not merged and a trailing `/` counts, so
 //!    `//v1/auth/token/x` and `/v1/auth/callback/` are not routes (404). Merging them here while
 //!    the upstream gets the bytes as received would let the two disagree again.
@@ -58,9 +59,13 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, BadPath> {
     let mut normal = String::new();
     // `path[copied..]` is not yet in `normal`; every index here is at an ASCII `%`.
     let mut copied = 0;
+    // A `%` that starts no valid escape: the path is then compared as received, since decoding
+    // next to it could make a new escape (`%2%65` would become `%2e`).
+    let mut stray = false;
     let mut i = 0;
     while i < bytes.len() {
         let Some(octet) = encoded_octet(bytes, i) else {
+            stray |= bytes[i] == b'%';
             i += 1;
             continue;
         };
@@ -79,7 +84,7 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, BadPath> {
         }
         i += 3;
     }
-    if copied == 0 {
+    if copied == 0 || stray {
         return Ok(Cow::Borrowed(path));
     }
     normal.push_str(&path[copied..]);
@@ -164,7 +169,10 @@ mod tests {
     #[test]
     fn unreserved_escapes_are_decoded_and_others_upper_cased() {
         assert_eq!(normalise("/v1/auth/c%61llback").as_deref(), Ok("/v1/auth/callback"));
-        assert_eq!(normalise("/v1/auth/token/c%2bd%7E%zz%").as_deref(), Ok("/v1/auth/token/c%2Bd~%zz%"));
+        assert_eq!(normalise("/v1/auth/token/c%2bd%7E").as_deref(), Ok("/v1/auth/token/c%2Bd~"));
+        // A stray `%`: decoding `%65` would turn `%2%65` into `%2e`, so nothing is decoded.
+        assert!(matches!(normalise("/v1/auth/%74oken/%2%65"), Ok(Cow::Borrowed(_))));
+        assert_eq!(normalise("/v1/auth/token/%2%2f"), Err(BadPath::EncodedSlash));
         // Already normal: nothing is copied.
         assert!(matches!(normalise("/v1/auth/token/c%2Bd%C3%A9"), Ok(Cow::Borrowed(_))));
     }
