@@ -37,6 +37,9 @@ pub struct ConnInfo {
     /// Behind a trusted proxy: its `X-Forwarded-For` with the proxy appended, for the upstream.
     /// `None`: the upstream gets `client_ip` alone.
     pub forwarded_for: Option<http::HeaderValue>,
+    /// True when the peer is in `server.trusted_proxies`: `client_ip` and `forwarded_for` come
+    /// from its `X-Forwarded-For`, and its other forwarding headers go on to the upstream.
+    pub trusted_proxy: bool,
     /// True on the HTTPS listeners.
     pub https: bool,
     /// The site chosen by SNI, when the client sent one.
@@ -47,7 +50,7 @@ impl ConnInfo {
     pub fn new(remote: SocketAddr, https: bool, sni_site: Option<usize>) -> ConnInfo {
         let client_ip = http::HeaderValue::try_from(remote.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
-        ConnInfo { remote, client_ip, forwarded_for: None, https, sni_site }
+        ConnInfo { remote, client_ip, forwarded_for: None, trusted_proxy: false, https, sni_site }
     }
 }
 

@@ -66,11 +66,7 @@ impl Forward<'_> {
         strip_hop_by_hop(headers);
         headers.remove(header::HOST);
         super::rewrite::join_cookie_crumbs(headers);
-        headers.insert(X_FORWARDED_FOR, self.conn.forwarded_for.as_ref().unwrap_or(&self.conn.client_ip).clone());
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if self.conn.https { "https" } else { "http" }));
-        if let Ok(h) = HeaderValue::from_str(self.host) {
-            headers.insert(X_FORWARDED_HOST, h);
-        }
+        self.conn.write_forwarding_headers(headers, self.host);
 
         let started = Instant::now();
         let result = tokio::time::timeout(self.client.response_timeout, self.client.inner.request(up)).await;
@@ -156,10 +152,6 @@ const BUFFERED_BODY_MAX: u64 = 64 * 1024;
 fn declared_len(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
-
-pub(super) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Removes the headers that belong to one hop (RFC 9110 section 7.6.1), including any the
 /// `Connection` header names. Allocation-free unless `Connection` names a field that is there:
