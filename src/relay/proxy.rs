@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 
@@ -113,36 +113,6 @@ impl Forward<'_> {
         tracing::warn!(site = %self.site.name, kind = kind.as_str(), error = %crate::egress::error_chain(e), "upstream {what} failed");
         plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
     }
-
-    /// Points upstream-origin `Location`s at the relay and cookie domains at the relay's host.
-    fn rewrite_headers(&self, headers: &mut HeaderMap) {
-        let upstream_origin = &self.base.origin;
-        let relay_origin = if self.public_https_port == 443 {
-            format!("https://{}", self.host)
-        } else {
-            format!("https://{}:{}", self.host, self.public_https_port)
-        };
-        if let Some(loc) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
-            if let Some(rest) = loc.strip_prefix(upstream_origin.as_str()) {
-                if rest.is_empty() || rest.starts_with(['/', '?', '#']) {
-                    if let Ok(v) = HeaderValue::try_from(format!("{relay_origin}{rest}")) {
-                        headers.insert(header::LOCATION, v);
-                    }
-                }
-            }
-        }
-        let cookies: Vec<HeaderValue> = headers
-            .get_all(header::SET_COOKIE)
-            .iter()
-            .map(|v| v.to_str().ok().and_then(|s| rewrite_cookie_domain(s, self.host)).unwrap_or_else(|| v.clone()))
-            .collect();
-        if !cookies.is_empty() {
-            headers.remove(header::SET_COOKIE);
-            for c in cookies {
-                headers.append(header::SET_COOKIE, c);
-            }
-        }
-    }
 }
 
 /// Upstream bodies up to this size with a declared length are buffered (see `send`).
@@ -201,37 +171,10 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
-/// Replaces the `Domain` attribute of a `Set-Cookie` value, keeping every other byte as sent.
-/// Only the attribute list is touched (split on `;`), so attributes a cookie library might not
-/// know (`Partitioned`, `Priority`) survive; `None` when there is no `Domain` to rewrite.
-fn rewrite_cookie_domain(cookie: &str, host: &str) -> Option<HeaderValue> {
-    let mut changed = false;
-    let parts: Vec<String> = cookie
-        .split(';')
-        .enumerate()
-        .map(|(i, part)| {
-            let is_domain = i > 0 && part.trim_start().get(..7).is_some_and(|p| p.eq_ignore_ascii_case("domain="));
-            if is_domain {
-                changed = true;
-                format!(" Domain={host}")
-            } else {
-                part.to_string()
-            }
-        })
-        .collect();
-    changed.then(|| HeaderValue::try_from(parts.join(";")).ok()).flatten()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cookie_domain_is_rewritten_and_the_rest_kept() {
-        let v = rewrite_cookie_domain("sid=a%3Db; Path=/; Domain=.aurinko.io; Secure; Partitioned", "auth.example.com");
-        assert_eq!(v.unwrap(), "sid=a%3Db; Path=/; Domain=auth.example.com; Secure; Partitioned");
-        assert!(rewrite_cookie_domain("domain=x; Path=/", "h").is_none(), "a cookie named domain is not an attribute");
-    }
+    use http::header::HeaderValue;
 
     fn names(h: &HeaderMap) -> Vec<&str> {
         let mut v: Vec<&str> = h.keys().map(HeaderName::as_str).collect();

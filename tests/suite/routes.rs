@@ -356,6 +356,42 @@ async fn authorize_proxy_rewrites_location_and_cookie_domains() {
     assert_eq!(reply.header("location"), "https://login.microsoftonline.com/common/oauth2/v2.0/authorize?client_id=x");
 }
 
+/// Scheme and host are case-insensitive (RFC 3986 section 6.2.2.1), and a `Set-Cookie`
+/// attribute's name and value are trimmed and its name read in any case (RFC 6265 section 5.2):
+/// an upstream that writes `HTTPS://LOCALHOST:port` or `domain = x` is rewritten all the same.
+#[tokio::test]
+async fn authorize_proxy_rewrites_locations_and_domains_in_any_case_and_spacing() {
+    let kit = Kit::new();
+    let origin = Arc::new(OnceLock::<String>::new());
+    let own = origin.clone();
+    let behaviour = UpstreamBehaviour::respond(move |_| {
+        Response::builder()
+            .status(302)
+            .header("location", format!("{}/v1/auth/Login?x=A%2Fb", own.get().unwrap().to_ascii_uppercase()))
+            .header("set-cookie", "sid=1; DOMAIN = localhost ; Path=/; Secure")
+            .header("set-cookie", "lb=2; Path=/;\tdomain\t=\t.localhost")
+            .header("set-cookie", "hostonly=3; Domain=; Path=/")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    });
+    let (_upstream, url) = kit.upstream(&[b"http/1.1"], behaviour).await;
+    origin.set(url.clone()).unwrap();
+    let tables = "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n";
+    let relay = kit.relay(Conf { upstream: &url, server: "public_https_port = 443", tables, ..Conf::default() }).await;
+    let reply = relay.get("/v1/auth/authorize?clientId=abc").await;
+    assert_eq!(reply.status, 302);
+    assert_eq!(reply.header("location"), "https://auth.example.test/v1/auth/Login?x=A%2Fb");
+    let cookies: Vec<&str> = reply.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect();
+    assert_eq!(
+        cookies,
+        [
+            "sid=1; Domain=auth.example.test; Path=/; Secure",
+            "lb=2; Path=/; Domain=auth.example.test",
+            "hostonly=3; Domain=; Path=/"
+        ]
+    );
+}
+
 /// An HTTP/2 browser sends each cookie as a field of its own (RFC 9113 section 8.2.3); an
 /// HTTP/1.1 upstream gets them as one `Cookie` line, in their order.
 #[tokio::test]
