@@ -254,7 +254,7 @@ mod tests {
             Answer::Now(resp) => {
                 let status = resp.status().as_u16();
                 let body = match resp.headers().get(header::LOCATION) {
-                    Some(location) => location.to_str().unwrap().to_string(),
+                    Some(location) => String::from_utf8(location.as_bytes().to_vec()).expect("UTF-8 in, UTF-8 out"),
                     None => body_text(resp),
                 };
                 (status, body)
@@ -370,6 +370,28 @@ mod tests {
             if status == 0 {
                 prop_assert_eq!(&what, &target);
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn redirects_carry_the_query_byte_for_byte(
+            query in super::super::redirect::tests::QUERY,
+            path in prop_oneof![Just("/v1/auth/callback"), Just("/v1/auth/authorizeUser")],
+        ) {
+            static REDIRECTING: std::sync::OnceLock<Arc<Relay>> = std::sync::OnceLock::new();
+            let relay = REDIRECTING.get_or_init(|| relay(""));
+            let target = format!("{path}?{query}");
+            let (status, location) = outcome(relay, "GET", &target, true);
+            if query.is_empty() && path == "/v1/auth/callback" {
+                // No query: the fragment page.
+                prop_assert_eq!(status, 200);
+            } else {
+                prop_assert_eq!((status, location), (302, format!("https://api.aurinko.io{target}")));
+            }
+            let (status, location) = outcome(relay, "GET", &target, false);
+            prop_assert_eq!(status, 308);
+            prop_assert!(location.starts_with("https://auth.example.test") && location.ends_with(&target), "{}", location);
         }
     }
 
