@@ -1,6 +1,10 @@
 //! The routes: callback relay, authorize fronting, token proxy, health, and the plain-HTTP
 //! redirect. [`Relay::handle`] turns a request into a [`Reply`] (a response, or the trip that
 //! brings one), so tests can call it without sockets; `server` feeds it from real connections.
+//!
+//! `route` picks the site and the route, on the path as `path` normalises it (or refuses it);
+//! `redirect` builds the redirects; `proxy` forwards through `upstream`'s client, with the
+//! headers `forwarded` writes about the client and those `rewrite` rewrites on the way.
 
 mod forwarded;
 mod path;
