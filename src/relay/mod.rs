@@ -1,10 +1,16 @@
 //! The routes: callback relay, authorize fronting, token proxy, health, and the plain-HTTP
 //! redirect. [`Relay::handle`] turns a request into a [`Reply`] (a response, or the trip that
 //! brings one), so tests can call it without sockets; `server` feeds it from real connections.
+//!
+//! `route` picks the site and the route, on the path as `path` normalises it (or refuses it);
+//! `redirect` builds the redirects; `proxy` forwards through `upstream`'s client, with the
+//! headers `forwarded` writes about the client and those `rewrite` rewrites on the way.
 
 mod forwarded;
+mod path;
 mod proxy;
 mod redirect;
+mod rewrite;
 mod route;
 mod upstream;
 
@@ -35,6 +41,9 @@ pub struct ConnInfo {
     /// Behind a trusted proxy: its `X-Forwarded-For` with the proxy appended, for the upstream.
     /// `None`: the upstream gets `client_ip` alone.
     pub forwarded_for: Option<http::HeaderValue>,
+    /// True when the peer is in `server.trusted_proxies`: `client_ip` and `forwarded_for` come
+    /// from its `X-Forwarded-For`, and its other forwarding headers go on to the upstream.
+    pub trusted_proxy: bool,
     /// True on the HTTPS listeners.
     pub https: bool,
     /// The site chosen by SNI, when the client sent one.
@@ -45,7 +54,7 @@ impl ConnInfo {
     pub fn new(remote: SocketAddr, https: bool, sni_site: Option<usize>) -> ConnInfo {
         let client_ip = http::HeaderValue::try_from(remote.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
-        ConnInfo { remote, client_ip, forwarded_for: None, https, sni_site }
+        ConnInfo { remote, client_ip, forwarded_for: None, trusted_proxy: false, https, sni_site }
     }
 }
 
@@ -59,6 +68,10 @@ pub struct UpstreamOutcome {
 /// A site compiled for request time: precomputed redirect targets and an upstream client.
 struct SiteRoutes {
     site: Site,
+    /// The route paths, normalised as request paths are before they are compared (`path`).
+    callback_path: String,
+    authorize_paths: Vec<String>,
+    token_prefix: String,
     /// `{callback upstream}{callback path}`, the redirect target without query.
     callback_target: String,
     /// One target per authorize path, in the same order as `site.authorize.paths`.
@@ -96,6 +109,9 @@ impl Relay {
                 |url: &url::Url| UpstreamBase::new(url).ok_or_else(|| UpstreamError::Base { url: url.to_string() });
             let token_allow = site.token.methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
             sites.push(SiteRoutes {
+                callback_path: path::normalised_route(&site.callback.path),
+                authorize_paths: site.authorize.paths.iter().map(|p| path::normalised_route(p)).collect(),
+                token_prefix: path::normalised_route(&site.token.path_prefix),
                 callback_target: target(&site.callback.upstream, &site.callback.path),
                 authorize_targets: site.authorize.paths.iter().map(|p| target(&site.authorize.upstream, p)).collect(),
                 client: UpstreamClient::new(site, &config.outbound)?,

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 
@@ -65,11 +65,8 @@ impl Forward<'_> {
         *headers = parts.headers;
         strip_hop_by_hop(headers);
         headers.remove(header::HOST);
-        headers.insert(X_FORWARDED_FOR, self.conn.forwarded_for.as_ref().unwrap_or(&self.conn.client_ip).clone());
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if self.conn.https { "https" } else { "http" }));
-        if let Ok(h) = HeaderValue::from_str(self.host) {
-            headers.insert(X_FORWARDED_HOST, h);
-        }
+        super::rewrite::join_cookie_crumbs(headers);
+        self.conn.write_forwarding_headers(headers, self.host);
 
         let started = Instant::now();
         let result = tokio::time::timeout(self.client.response_timeout, self.client.inner.request(up)).await;
@@ -116,36 +113,6 @@ impl Forward<'_> {
         tracing::warn!(site = %self.site.name, kind = kind.as_str(), error = %crate::egress::error_chain(e), "upstream {what} failed");
         plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
     }
-
-    /// Points upstream-origin `Location`s at the relay and cookie domains at the relay's host.
-    fn rewrite_headers(&self, headers: &mut HeaderMap) {
-        let upstream_origin = &self.base.origin;
-        let relay_origin = if self.public_https_port == 443 {
-            format!("https://{}", self.host)
-        } else {
-            format!("https://{}:{}", self.host, self.public_https_port)
-        };
-        if let Some(loc) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
-            if let Some(rest) = loc.strip_prefix(upstream_origin.as_str()) {
-                if rest.is_empty() || rest.starts_with(['/', '?', '#']) {
-                    if let Ok(v) = HeaderValue::try_from(format!("{relay_origin}{rest}")) {
-                        headers.insert(header::LOCATION, v);
-                    }
-                }
-            }
-        }
-        let cookies: Vec<HeaderValue> = headers
-            .get_all(header::SET_COOKIE)
-            .iter()
-            .map(|v| v.to_str().ok().and_then(|s| rewrite_cookie_domain(s, self.host)).unwrap_or_else(|| v.clone()))
-            .collect();
-        if !cookies.is_empty() {
-            headers.remove(header::SET_COOKIE);
-            for c in cookies {
-                headers.append(header::SET_COOKIE, c);
-            }
-        }
-    }
 }
 
 /// Upstream bodies up to this size with a declared length are buffered (see `send`).
@@ -155,10 +122,6 @@ const BUFFERED_BODY_MAX: u64 = 64 * 1024;
 fn declared_len(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
-
-pub(super) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Removes the headers that belong to one hop (RFC 9110 section 7.6.1), including any the
 /// `Connection` header names. Allocation-free unless `Connection` names a field that is there:
@@ -208,37 +171,10 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
-/// Replaces the `Domain` attribute of a `Set-Cookie` value, keeping every other byte as sent.
-/// Only the attribute list is touched (split on `;`), so attributes a cookie library might not
-/// know (`Partitioned`, `Priority`) survive; `None` when there is no `Domain` to rewrite.
-fn rewrite_cookie_domain(cookie: &str, host: &str) -> Option<HeaderValue> {
-    let mut changed = false;
-    let parts: Vec<String> = cookie
-        .split(';')
-        .enumerate()
-        .map(|(i, part)| {
-            let is_domain = i > 0 && part.trim_start().get(..7).is_some_and(|p| p.eq_ignore_ascii_case("domain="));
-            if is_domain {
-                changed = true;
-                format!(" Domain={host}")
-            } else {
-                part.to_string()
-            }
-        })
-        .collect();
-    changed.then(|| HeaderValue::try_from(parts.join(";")).ok()).flatten()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cookie_domain_is_rewritten_and_the_rest_kept() {
-        let v = rewrite_cookie_domain("sid=a%3Db; Path=/; Domain=.aurinko.io; Secure; Partitioned", "auth.example.com");
-        assert_eq!(v.unwrap(), "sid=a%3Db; Path=/; Domain=auth.example.com; Secure; Partitioned");
-        assert!(rewrite_cookie_domain("domain=x; Path=/", "h").is_none(), "a cookie named domain is not an attribute");
-    }
+    use http::header::HeaderValue;
 
     fn names(h: &HeaderMap) -> Vec<&str> {
         let mut v: Vec<&str> = h.keys().map(HeaderName::as_str).collect();

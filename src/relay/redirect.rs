@@ -107,3 +107,24 @@ pub fn to_https<B>(req: &Request<B>, host: &str, port: u16) -> Response<RelayBod
         Err(_) => plain(StatusCode::BAD_REQUEST, "bad request target\n"),
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every query `http::Uri` accepts: visible ASCII but `"`, `#`, `<` and `>`, and UTF-8.
+    pub(in crate::relay) const QUERY: &str = "[!$-;=?-~\u{a0}-\u{d7ff}\u{1f300}-\u{1f5ff}]{0,64}";
+
+    proptest! {
+        #[test]
+        fn the_query_goes_on_byte_for_byte(query in QUERY, status in prop_oneof![Just(302u16), Just(303), Just(307)]) {
+            let uri: http::Uri = format!("/v1/auth/callback?{query}").parse().expect("a query the strategy allows");
+            let status = StatusCode::from_u16(status).unwrap();
+            let resp = to_upstream("https://broker.example/base/v1/auth/callback", uri.query(), status);
+            prop_assert_eq!(resp.status(), status);
+            let expected = format!("https://broker.example/base/v1/auth/callback?{query}");
+            prop_assert_eq!(resp.headers()[header::LOCATION].as_bytes(), expected.as_bytes());
+        }
+    }
+}

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body::Body;
 
-use super::{ConnInfo, Relay, SiteRoutes, UpstreamBase, redirect};
+use super::{ConnInfo, Relay, SiteRoutes, UpstreamBase, path, redirect};
 use crate::config::Mode;
 use crate::health;
 use crate::response::{RelayBody, RouteName, method_not_allowed, method_not_allowed_value, plain};
@@ -29,6 +29,11 @@ impl Relay {
         let Some((site_ix, by_name)) = self.site_for_host(&host, conn) else {
             return (RouteName::None, now(req, misdirected()));
         };
+        // Refused on both listeners, so no path the relay would refuse is redirected to it.
+        let path = match path::normalise(req.uri().path()) {
+            Ok(path) => path,
+            Err(bad) => return (RouteName::None, now(req, plain(StatusCode::BAD_REQUEST, bad.body()))),
+        };
         if !conn.https {
             // Only configured names are redirect targets, never an arbitrary Host or IP.
             if !by_name {
@@ -40,7 +45,7 @@ impl Relay {
         if req.uri().query().is_some_and(|q| q.len() > self.config.limits.max_query_bytes) {
             return (RouteName::None, now(req, plain(StatusCode::URI_TOO_LONG, "query string too long\n")));
         }
-        let (route, action) = decide(&req, &self.sites[site_ix]);
+        let (route, action) = decide(&req, &path, &self.sites[site_ix]);
         let answer = match action {
             Action::Respond(r) => now(req, r),
             Action::Forward(to) => Answer::Later(Trip::Forward { req, site: site_ix, to, host }),
@@ -120,12 +125,12 @@ enum Action {
     Forward(Upstream),
 }
 
-/// Picks the route and what to do, from the path and method alone.
-fn decide<B>(req: &Request<B>, routes: &SiteRoutes) -> (RouteName, Action) {
+/// Picks the route and what to do, from the normalised `path` and the method alone.
+fn decide<B>(req: &Request<B>, path: &str, routes: &SiteRoutes) -> (RouteName, Action) {
     let site = &routes.site;
-    let (path, method) = (req.uri().path(), req.method());
+    let method = req.method();
     let get = method == Method::GET || method == Method::HEAD;
-    if path == site.callback.path {
+    if path == routes.callback_path {
         let cb = &site.callback;
         let post = method == Method::POST && cb.form_post;
         let action = match cb.mode {
@@ -138,7 +143,7 @@ fn decide<B>(req: &Request<B>, routes: &SiteRoutes) -> (RouteName, Action) {
         };
         return (RouteName::Callback, action);
     }
-    if let Some(ix) = site.authorize.paths.iter().position(|p| p == path) {
+    if let Some(ix) = routes.authorize_paths.iter().position(|p| p == path) {
         let az = &site.authorize;
         let action = match az.mode {
             Mode::Redirect if get => {
@@ -149,7 +154,7 @@ fn decide<B>(req: &Request<B>, routes: &SiteRoutes) -> (RouteName, Action) {
         };
         return (RouteName::Authorize, action);
     }
-    if let Some(code) = path.strip_prefix(site.token.path_prefix.as_str()) {
+    if let Some(code) = path.strip_prefix(routes.token_prefix.as_str()) {
         if !code.is_empty() && !code.contains('/') {
             let action = if site.token.methods.contains(method) {
                 Action::Forward(Upstream::Token)
@@ -208,5 +213,191 @@ fn host_matches(configured: &str, host: &str) -> bool {
     match configured.strip_prefix("*.") {
         Some(parent) => host.split_once('.').is_some_and(|(_, rest)| rest == parent),
         None => configured == host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::acme::Challenges;
+    use crate::config::Config;
+    use crate::tls::CertStore;
+
+    const HOST: &str = "auth.example.test";
+
+    /// A relay for one site with the default routes, built as `app` builds it, without sockets.
+    fn relay(extra: &str) -> Arc<Relay> {
+        let toml = format!(
+            "[server]\nhttps = [\"127.0.0.1:0\"]\nhttp = [\"127.0.0.1:0\"]\n\n[[site]]\nname = \"auth\"\n\
+             hostnames = [\"{HOST}\"]\nupstream = \"https://api.aurinko.io\"\n[site.tls]\nsource = \"self-signed\"\n{extra}"
+        );
+        let config = Arc::new(Config::parse("t.toml", &toml).expect("valid config"));
+        let challenges = Arc::new(Challenges::new(&config.server.storage));
+        let store = Arc::new(CertStore::new(&config, challenges.clone()));
+        let health = Arc::new(crate::health::Health::new(&config, store));
+        Arc::new(Relay::new(config, challenges, health).expect("relay"))
+    }
+
+    /// What a request gets: the status and body of an answer now, or where it is forwarded
+    /// (status 0) with the path and query it goes with.
+    fn outcome(relay: &Relay, method: &str, target: &str, https: bool) -> (u16, String) {
+        let req = Request::builder().method(method).uri(target).header(header::HOST, HOST);
+        let req = req.body(Empty::<Bytes>::new()).expect("a valid request");
+        let conn = ConnInfo::new("127.0.0.1:40000".parse().unwrap(), https, None);
+        match relay.route(req, &conn).1 {
+            Answer::Now(resp) => {
+                let status = resp.status().as_u16();
+                let body = match resp.headers().get(header::LOCATION) {
+                    Some(location) => String::from_utf8(location.as_bytes().to_vec()).expect("UTF-8 in, UTF-8 out"),
+                    None => body_text(resp),
+                };
+                (status, body)
+            }
+            Answer::Later(Trip::Forward { req, .. }) => (0, req.uri().path_and_query().unwrap().to_string()),
+            Answer::Later(_) => panic!("{method} {target}: neither an answer nor forwarded"),
+        }
+    }
+
+    fn body_text(resp: Response<RelayBody>) -> String {
+        use http_body_util::BodyExt;
+        let collected = futures_util::FutureExt::now_or_never(resp.into_body().collect()).expect("a ready body");
+        String::from_utf8(collected.expect("body").to_bytes().to_vec()).expect("text")
+    }
+
+    fn answer(status: u16, body: &str) -> (u16, String) {
+        (status, body.to_string())
+    }
+
+    #[test]
+    fn paths_with_dot_segments_or_encoded_slashes_are_refused_before_routing() {
+        let relay = relay("[site.token]\nmethods = [\"POST\", \"GET\"]\n");
+        let encoded_slash = answer(400, "encoded / or \\ in the path\n");
+        let dot = answer(400, "dot-segment in the path\n");
+        for (target, expected) in [
+            ("/v1/auth/token/..%2f..%2fadmin", &encoded_slash),
+            ("/v1/auth/token/..%2F..%2Fadmin", &encoded_slash),
+            ("/v1/auth/token/abc%5Cx", &encoded_slash),
+            ("/v1/auth/token/..", &dot),
+            ("/v1/auth/token/%2e%2E", &dot),
+            ("/v1/auth/token/..;x=1", &dot),
+            ("/v1/auth/./callback?code=c", &dot),
+            ("/..", &dot),
+            ("/%2e%2e", &dot),
+        ] {
+            assert_eq!(&outcome(&relay, "POST", target, true), expected, "{target}");
+            assert_eq!(&outcome(&relay, "GET", target, false), expected, "{target} on plain HTTP");
+        }
+    }
+
+    #[test]
+    fn routes_match_the_normalised_path_and_forward_the_bytes_received() {
+        let relay = relay("[site.authorize]\nmode = \"proxy\"\n");
+        let not_found = answer(404, "not found\n");
+        let cases = [
+            ("POST", "/v1/auth/token/c%2bd%7E?x=%2F..", answer(0, "/v1/auth/token/c%2bd%7E?x=%2F..")),
+            ("POST", "/v1/auth/%74oken/abc", answer(0, "/v1/auth/%74oken/abc")),
+            (
+                "GET",
+                "/v1/auth/authorize?returnUrl=https%3A%2F%2Fa%2F..%2Fb",
+                answer(0, "/v1/auth/authorize?returnUrl=https%3A%2F%2Fa%2F..%2Fb"),
+            ),
+            (
+                "GET",
+                "/v1/auth/c%61llback?code=a%2Fb&state=..",
+                answer(302, "https://api.aurinko.io/v1/auth/callback?code=a%2Fb&state=.."),
+            ),
+            ("POST", "/v1/auth/token/...", answer(0, "/v1/auth/token/...")),
+            // Not folded: doubled and trailing slashes, case.
+            ("POST", "//v1/auth/token/x", not_found.clone()),
+            ("POST", "/v1/auth//token/x", not_found.clone()),
+            ("POST", "/v1/auth/token//x", not_found.clone()),
+            ("POST", "/v1/auth/token/x/", not_found.clone()),
+            ("GET", "/v1/auth/callback/?code=c", not_found.clone()),
+            ("GET", "/V1/auth/callback?code=c", not_found.clone()),
+            ("GET", "/v1/auth/authorize/", not_found),
+        ];
+        for (method, target, expected) in cases {
+            assert_eq!(outcome(&relay, method, target, true), expected, "{method} {target}");
+        }
+    }
+
+    /// Request targets as `http::Uri` accepts them: path pieces the rules are about, then maybe
+    /// a query of any bytes a query may hold.
+    fn target() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            4 => Just("/"),
+            2 => Just("."),
+            1 => Just(".."),
+            1 => Just(";"),
+            1 => Just("%2e"),
+            1 => Just("%2F"),
+            1 => Just("%5c"),
+            1 => Just("%61"),
+            1 => Just("%"),
+            1 => Just("\\"),
+            1 => Just("\u{e9}"),
+            3 => Just("v1/auth/token/"),
+            2 => Just("v1/auth/callback"),
+            2 => Just("v1/auth/authorize"),
+            3 => Just("abc"),
+        ];
+        let path = proptest::collection::vec(piece, 0..10).prop_map(|p| format!("/{}", p.concat()));
+        // Every byte `http::Uri` takes in a query: visible ASCII but `"`, `#`, `<` and `>`.
+        let query = proptest::option::of("[!$-;=?-~]{0,24}");
+        (path, query).prop_map(|(path, query)| match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn what_goes_upstream_is_the_target_as_received_and_never_a_refused_path(
+            target in target(),
+            method in prop_oneof![Just("GET"), Just("POST")],
+        ) {
+            let relay = relay_for_props();
+            let uri: http::Uri = target.parse().expect("the strategy makes valid targets");
+            let (status, what) = outcome(relay, method, &target, true);
+            let refused = path::normalise(uri.path()).is_err();
+            prop_assert_eq!(refused, status == 400, "{} {} -> {} {}", method, target, status, what);
+            if status == 0 {
+                prop_assert_eq!(&what, &target);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn redirects_carry_the_query_byte_for_byte(
+            query in super::super::redirect::tests::QUERY,
+            path in prop_oneof![Just("/v1/auth/callback"), Just("/v1/auth/authorizeUser")],
+        ) {
+            static REDIRECTING: std::sync::OnceLock<Arc<Relay>> = std::sync::OnceLock::new();
+            let relay = REDIRECTING.get_or_init(|| relay(""));
+            let target = format!("{path}?{query}");
+            let (status, location) = outcome(relay, "GET", &target, true);
+            if query.is_empty() && path == "/v1/auth/callback" {
+                // No query: the fragment page.
+                prop_assert_eq!(status, 200);
+            } else {
+                prop_assert_eq!((status, location), (302, format!("https://api.aurinko.io{target}")));
+            }
+            let (status, location) = outcome(relay, "GET", &target, false);
+            prop_assert_eq!(status, 308);
+            prop_assert!(location.starts_with("https://auth.example.test") && location.ends_with(&target), "{}", location);
+        }
+    }
+
+    /// One relay for every case: building one costs a TLS client configuration.
+    fn relay_for_props() -> &'static Relay {
+        static RELAY: std::sync::OnceLock<Arc<Relay>> = std::sync::OnceLock::new();
+        RELAY.get_or_init(|| relay("[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n"))
     }
 }

@@ -111,6 +111,67 @@ async fn a_trusted_http_proxy_names_the_client_and_nobody_else_does() {
     assert_eq!(b.upstream.last().headers["x-forwarded-for"], "127.0.0.1");
 }
 
+/// One policy for every header that names the client: `X-Forwarded-For/-Proto/-Host` and
+/// `X-Real-IP` are the relay's own; `Forwarded` and the other `X-Forwarded-*` go on only from a
+/// trusted proxy, as it sent them.
+#[tokio::test]
+async fn forwarding_headers_come_from_the_relay_or_a_trusted_proxy() {
+    let claims = [
+        ("authorization", "Basic dXNlcjpwYXNz"),
+        ("x-forwarded-for", "1.2.3.4, 203.0.113.7"),
+        ("forwarded", "for=1.2.3.4, for=203.0.113.7;proto=https"),
+        ("x-real-ip", "1.2.3.4"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-port", "8443"),
+        ("x-forwarded-prefix", "/admin"),
+    ];
+    let sent = |b: &Behind| {
+        let client = b.client.clone();
+        async move { client.send(HOST, "POST", "/v1/auth/token/abc", &claims, "").await }
+    };
+    let forwarding = |b: &Behind| {
+        let seen = b.upstream.last().headers;
+        let mut names: Vec<(String, String)> = seen
+            .iter()
+            .filter(|(n, _)| n.as_str().starts_with("x-forwarded-") || *n == "x-real-ip" || *n == "forwarded")
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        names.sort();
+        assert_eq!(seen["authorization"], "Basic dXNlcjpwYXNz", "other headers go on");
+        names
+    };
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+    };
+
+    // A client that is no trusted proxy names itself in nothing the upstream reads.
+    let b = behind("").await;
+    assert_eq!(sent(&b).await.status, 200);
+    let own = [
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-host", HOST),
+        ("x-forwarded-proto", "https"),
+        ("x-real-ip", "127.0.0.1"),
+    ];
+    assert_eq!(forwarding(&b), pairs(&own));
+
+    // A trusted proxy's Forwarded and X-Forwarded-Port/-Prefix go on; X-Real-IP is the client
+    // the relay found in its X-Forwarded-For, as the access line says.
+    let b = behind("trusted_proxies = [\"127.0.0.0/8\"]").await;
+    assert_eq!(sent(&b).await.status, 200);
+    let vouched = [
+        ("forwarded", "for=1.2.3.4, for=203.0.113.7;proto=https"),
+        ("x-forwarded-for", "1.2.3.4, 203.0.113.7, 127.0.0.1"),
+        ("x-forwarded-host", HOST),
+        ("x-forwarded-port", "8443"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-forwarded-proto", "https"),
+        ("x-real-ip", "203.0.113.7"),
+    ];
+    assert_eq!(forwarding(&b), pairs(&vouched));
+}
+
 #[tokio::test]
 async fn the_proxy_headers_source_is_the_forwarded_client() {
     let b = behind("proxy_protocol_from = [\"127.0.0.0/8\"]").await;

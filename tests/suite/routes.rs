@@ -356,6 +356,65 @@ async fn authorize_proxy_rewrites_location_and_cookie_domains() {
     assert_eq!(reply.header("location"), "https://login.microsoftonline.com/common/oauth2/v2.0/authorize?client_id=x");
 }
 
+/// Scheme and host are case-insensitive (RFC 3986 section 6.2.2.1), and a `Set-Cookie`
+/// attribute's name and value are trimmed and its name read in any case (RFC 6265 section 5.2):
+/// an upstream that writes `HTTPS://LOCALHOST:port` or `domain = x` is rewritten all the same.
+#[tokio::test]
+async fn authorize_proxy_rewrites_locations_and_domains_in_any_case_and_spacing() {
+    let kit = Kit::new();
+    let origin = Arc::new(OnceLock::<String>::new());
+    let own = origin.clone();
+    let behaviour = UpstreamBehaviour::respond(move |_| {
+        Response::builder()
+            .status(302)
+            .header("location", format!("{}/v1/auth/Login?x=A%2Fb", own.get().unwrap().to_ascii_uppercase()))
+            .header("set-cookie", "sid=1; DOMAIN = localhost ; Path=/; Secure")
+            .header("set-cookie", "lb=2; Path=/;\tdomain\t=\t.localhost")
+            .header("set-cookie", "hostonly=3; Domain=; Path=/")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    });
+    let (_upstream, url) = kit.upstream(&[b"http/1.1"], behaviour).await;
+    origin.set(url.clone()).unwrap();
+    let tables = "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n";
+    let relay = kit.relay(Conf { upstream: &url, server: "public_https_port = 443", tables, ..Conf::default() }).await;
+    let reply = relay.get("/v1/auth/authorize?clientId=abc").await;
+    assert_eq!(reply.status, 302);
+    assert_eq!(reply.header("location"), "https://auth.example.test/v1/auth/Login?x=A%2Fb");
+    let cookies: Vec<&str> = reply.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect();
+    assert_eq!(
+        cookies,
+        [
+            "sid=1; Domain=auth.example.test; Path=/; Secure",
+            "lb=2; Path=/; Domain=auth.example.test",
+            "hostonly=3; Domain=; Path=/"
+        ]
+    );
+}
+
+/// An HTTP/2 browser sends each cookie as a field of its own (RFC 9113 section 8.2.3); an
+/// HTTP/1.1 upstream gets them as one `Cookie` line, in their order.
+#[tokio::test]
+async fn authorize_proxy_joins_http2_cookie_crumbs_into_one_line() {
+    let kit = Kit::new();
+    let (upstream, url) = authorize_upstream(&kit).await;
+    let tables = "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n";
+    let relay = kit.relay(Conf { upstream: &url, tables, ..Conf::default() }).await;
+    let h2 = TlsClient::new(relay.relay.https, kit.pki.client_config(&[b"h2"]));
+    let crumbs = [("cookie", "sid=a%3Db"), ("cookie", "lb=7"), ("cookie", "theme=dark")];
+    let reply = h2.send_h2(HOST, "GET", "/v1/auth/authorizeUser?clientId=abc", &crumbs, "").await;
+    assert_eq!(reply.status, 302);
+    let seen = upstream.last();
+    assert_eq!(seen.version, Version::HTTP_11);
+    let lines: Vec<&str> = seen.headers.get_all("cookie").iter().map(|v| v.to_str().unwrap()).collect();
+    assert_eq!(lines, ["sid=a%3Db; lb=7; theme=dark"]);
+
+    // One cookie, over HTTP/1.1: as it was.
+    relay.send("GET", "/v1/auth/authorizeUser?clientId=abc", &[("cookie", "sid=1; lb=2")], "").await;
+    assert_eq!(upstream.last().headers["cookie"], "sid=1; lb=2");
+    assert_eq!(upstream.last().headers.get_all("cookie").iter().count(), 1);
+}
+
 #[tokio::test]
 async fn authorize_proxy_location_carries_a_non_default_public_port() {
     let kit = Kit::new();
@@ -628,6 +687,51 @@ async fn sni_of_one_site_with_host_of_another_is_421() {
     assert_eq!(ok.status, 302, "each site answers on its own name");
     let crossed = client.send(HOST, "GET", "/v1/auth/callback?code=c", &[("host", "other.example.test")], "").await;
     assert_eq!((crossed.status, crossed.text()), (421, "this relay does not serve that host\n"));
+}
+
+/// A path whose meaning depends on how a server resolves dot-segments or decodes `%2f` is
+/// refused before anything goes upstream, over HTTP/1.1 and HTTP/2 alike; doubled and trailing
+/// slashes are not folded into a route; what is relayed keeps every byte it came with.
+#[tokio::test]
+async fn dot_segments_and_encoded_slashes_never_reach_the_upstream() {
+    let kit = Kit::new();
+    let (upstream, url) = kit.upstream(&[b"http/1.1"], UpstreamBehaviour::fixed(200, &[], "{}")).await;
+    let relay = kit.relay(Conf { upstream: &url, ..Conf::default() }).await;
+    let h2 = TlsClient::new(relay.relay.https, kit.pki.client_config(&[b"h2"]));
+    let dot = (400, "dot-segment in the path\n");
+    let encoded = (400, "encoded / or \\ in the path\n");
+    for (target, expected) in [
+        ("/v1/auth/token/..%2f..%2fadmin", encoded),
+        ("/v1/auth/token/..%2F..%2Fadmin", encoded),
+        ("/v1/auth/token/abc%5c..%5cadmin", encoded),
+        ("/v1/auth/token/..", dot),
+        ("/v1/auth/token/%2e%2E", dot),
+        ("/v1/auth/token/..;jsessionid=1", dot),
+        ("/v1/auth/token/x/../../admin", dot),
+        ("/..", dot),
+        ("/%2e%2e", dot),
+        ("/v1\\auth\\token\\x", (400, "backslash in the path\n")),
+        ("//v1/auth/token/x", (404, "not found\n")),
+        ("/v1/auth/token/x/", (404, "not found\n")),
+    ] {
+        let reply = relay.send("POST", target, &form(), "a=1").await;
+        assert_eq!((reply.status, reply.text()), expected, "HTTP/1.1 {target}");
+        assert_eq!(reply.header("content-type"), "text/plain; charset=utf-8", "{target}");
+        let reply = h2.send_h2(HOST, "POST", target, &form(), "a=1").await;
+        assert_eq!((reply.status, reply.text()), expected, "HTTP/2 {target}");
+    }
+    assert_eq!(upstream.hits(), 0);
+
+    // Dots and encoded slashes elsewhere are no dot-segments: relayed byte for byte, query too.
+    for target in
+        ["/v1/auth/token/a..b%2Bc%7e...", "/v1/auth/token/abc?next=..%2F..%2Fadmin&x=/../", "/v1/auth/%74oken/c"]
+    {
+        let reply = relay.send("POST", target, &form(), "a=1").await;
+        assert_eq!(reply.status, 200, "{target}");
+        assert_eq!(upstream.last().target, target);
+    }
+    let reply = relay.get("/v1/auth/callback?code=..%2F..%2Fa&state=/../").await;
+    assert_eq!(reply.header("location"), format!("{url}/v1/auth/callback?code=..%2F..%2Fa&state=/../"));
 }
 
 // ---- 8. Plain http:// upstream --------------------------------------------------------------
