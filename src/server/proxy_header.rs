@@ -174,6 +174,14 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_v1_header_cut_after_its_source_port_waits_for_the_rest() {
+        assert_eq!(parse(b"PROXY TCP4 0.0.0.10 100.10.100.100 10000 "), Parsed::Incomplete);
+        let whole = b"PROXY TCP4 0.0.0.10 100.10.100.100 10000 1000\r\n";
+        let client = Some(SocketAddr::from(([0, 0, 0, 10], 10000)));
+        assert_eq!(parse(whole), Parsed::Header { len: whole.len(), client });
+    }
+
     proptest! {
         /// Whatever a connection starts with, parsing never panics, and a header it accepts
         /// lies within the bytes it was given.
