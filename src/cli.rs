@@ -217,12 +217,19 @@ pub fn reload(path: &Path) -> ExitCode {
         .context("starting the runtime")
         .and_then(|rt| rt.block_on(post_reload(admin)));
     match answer {
-        Ok((200, body)) => {
+        Ok(Answer { status: 200, plain: true, body }) if body.starts_with("reloaded\n") => {
             print!("{body}");
             ExitCode::SUCCESS
         }
-        Ok((status, body)) => {
+        Ok(Answer { status: status @ (400 | 503), plain: true, body }) => {
             eprint!("the relay refused the reload ({status}):\n{body}");
+            ExitCode::FAILURE
+        }
+        Ok(Answer { status, .. }) => {
+            eprintln!(
+                "{admin} answered HTTP {status}, not as an oauth-relay admin listener does; is another server \
+                 listening there? Otherwise send the relay SIGHUP: kill -HUP <pid>"
+            );
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -233,8 +240,18 @@ pub fn reload(path: &Path) -> ExitCode {
     }
 }
 
-/// One `POST /reload` over plain HTTP/1.1, within 30 s; the status and body.
-async fn post_reload(admin: SocketAddr) -> anyhow::Result<(u16, String)> {
+/// What answered `POST /reload`.
+struct Answer {
+    status: u16,
+    /// Whether it came as the relay's answers do: plain UTF-8 text.
+    plain: bool,
+    /// The body (at most 64 KiB), with control characters other than line ends escaped, so a
+    /// foreign server's answer cannot drive the terminal.
+    body: String,
+}
+
+/// One `POST /reload` over plain HTTP/1.1, within 30 s.
+async fn post_reload(admin: SocketAddr) -> anyhow::Result<Answer> {
     use http_body_util::{BodyExt, Empty};
     let mut addr = admin;
     // A wildcard listen address is reached on loopback.
@@ -250,10 +267,18 @@ async fn post_reload(admin: SocketAddr) -> anyhow::Result<(u16, String)> {
             .body(Empty::<bytes::Bytes>::new())?;
         let resp = sender.send_request(req).await?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        let plain = resp.headers().get(http::header::CONTENT_TYPE).is_some_and(|t| t == "text/plain; charset=utf-8");
+        let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024).collect().await;
+        let body = body.map_err(anyhow::Error::from_boxed).context("reading the answer")?.to_bytes();
+        let body = String::from_utf8_lossy(&body).chars().flat_map(escaped).collect();
+        Ok(Answer { status, plain, body })
     };
     tokio::time::timeout(Duration::from_secs(30), exchange).await.context("timed out after 30 s")?
+}
+
+/// `c` as printed to a terminal: line ends as they are, other control characters escaped.
+fn escaped(c: char) -> Vec<char> {
+    if c == '\n' || !c.is_control() { vec![c] } else { c.escape_default().collect() }
 }
 
 /// `cert status`: per ACME hostname, what the store holds.

@@ -56,12 +56,32 @@ pub struct Problem {
     pub message: String,
 }
 
+/// Shown with control characters escaped (`\u{1b}`, `\n`): a value quoted in a message cannot
+/// move a terminal's cursor or start a forged log line.
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (file, key, message) = (Escaped(&self.file), Escaped(&self.key), Escaped(&self.message));
         match self.line {
-            Some(line) => write!(f, "{}:{}: {}: {}", self.file, line, self.key, self.message),
-            None => write!(f, "{}: {}: {}", self.file, self.key, self.message),
+            Some(line) => write!(f, "{file}:{line}: {key}: {message}"),
+            None => write!(f, "{file}: {key}: {message}"),
         }
+    }
+}
+
+/// Text with its control characters escaped.
+struct Escaped<'a>(&'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -232,11 +232,17 @@ impl Target {
             .map_err(ProbeError::Request)?;
         let sent = SystemTime::now();
         let mut conn = std::pin::pin!(conn);
-        // The connection future must be polled for the request to make progress; it only ends
-        // first when the upstream closed without answering.
+        let mut send = std::pin::pin!(sender.send_request(req));
+        // The connection future must be polled for the request to make progress. It can end
+        // first even when the upstream answered, with `Connection: close`: the answer is then
+        // waiting in `send`, which says whether one came.
         let resp = tokio::select! {
-            r = sender.send_request(req) => r.map_err(ProbeError::Http)?,
-            r = &mut conn => return Err(r.err().map_or(ProbeError::Closed, ProbeError::Http)),
+            biased;
+            r = &mut send => r.map_err(ProbeError::Http)?,
+            r = &mut conn => match r {
+                Err(e) => return Err(ProbeError::Http(e)),
+                Ok(()) => send.await.map_err(|_| ProbeError::Closed)?,
+            },
         };
         let received = SystemTime::now();
         let date = resp.headers().get(header::DATE).and_then(|v| v.to_str().ok());

@@ -467,3 +467,15 @@ fn two_thousand_sites_sharing_a_hostname_each_get_their_line() {
         "test.toml:7999: site[1999].hostnames[0]: `same.example.com` belongs to site[0] too: a hostname can have one site"
     );
 }
+
+#[test]
+fn control_characters_in_a_value_are_escaped_in_its_message() {
+    let text = "[[site]]\nhostnames = [\"a\\u001b[31mb.example\\nforged: line\"]\n";
+    assert_eq!(
+        problems(text),
+        [
+            "test.toml:2: site[0].hostnames[0]: `a\\u{1b}[31mb.example\\nforged: line` is not a DNS hostname (IP addresses \
+             and bare wildcards are not allowed)"
+        ]
+    );
+}

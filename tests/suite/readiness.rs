@@ -230,3 +230,15 @@ async fn a_reload_keeps_the_probe_results() {
     assert!(body.contains(&format!("upstream https://{addr} unreachable for ")), "{body}");
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn an_upstream_that_answers_with_connection_close_passes_every_probe() {
+    let up = Upstream::start(None, UpstreamBehaviour::fixed(200, &[("connection", "close")], "ok")).await;
+    let toml = format!("[[site]]\nhostnames = [\"auth.example.test\"]\nupstream = \"http://{}\"\n", up.addr);
+    let config = oauth_relay::Config::parse("probe.toml", &toml).expect("config");
+    let target = oauth_relay::health::probe::targets(&config).pop().expect("one target");
+    for i in 0..20 {
+        let seen = target.probe("/").await.unwrap_or_else(|e| panic!("probe {i}: {e}"));
+        assert_eq!(seen.status, 200, "probe {i}");
+    }
+}

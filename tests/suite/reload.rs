@@ -486,3 +486,27 @@ async fn a_config_path_that_became_a_fifo_is_refused_at_once() {
     assert_eq!(client.get(HOST, CALLBACK).await.status, 302, "the old configuration serves on");
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn reload_command_recognises_a_server_that_is_not_a_relay() {
+    let html = "<html><body>\u{1b}[31mwelcome</body></html>";
+    let other =
+        common::Upstream::start(None, common::UpstreamBehaviour::fixed(200, &[("content-type", "text/html")], html))
+            .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("relay.toml");
+    let toml = format!("[server]\nadmin = \"{}\"\n\n[[site]]\nhostnames = [\"auth.example.test\"]\n", other.addr);
+    std::fs::write(&config, toml).expect("write config");
+    let out = tokio::task::spawn_blocking(move || reload_cli(&config)).await.expect("reload");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "{} answered HTTP 200, not as an oauth-relay admin listener does; is another server listening there? \
+             Otherwise send the relay SIGHUP: kill -HUP <pid>\n",
+            other.addr
+        )
+    );
+    assert!(out.stdout.is_empty());
+}
