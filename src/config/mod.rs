@@ -368,6 +368,7 @@ fn invalid(mut problems: Vec<Problem>) -> ConfigError {
 
 mod validate;
 use validate::Validator;
+pub use validate::file_stem;
 
 #[cfg(test)]
 mod tests {

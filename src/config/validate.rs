@@ -13,7 +13,10 @@ use super::*;
 use crate::egress::Egress;
 
 mod acme;
+mod cross;
 mod process;
+
+pub use cross::file_stem;
 
 /// Collects problems while building the typed config; a `None` result always comes with at
 /// least one problem.
@@ -63,6 +66,7 @@ impl Validator<'_> {
         // On the raw sites, so a duplicate name or second default is reported even when the
         // site has other problems too.
         self.cross_site_checks(&raw.site);
+        self.cross_key_checks(&raw);
         let sites: Vec<Option<Site>> = raw.site.into_iter().enumerate().map(|(i, s)| self.site(i, s)).collect();
         let mut sites: Vec<Site> = sites.into_iter().collect::<Option<_>>()?;
         let outbound = outbound?;
@@ -89,7 +93,7 @@ impl Validator<'_> {
         let at2 = |k: &'static str, k2: &'static str| vec![Seg::Key("site"), Seg::Index(i), Seg::Key(k), Seg::Key(k2)];
 
         let hostnames = self.hostnames(&at("hostnames"), &raw.hostnames);
-        let name = raw.name.clone().unwrap_or_else(|| hostnames.first().cloned().unwrap_or_else(|| format!("site{i}")));
+        let name = cross::site_name(i, &raw);
         let upstream = self.upstream_url(&at("upstream"), &raw.upstream);
         let callback_up = raw.callback.upstream.as_ref().map(|u| self.upstream_url(&at2("callback", "upstream"), u));
         let authorize_up = raw.authorize.upstream.as_ref().map(|u| self.upstream_url(&at2("authorize", "upstream"), u));
@@ -261,6 +265,8 @@ impl Validator<'_> {
             Some("must be an https:// (or http://) URL")
         } else if url.host_str().is_none() {
             Some("needs a host")
+        } else if url.port() == Some(0) {
+            Some("has port 0, which nothing can be reached on")
         } else if url.query().is_some() || url.fragment().is_some() {
             Some("must not have a query or fragment")
         } else if !url.username().is_empty() || url.password().is_some() {
@@ -303,6 +309,10 @@ impl Validator<'_> {
     fn path(&mut self, key: &[Seg], p: &str) {
         if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
             self.error(key, format!("`{p}` must be an absolute path without query or fragment"));
+        } else if !p.bytes().all(|b| b.is_ascii_graphic()) {
+            self.error(key, format!("`{p}` must be printable ASCII (percent-encode anything else)"));
+        } else if p.split('/').any(|s| s == "." || s == "..") {
+            self.error(key, format!("`{p}` must not have `.` or `..` segments (requests with them are refused)"));
         }
     }
 

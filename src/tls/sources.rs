@@ -162,7 +162,7 @@ async fn watch_files(
 /// about to expire or does not name every hostname.
 fn self_signed(storage: &Path, site: &Site) -> Result<LoadedCert, TlsError> {
     let dir = storage.join("self-signed");
-    let file_stem = sanitize(&site.name);
+    let file_stem = crate::config::file_stem(&site.name);
     let cert_path = dir.join(format!("{file_stem}.crt"));
     let key_path = dir.join(format!("{file_stem}.key"));
     if let Ok(existing) = read_files(&cert_path, &key_path) {
@@ -185,9 +185,4 @@ fn self_signed(storage: &Path, site: &Site) -> Result<LoadedCert, TlsError> {
     }
     tracing::info!(site = %site.name, path = %cert_path.display(), "made a self-signed certificate (browsers will warn; local use only)");
     LoadedCert::from_pem(&cert_path.display().to_string(), cert_pem.as_bytes(), key_pem.as_bytes())
-}
-
-/// A file name made of the site name's safe characters.
-fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
 }

@@ -479,3 +479,88 @@ fn control_characters_in_a_value_are_escaped_in_its_message() {
         ]
     );
 }
+
+#[test]
+fn combinations_that_cannot_work_are_refused_with_their_line() {
+    let site = |extra: &str| {
+        format!("[server]\nhttps = [\"127.0.0.1:8443\"]\n\n[[site]]\nhostnames = [\"a.example.com\"]\n{extra}")
+    };
+    let cases: [(String, &str, &str); 9] = [
+        (
+            site(
+                "[site.tls]\nsource = \"acme\"\ndirectory = \"letsencrypt-staging\"\ncontact = [\"mailto:ops@example.com\"]\nterms_agreed = true\nchallenge = \"http-01\"\n",
+            ),
+            "challenge",
+            "site[0].tls.challenge: http-01 is answered on the plain-HTTP listener: add one (`[server] http = [\"0.0.0.0:80\"]`) or use \"tls-alpn-01\"",
+        ),
+        (
+            site("[site.authorize]\npaths = [\"/healthz\"]\n"),
+            "/healthz",
+            "site[0].authorize.paths[0]: `/healthz` is taken by the health check, answered before any route: choose another path",
+        ),
+        (
+            site("[site.callback]\npath = \"/v1/auth/token/callback\"\n"),
+            "/v1/auth/token/callback",
+            "site[0].callback.path: `/v1/auth/token/callback` is taken by the token route (token.path_prefix = \"/v1/auth/token/\"): choose another path",
+        ),
+        (
+            site("[site.callback]\npath = \"/.well-known/acme-challenge/x\"\n"),
+            "acme-challenge",
+            "site[0].callback.path: `/.well-known/acme-challenge/x` is taken by ACME HTTP-01 answers: choose another path",
+        ),
+        (
+            site("[site.callback]\npath = \"/v1/caf\u{e9}\"\n"),
+            "caf",
+            "site[0].callback.path: `/v1/caf\u{e9}` must be printable ASCII (percent-encode anything else)",
+        ),
+        (
+            site("[site.callback]\npath = \"/v1/\\tx\"\n"),
+            "/v1/",
+            "site[0].callback.path: `/v1/\\tx` must be printable ASCII (percent-encode anything else)",
+        ),
+        (
+            site("[site.callback]\npath = \"/v1/../callback\"\n"),
+            "/v1/..",
+            "site[0].callback.path: `/v1/../callback` must not have `.` or `..` segments (requests with them are refused)",
+        ),
+        (
+            site("upstream = \"https://broker.example.com:0\"\n"),
+            "broker",
+            "site[0].upstream: `https://broker.example.com:0` has port 0, which nothing can be reached on",
+        ),
+        (
+            "[server]\nhsts = \"max-age=abc\"\n\n[[site]]\nhostnames = [\"a.example.com\"]\n".to_string(),
+            "hsts",
+            "server.hsts: must be a Strict-Transport-Security value such as \"max-age=31536000\", or \"\" to send none",
+        ),
+    ];
+    for (text, needle, want) in &cases {
+        assert_eq!(problems(text), [format!("test.toml:{}: {want}", line(text, needle))], "{text}");
+    }
+    let blank = "[server]\nstorage = \"  \"\n\n[[site]]\nhostnames = [\"a.example.com\"]\n";
+    assert_eq!(problems(blank), ["test.toml:2: server.storage: must name a folder"]);
+}
+
+#[test]
+fn two_sites_whose_names_would_share_files_are_refused() {
+    let text = "[[site]]\nname = \"auth\"\nhostnames = [\"a.example.com\"]\n\n[[site]]\nname = \"auth\"\nhostnames = [\"b.example.com\"]\n\n\
+                [[site]]\nname = \"my site\"\nhostnames = [\"c.example.com\"]\n\n[[site]]\nname = \"my/site\"\nhostnames = [\"d.example.com\"]\n";
+    assert_eq!(
+        problems(text),
+        [
+            "test.toml:6: site[1].name: `auth` is also site[0]'s name: names must differ".to_string(),
+            "test.toml:14: site[3].name: `my/site` and site[2]'s `my site` name the same files: use names that differ in letters or digits".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn a_plain_http_route_upstream_is_a_warning() {
+    let text = "[[site]]\nhostnames = [\"a.example.com\"]\n\n[site.token]\nupstream = \"http://10.0.0.5:8080\"\n";
+    let config = Config::parse("test.toml", text).expect("accepted");
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        ["test.toml:5: site[0].token.upstream: plain http:// upstream: tokens and codes cross the network unencrypted"]
+    );
+}

@@ -52,8 +52,12 @@ impl Validator<'_> {
         let hsts = if s.hsts.is_empty() {
             None
         } else {
+            let max_age = s.hsts.split(';').map(str::trim).any(|d| {
+                d.strip_prefix("max-age=")
+                    .is_some_and(|secs| !secs.is_empty() && secs.bytes().all(|b| b.is_ascii_digit()))
+            });
             match HeaderValue::from_str(&s.hsts) {
-                Ok(v) if s.hsts.starts_with("max-age=") => Some(v),
+                Ok(v) if max_age => Some(v),
                 _ => {
                     self.error(
                         &[Seg::Key("server"), Seg::Key("hsts")],
@@ -63,7 +67,7 @@ impl Validator<'_> {
                 }
             }
         };
-        if s.storage.is_empty() {
+        if s.storage.trim().is_empty() {
             self.error(&[Seg::Key("server"), Seg::Key("storage")], "must name a folder");
         }
         let proxy_protocol_from = self.networks("proxy_protocol_from", &s.proxy_protocol_from, "the load balancer");
