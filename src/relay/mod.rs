@@ -2,7 +2,9 @@
 //! redirect. [`Relay::handle`] turns a request into a [`Reply`] (a response, or the trip that
 //! brings one), so tests can call it without sockets; `server` feeds it from real connections.
 
+mod connect;
 mod forwarded;
+mod pool;
 mod proxy;
 mod redirect;
 mod route;

@@ -72,7 +72,7 @@ impl Forward<'_> {
         }
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.client.response_timeout, self.client.inner.request(up)).await;
+        let result = tokio::time::timeout(self.client.response_timeout, self.client.send(up)).await;
         outcome.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         let resp = match result {
             Err(_) => return self.timed_out("response"),

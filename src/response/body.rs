@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
 use tokio::time::Sleep;
 
 /// Errors a response body can end with; hyper then resets the stream or closes the connection.
@@ -22,8 +23,9 @@ pub enum RelayBody {
     Empty,
     /// A small body held in memory (pages, errors, health).
     Full(Option<Bytes>),
-    /// An upstream response body, streamed; a silence longer than `idle` ends it.
-    Upstream { body: Incoming, idle: Duration, timer: Option<Pin<Box<Sleep>>> },
+    /// An upstream response body, streamed; a silence longer than `idle` ends it. Boxed: the
+    /// upstream client's body type lives above this module.
+    Upstream { body: UnsyncBoxBody<Bytes, BodyError>, idle: Duration, timer: Option<Pin<Box<Sleep>>> },
 }
 
 impl RelayBody {
@@ -33,8 +35,12 @@ impl RelayBody {
     }
 
     /// An upstream body that fails when the upstream stays silent for `idle`.
-    pub fn upstream(body: Incoming, idle: Duration) -> Self {
-        RelayBody::Upstream { body, idle, timer: None }
+    pub fn upstream<B>(body: B, idle: Duration) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BodyError>,
+    {
+        RelayBody::Upstream { body: body.map_err(Into::into).boxed_unsync(), idle, timer: None }
     }
 }
 
@@ -54,7 +60,7 @@ impl Body for RelayBody {
             RelayBody::Upstream { body, idle, timer } => match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(frame) => {
                     *timer = None;
-                    Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+                    Poll::Ready(frame)
                 }
                 Poll::Pending => {
                     let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(*idle)));

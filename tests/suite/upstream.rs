@@ -1,0 +1,156 @@
+//! What the relay does with an upstream that breaks HTTP, against a rogue upstream
+//! (`common::rogue`) that answers with raw bytes: a token answer reaches only the request that
+//! caused it, a connection that received bytes nobody asked for is never used again, and a
+//! well-behaved upstream keeps one connection for requests one after another.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::rogue::{Rogue, Step, answer};
+use common::{Pki, RelayUnderTest, TlsClient};
+
+const HOST: &str = "auth.example.test";
+
+/// A relay in front of an upstream and a client for it (the PKI's files live as long).
+struct Kit {
+    _pki: Pki,
+    _relay: RelayUnderTest,
+    client: TlsClient,
+}
+
+/// A relay in front of `upstream` (a base URL) with these `[limits]` lines, trusting `pki`'s CA.
+async fn kit_with(pki: Pki, upstream: &str, limits: &str) -> Kit {
+    let site = format!("upstream = \"{upstream}\"\nupstream_ca_file = \"{}\"", pki.ca_path.display());
+    let relay = RelayUnderTest::start(&common::one_site_config(&pki, "", limits, &site)).await;
+    let client = TlsClient::new(relay.https, pki.client_config(&[b"http/1.1"]));
+    Kit { _pki: pki, _relay: relay, client }
+}
+
+async fn kit(rogue: &Rogue) -> Kit {
+    kit_with(Pki::new(), &format!("http://{}", rogue.addr), "").await
+}
+
+impl Kit {
+    /// The token exchange for `code`: status and body.
+    async fn token(&self, code: &str) -> (u16, String) {
+        let reply = self.client.send(HOST, "POST", &format!("/v1/auth/token/{code}"), &[], "").await;
+        (reply.status, reply.text().to_string())
+    }
+}
+
+/// The code a token request carries in its path.
+fn code_of(target: &str) -> &str {
+    target.rsplit('/').next().unwrap_or_default()
+}
+
+/// The token answer the rogue gives for `code`.
+fn token_for(code: &str) -> String {
+    format!(r#"{{"code":"{code}"}}"#)
+}
+
+#[tokio::test]
+async fn requests_one_after_another_share_one_upstream_connection() {
+    // Alternately a Content-Length and a chunked answer: both end cleanly, so the connection
+    // goes back to the idle list after each.
+    let rogue = Rogue::start(|target| {
+        let code = code_of(target);
+        let body = token_for(code);
+        if code.ends_with(['0', '2', '4', '6', '8']) {
+            vec![Step::write(answer("200 OK", &body))]
+        } else {
+            let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+            vec![Step::write(format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}"))]
+        }
+    })
+    .await;
+    let kit = kit(&rogue).await;
+    for i in 0..20 {
+        let code = format!("c{i}");
+        assert_eq!(kit.token(&code).await, (200, token_for(&code)));
+    }
+    assert_eq!(rogue.connections(), 1, "every answer ended cleanly, so one connection served all");
+}
+
+/// Twenty token exchanges one after another, each with its own code: each caller gets the
+/// answer to its own request, and each connection that carried a second answer was closed.
+async fn each_caller_gets_its_own_token(kit: &Kit, rogue: &Rogue) {
+    for i in 0..20 {
+        let code = format!("c{i}");
+        assert_eq!(kit.token(&code).await, (200, token_for(&code)), "caller {i}");
+        // The script, stray answer included, has been played before the next caller comes.
+        rogue.wait_played(i + 1).await;
+    }
+    let codes: Vec<String> = (0..20).map(|i| format!("/v1/auth/token/c{i}")).collect();
+    assert_eq!(rogue.targets(), codes, "each request went upstream once");
+    assert_eq!(rogue.connections(), 20, "no connection that received an unasked answer was used again");
+}
+
+/// The answer to `target`, then a second one that nobody asked for, `pause` later.
+fn two_answers(target: &str, pause: Option<Duration>) -> Vec<Step> {
+    let code = code_of(target);
+    let first = answer("200 OK", &token_for(code));
+    let stray = answer("200 OK", &token_for(&format!("stray-after-{code}")));
+    match pause {
+        None => vec![Step::write(first + &stray)],
+        Some(pause) if pause.is_zero() => vec![Step::write(first), Step::write(stray)],
+        Some(pause) => vec![Step::write(first), Step::Sleep(pause), Step::write(stray)],
+    }
+}
+
+#[tokio::test]
+async fn a_second_answer_in_the_same_write_reaches_nobody() {
+    let rogue = Rogue::start(|target| two_answers(target, None)).await;
+    each_caller_gets_its_own_token(&kit(&rogue).await, &rogue).await;
+}
+
+#[tokio::test]
+async fn a_second_answer_on_an_idle_connection_reaches_nobody() {
+    let rogue = Rogue::start(|target| two_answers(target, Some(Duration::from_millis(20)))).await;
+    each_caller_gets_its_own_token(&kit(&rogue).await, &rogue).await;
+}
+
+#[tokio::test]
+async fn a_second_answer_on_an_idle_tls_connection_reaches_nobody() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("upstream", &["localhost"]);
+    let rogue =
+        Rogue::start_tls(pki.server_config(&leaf, &[b"http/1.1"]), |t| two_answers(t, Some(Duration::from_millis(20))))
+            .await;
+    let url = format!("https://localhost:{}", rogue.addr.port());
+    let kit = kit_with(pki, &url, "").await;
+    each_caller_gets_its_own_token(&kit, &rogue).await;
+}
+
+/// Twenty token exchanges back to back on one keep-alive connection to the relay.
+async fn back_to_back(kit: &Kit) -> Vec<(u16, String)> {
+    use http_body_util::{BodyExt, Full};
+    let tls = kit.client.connect(HOST).await.expect("handshake");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.expect("h1");
+    tokio::spawn(conn);
+    let mut replies = Vec::new();
+    for i in 0..20 {
+        sender.ready().await.expect("the relay keeps the connection");
+        let req = http::Request::post(format!("/v1/auth/token/c{i}"))
+            .header("host", HOST)
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+            .await
+            .expect("in time")
+            .expect("response");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        replies.push((status, String::from_utf8(body.to_vec()).unwrap()));
+    }
+    replies
+}
+
+#[tokio::test]
+async fn a_second_answer_in_its_own_write_reaches_nobody_back_to_back() {
+    let rogue = Rogue::start(|target| two_answers(target, Some(Duration::ZERO))).await;
+    let kit = kit(&rogue).await;
+    let want: Vec<(u16, String)> = (0..20).map(|i| (200, token_for(&format!("c{i}")))).collect();
+    assert_eq!(back_to_back(&kit).await, want);
+}
