@@ -33,17 +33,20 @@ pub(super) struct Connector {
 
 impl Connector {
     /// HTTP/1.1 as the relay speaks it upstream: each request head and body in one write (one
-    /// send(2) rather than a writev(2), cheaper for a token request's few hundred bytes).
-    pub fn http1() -> http1::Builder {
+    /// send(2) rather than a writev(2), cheaper for a token request's few hundred bytes), and an
+    /// answer's head no larger than `max_header_bytes` (hyper's default would take 400 kB).
+    pub fn http1(max_header_bytes: usize) -> http1::Builder {
         let mut b = http1::Builder::new();
-        b.writev(false);
+        // Twice the head bound: a head that never ends stops there, a complete one is measured
+        // against the bound itself; hyper wants at least 8 KiB.
+        b.writev(false).max_header_size(max_header_bytes).max_buf_size((2 * max_header_bytes).max(8192));
         b
     }
 
-    /// HTTP/2, with hyper's timer for its own deadlines.
-    pub fn http2() -> http2::Builder<TokioExecutor> {
+    /// HTTP/2 with the same bound on an answer's headers.
+    pub fn http2(max_header_bytes: usize) -> http2::Builder<TokioExecutor> {
         let mut b = http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new());
+        b.timer(TokioTimer::new()).max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
         b
     }
 

@@ -100,7 +100,7 @@ impl Relay {
             sites.push(SiteRoutes {
                 callback_target: target(&site.callback.upstream, &site.callback.path),
                 authorize_targets: site.authorize.paths.iter().map(|p| target(&site.authorize.upstream, p)).collect(),
-                client: UpstreamClient::new(site, &config.outbound)?,
+                client: UpstreamClient::new(site, &config.outbound, &config.limits)?,
                 callback_base: base(&site.callback.upstream)?,
                 authorize_base: base(&site.authorize.upstream)?,
                 token_base: base(&site.token.upstream)?,

@@ -299,8 +299,8 @@ mod tests {
         let connector = Connector {
             egress: crate::egress::Egress::direct().connector(http, Duration::from_secs(5)),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-            http1: Connector::http1(),
-            http2: Connector::http2(),
+            http1: Connector::http1(16 * 1024),
+            http2: Connector::http2(16 * 1024),
         };
         let (conn, accepted) = tokio::join!(connector.connect(&uri), listener.accept());
         let origin = Origin { scheme: Scheme::HTTP, authority: uri.authority().unwrap().clone() };

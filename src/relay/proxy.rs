@@ -76,6 +76,7 @@ impl Forward<'_> {
         outcome.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         let resp = match result {
             Err(_) => return self.timed_out("response"),
+            Ok(Err(e)) if e.is_invalid() => return self.refused(&e),
             Ok(Err(e)) => return self.failed(UpstreamErrorKind::of(&e, e.is_connect()), &e, "request"),
             Ok(Ok(resp)) => resp,
         };
@@ -115,6 +116,13 @@ impl Forward<'_> {
         crate::metrics::global().upstream_error(kind);
         tracing::warn!(site = %self.site.name, kind = kind.as_str(), error = %crate::egress::error_chain(e), "upstream {what} failed");
         plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
+    }
+
+    /// `502` for an answer that breaks HTTP (see `upstream::Invalid`): it is never forwarded.
+    fn refused(&self, e: &super::upstream::SendError) -> Response<RelayBody> {
+        crate::metrics::global().upstream_error(UpstreamErrorKind::Request);
+        tracing::warn!(site = %self.site.name, error = %crate::egress::error_chain(e), "upstream answer refused");
+        plain(StatusCode::BAD_GATEWAY, "invalid upstream response\n")
     }
 
     /// Points upstream-origin `Location`s at the relay and cookie domains at the relay's host.

@@ -2,7 +2,7 @@
 //! plus an optional extra CA, HTTP/2 when the upstream offers it by ALPN, a connect timeout, an
 //! outbound proxy where one is configured ([`connect`](super::connect)), and an idle list of
 //! connections per origin ([`pool`](super::pool)). One per site, since sites may trust different
-//! CAs. Each request is sent once.
+//! CAs. Each request is sent once; an answer that breaks HTTP is refused rather than forwarded.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use tokio_rustls::TlsConnector;
 
 use super::connect::Connector;
 use super::pool::{Conn, Origin, Pool, ReqBody, Reuse, UpstreamBody};
-use crate::config::Site;
+use crate::config::{Limits, Site};
 use crate::egress::{BoxError, Egress, TrustError, upstream_tls};
 
 /// Why an upstream client could not be built.
@@ -37,9 +37,12 @@ pub enum SendError {
     Tls(#[source] std::io::Error),
     #[error("HTTP handshake with the upstream failed")]
     Handshake(#[source] hyper::Error),
-    /// The connection broke, or hyper could not read the answer.
+    /// The connection broke, or hyper could not read the answer (a head over the bound, a
+    /// status that is not three digits, conflicting lengths).
     #[error("the exchange with the upstream failed")]
     Exchange(#[source] hyper::Error),
+    #[error("the upstream's answer breaks HTTP")]
+    Invalid(#[source] Invalid),
     #[error("the request has no upstream origin")]
     NoOrigin,
 }
@@ -49,6 +52,30 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect(_) | SendError::Tls(_) | SendError::Handshake(_))
     }
+
+    /// Whether the upstream answered something that is not a valid HTTP answer.
+    pub fn is_invalid(&self) -> bool {
+        match self {
+            SendError::Invalid(_) => true,
+            SendError::Exchange(e) => e.is_parse(),
+            _ => false,
+        }
+    }
+}
+
+/// An answer the relay refuses to forward (nginx answers these with 502 too).
+#[derive(Debug, thiserror::Error)]
+pub enum Invalid {
+    /// `101 Switching Protocols`: the relay never asks for an upgrade.
+    #[error("101 Switching Protocols to a request that asked for no upgrade")]
+    Upgrade,
+    /// A final status outside 200-599 (1xx answers before the final one are read and dropped).
+    #[error("final status {0} is outside 200-599")]
+    Status(u16),
+    /// Both `Content-Length` and `Transfer-Encoding` (RFC 9112 section 6.3): the framing is
+    /// ambiguous, the mark of response splitting, so the answer and its connection are dropped.
+    #[error("Content-Length together with Transfer-Encoding")]
+    LengthAndEncoding,
 }
 
 /// An upstream base URL (`upstream` of a route) taken apart once, so a forwarded request's URI
@@ -104,8 +131,9 @@ impl std::fmt::Debug for UpstreamClient {
 
 impl UpstreamClient {
     /// Builds the client for `site`: its CA file, connect and response timeouts, reached as
-    /// `egress` says (directly or through a proxy).
-    pub fn new(site: &Site, egress: &Egress) -> Result<UpstreamClient, UpstreamError> {
+    /// `egress` says (directly or through a proxy), answers' heads bounded by
+    /// `limits.max_header_bytes` like requests' heads.
+    pub fn new(site: &Site, egress: &Egress, limits: &Limits) -> Result<UpstreamClient, UpstreamError> {
         let tls = upstream_tls(site.upstream_ca_file.as_deref(), &[b"h2", b"http/1.1"])?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -115,8 +143,8 @@ impl UpstreamClient {
         let connector = Connector {
             egress: egress.connector(http, site.connect_timeout),
             tls: TlsConnector::from(Arc::new(tls)),
-            http1: Connector::http1(),
-            http2: Connector::http2(),
+            http1: Connector::http1(limits.max_header_bytes),
+            http2: Connector::http2(limits.max_header_bytes),
         };
         Ok(UpstreamClient {
             connector,
@@ -156,7 +184,7 @@ impl UpstreamClient {
         Ok(conn)
     }
 
-    /// One request on `conn`; an HTTP/1.1 connection rides along in the
+    /// One request on `conn`, its answer checked; an HTTP/1.1 connection rides along in the
     /// answer's body and returns to the pool when that body ends cleanly.
     async fn exchange(
         &self,
@@ -174,12 +202,14 @@ impl UpstreamClient {
                 // Origin form: `POST /v1/auth/token/... HTTP/1.1`.
                 *req.uri_mut() = uri.path_and_query().cloned().map_or_else(Uri::default, Uri::from);
                 let resp = sender.try_send_request(req).await.map_err(Failed::from)?;
+                check(&resp)?;
                 let reuse = Reuse { pool: self.pool.clone(), origin: origin.clone(), sender, probe };
                 Ok(resp.map(|body| UpstreamBody::new(body, Some(reuse))))
             }
             Conn::Http2(mut sender) => {
                 *req.uri_mut() = uri.clone();
                 let resp = sender.try_send_request(req).await.map_err(Failed::from)?;
+                check(&resp)?;
                 Ok(resp.map(|body| UpstreamBody::new(body, None)))
             }
         }
@@ -216,6 +246,28 @@ impl From<SendError> for Failed {
     }
 }
 
+impl From<Invalid> for Failed {
+    fn from(e: Invalid) -> Failed {
+        Failed::Error(SendError::Invalid(e))
+    }
+}
+
+/// Refuses an answer the relay must not forward (see [`Invalid`]). hyper has already read past
+/// any 1xx interim answers (RFC 9110 section 15.2 lets a client drop them; the relay cannot
+/// pass them on) and refused a status that is not three digits or a head over the bound.
+fn check<B>(resp: &Response<B>) -> Result<(), Invalid> {
+    match resp.status().as_u16() {
+        101 => return Err(Invalid::Upgrade),
+        200..=599 => {}
+        other => return Err(Invalid::Status(other)),
+    }
+    let h = resp.headers();
+    if h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING) {
+        return Err(Invalid::LengthAndEncoding);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +290,23 @@ mod tests {
         assert_eq!(uri("http://[::1]:8080/b", "/t?q"), "http://[::1]:8080/b/t?q");
         let base = UpstreamBase::new(&url::Url::parse("https://h:8443/").unwrap()).unwrap();
         assert_eq!(base.origin, "https://h:8443");
+    }
+
+    #[test]
+    fn answers_that_break_http_are_refused() {
+        let resp = |status: u16, headers: &[(&str, &str)]| {
+            let mut r = Response::builder().status(status);
+            for (k, v) in headers {
+                r = r.header(*k, *v);
+            }
+            r.body(()).unwrap()
+        };
+        assert!(matches!(check(&resp(101, &[])), Err(Invalid::Upgrade)));
+        assert!(matches!(check(&resp(600, &[])), Err(Invalid::Status(600))));
+        assert!(matches!(check(&resp(199, &[])), Err(Invalid::Status(199))), "1xx is never final");
+        let both = [("content-length", "5"), ("transfer-encoding", "chunked")];
+        assert!(matches!(check(&resp(200, &both)), Err(Invalid::LengthAndEncoding)));
+        assert!(check(&resp(200, &both[..1])).is_ok());
+        assert!(check(&resp(599, &both[1..])).is_ok());
     }
 }

@@ -122,17 +122,18 @@ async fn a_second_answer_on_an_idle_tls_connection_reaches_nobody() {
     each_caller_gets_its_own_token(&kit, &rogue).await;
 }
 
-/// Twenty token exchanges back to back on one keep-alive connection to the relay.
-async fn back_to_back(kit: &Kit) -> Vec<(u16, String)> {
+/// Token exchanges for `codes`, one after another on one keep-alive connection to the relay:
+/// status and body of each.
+async fn on_one_connection(kit: &Kit, codes: &[String]) -> Vec<(u16, String)> {
     use http_body_util::{BodyExt, Full};
     let tls = kit.client.connect(HOST).await.expect("handshake");
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.expect("h1");
     tokio::spawn(conn);
     let mut replies = Vec::new();
-    for i in 0..20 {
+    for code in codes {
         sender.ready().await.expect("the relay keeps the connection");
-        let req = http::Request::post(format!("/v1/auth/token/c{i}"))
+        let req = http::Request::post(format!("/v1/auth/token/{code}"))
             .header("host", HOST)
             .body(Full::new(bytes::Bytes::new()))
             .unwrap();
@@ -147,10 +148,104 @@ async fn back_to_back(kit: &Kit) -> Vec<(u16, String)> {
     replies
 }
 
+/// `c0` to `c19`.
+fn twenty_codes() -> Vec<String> {
+    (0..20).map(|i| format!("c{i}")).collect()
+}
+
 #[tokio::test]
 async fn a_second_answer_in_its_own_write_reaches_nobody_back_to_back() {
     let rogue = Rogue::start(|target| two_answers(target, Some(Duration::ZERO))).await;
     let kit = kit(&rogue).await;
-    let want: Vec<(u16, String)> = (0..20).map(|i| (200, token_for(&format!("c{i}")))).collect();
-    assert_eq!(back_to_back(&kit).await, want);
+    let want: Vec<(u16, String)> = twenty_codes().iter().map(|c| (200, token_for(c))).collect();
+    assert_eq!(on_one_connection(&kit, &twenty_codes()).await, want);
+}
+
+/// What the rogue answers to the token request for `code`: the answer that breaks HTTP in the
+/// way the code names, else the token for it.
+fn broken(code: &str) -> Vec<Step> {
+    let raw = match code {
+        "both-lengths" => {
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_string()
+        }
+        "switching" => {
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n".to_string()
+        }
+        "status-600" => answer("600 Beyond", &token_for(code)),
+        "status-099" => answer("099 Below", &token_for(code)),
+        "head-200k" => {
+            format!("HTTP/1.1 200 OK\r\nX-Padding: {}\r\nContent-Length: 2\r\n\r\n{{}}", "a".repeat(200 * 1024))
+        }
+        "interim" => format!(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n\
+             HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n{}",
+            answer("200 OK", &token_for(code))
+        ),
+        "head-12k" => format!(
+            "HTTP/1.1 200 OK\r\nX-Padding: {}\r\nContent-Length: {}\r\n\r\n{}",
+            "a".repeat(12 * 1024),
+            token_for(code).len(),
+            token_for(code)
+        ),
+        _ => answer("200 OK", &token_for(code)),
+    };
+    vec![Step::write(raw)]
+}
+
+/// What the client gets for an answer the relay refuses.
+const REFUSED: (u16, &str) = (502, "invalid upstream response\n");
+
+#[tokio::test]
+async fn answers_that_break_http_are_502_and_the_next_caller_gets_its_own() {
+    let rogue = Rogue::start(|target| broken(code_of(target))).await;
+    let kit = kit(&rogue).await;
+    let cases = ["both-lengths", "switching", "status-600", "status-099", "head-200k"];
+    // Each refused answer, then a good one, on one client connection: the refused answer's
+    // framing never leaks into what the client reads next.
+    let codes: Vec<String> = cases.iter().flat_map(|c| [c.to_string(), format!("after-{c}")]).collect();
+    let want: Vec<(u16, String)> = cases
+        .iter()
+        .flat_map(|c| [(REFUSED.0, REFUSED.1.to_string()), (200, token_for(&format!("after-{c}")))])
+        .collect();
+    assert_eq!(on_one_connection(&kit, &codes).await, want);
+    // The bytes and headers of a refusal.
+    let reply = kit.client.send(HOST, "POST", "/v1/auth/token/both-lengths", &[], "").await;
+    assert_eq!((reply.status, reply.text()), REFUSED);
+    assert_eq!(reply.header("content-length"), "26");
+    assert_eq!(reply.header("transfer-encoding"), "");
+    assert_eq!(reply.header("cache-control"), "no-store");
+    // A refused answer's connection is closed: each good answer after one came on a new
+    // connection, and the last refusal had the last connection.
+    assert_eq!(rogue.connections(), cases.len() + 1);
+}
+
+#[tokio::test]
+async fn interim_answers_are_read_past_and_a_head_under_the_bound_passes() {
+    let rogue = Rogue::start(|target| broken(code_of(target))).await;
+    let kit = kit(&rogue).await;
+    let reply = kit.client.send(HOST, "POST", "/v1/auth/token/interim", &[], "").await;
+    assert_eq!((reply.status, reply.text()), (200, token_for("interim").as_str()));
+    assert_eq!(reply.header("link"), "", "the 103's fields stay with the 103");
+    let reply = kit.client.send(HOST, "POST", "/v1/auth/token/head-12k", &[], "").await;
+    assert_eq!((reply.status, reply.text()), (200, token_for("head-12k").as_str()));
+    assert_eq!(reply.header("x-padding").len(), 12 * 1024);
+    assert_eq!(rogue.connections(), 1, "both answers ended cleanly");
+}
+
+#[tokio::test]
+async fn the_head_bound_is_max_header_bytes() {
+    let rogue = Rogue::start(|target| broken(code_of(target))).await;
+    let kit = kit_with(Pki::new(), &format!("http://{}", rogue.addr), "max_header_bytes = 8192").await;
+    let reply = kit.client.send(HOST, "POST", "/v1/auth/token/head-12k", &[], "").await;
+    assert_eq!((reply.status, reply.text()), REFUSED);
+}
+
+#[tokio::test]
+async fn a_body_cut_off_before_its_length_is_502() {
+    let rogue =
+        Rogue::start(|_| vec![Step::write("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"code\":"), Step::Close])
+            .await;
+    let kit = kit(&rogue).await;
+    assert_eq!(kit.token("c1").await, (502, "upstream unreachable\n".to_string()));
 }
