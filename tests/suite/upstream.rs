@@ -249,3 +249,68 @@ async fn a_body_cut_off_before_its_length_is_502() {
     let kit = kit(&rogue).await;
     assert_eq!(kit.token("c1").await, (502, "upstream unreachable\n".to_string()));
 }
+
+/// The relay binary with its log, in front of `rogue`, and a client for it.
+async fn logged_relay(pki: &Pki, rogue: &Rogue) -> (common::process::RelayProcess, TlsClient) {
+    let store = format!("storage = \"{}\"", pki.dir.path().join("store").display());
+    let site = format!("upstream = \"http://{}\"", rogue.addr);
+    let config = pki.dir.path().join("relay.toml");
+    std::fs::write(&config, common::one_site_config(pki, &store, "", &site)).expect("write the config");
+    let mut relay = common::process::RelayProcess::serve(&config, &[], |_| {});
+    let client = TlsClient::new(relay.https_addr().await, pki.client_config(&[b"http/1.1"]));
+    (relay, client)
+}
+
+/// A token exchange whose answer is read as far as it goes: its status, and whether its body
+/// came whole.
+async fn streamed_token(client: &TlsClient, code: &str) -> (u16, bool) {
+    use http_body_util::{BodyExt, Full};
+    let tls = client.connect(HOST).await.expect("handshake");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.expect("h1");
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("/v1/auth/token/{code}"))
+        .header("host", HOST)
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("a response head");
+    let status = resp.status().as_u16();
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect()).await.expect("in time");
+    (status, body.is_ok())
+}
+
+#[tokio::test]
+async fn a_streamed_answer_the_upstream_cuts_off_is_logged_as_cut_off() {
+    // A chunked answer (streamed to the client as it comes) that ends cleanly for `whole` and
+    // breaks off after its first chunk otherwise.
+    let rogue = Rogue::start(|target| {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let first = format!("{head}9\r\n{{\"code\":\"\r\n");
+        if code_of(target) == "whole" {
+            vec![Step::write(first + "7\r\nwhole\"}\r\n0\r\n\r\n")]
+        } else {
+            vec![Step::write(first), Step::Sleep(Duration::from_millis(50)), Step::Close]
+        }
+    })
+    .await;
+    let pki = Pki::new();
+    let (mut relay, client) = logged_relay(&pki, &rogue).await;
+
+    assert_eq!(streamed_token(&client, "whole").await, (200, true));
+    let line = relay.wait_line("the access line of the whole answer", Duration::from_secs(10), |l| {
+        l.contains(" access: ") && l.contains(" route=token ")
+    });
+    let line = line.await;
+    assert!(line.contains(" status=200 ") && !line.contains("aborted"), "{line}");
+
+    assert_eq!(streamed_token(&client, "cut").await, (200, false), "the client sees the cut, not a short body");
+    let line = relay.wait_line("the access line of the cut answer", Duration::from_secs(10), |l| {
+        l.contains(" access: ") && l.contains(" route=token ") && l.contains("aborted")
+    });
+    let line = line.await;
+    assert!(line.contains(" status=200 ") && line.ends_with(" aborted=\"upstream\""), "{line}");
+    relay.wait_for("the upstream answer broke off in its body").await;
+}
