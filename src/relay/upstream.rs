@@ -176,8 +176,11 @@ impl UpstreamClient {
         }
     }
 
+    /// A new connection, shared at once if it speaks HTTP/2. Boxed: making a connection (TCP,
+    /// TLS, handshake) is a future of several kilobytes that most requests, served from the
+    /// pool, never run, and inline it would be copied with every request's future.
     async fn connect(&self, origin: &Origin, uri: &Uri) -> Result<Conn, SendError> {
-        let conn = self.connector.connect(uri).await?;
+        let conn = Box::pin(self.connector.connect(uri)).await?;
         if let Conn::Http2(sender) = &conn {
             self.pool.share(origin, sender);
         }
