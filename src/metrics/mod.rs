@@ -44,7 +44,8 @@ pub enum UpstreamErrorKind {
     Timeout,
     /// The TLS handshake with the upstream failed (certificate, protocol).
     Tls,
-    /// The connection broke after it was made (reset, closed mid-response).
+    /// The connection broke after it was made (reset, closed mid-response), or the answer broke
+    /// HTTP and was refused (`101`, a status outside 200-599, both framings, an oversized head).
     Request,
     /// The upstream answered with a 5xx status.
     Status5xx,

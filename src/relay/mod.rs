@@ -6,8 +6,10 @@
 //! `redirect` builds the redirects; `proxy` forwards through `upstream`'s client, with the
 //! headers `forwarded` writes about the client and those `rewrite` rewrites on the way.
 
+mod connect;
 mod forwarded;
 mod path;
+mod pool;
 mod proxy;
 mod redirect;
 mod rewrite;
@@ -26,7 +28,8 @@ use crate::acme::Challenges;
 use crate::config::{Config, Site};
 use crate::flow::{FlowId, Flows};
 use crate::health::Health;
-use crate::response::{RelayBody, Reply, RouteName, plain};
+use crate::metrics::UpstreamErrorKind;
+use crate::response::{BodyEnd, OnEnd, RelayBody, Reply, RouteName, plain};
 use route::{Answer, Trip, Upstream};
 
 /// Where a request came from; filled in by the server for every connection.
@@ -114,7 +117,7 @@ impl Relay {
                 token_prefix: path::normalised_route(&site.token.path_prefix),
                 callback_target: target(&site.callback.upstream, &site.callback.path),
                 authorize_targets: site.authorize.paths.iter().map(|p| target(&site.authorize.upstream, p)).collect(),
-                client: UpstreamClient::new(site, &config.outbound)?,
+                client: UpstreamClient::new(site, &config.outbound, &config.limits)?,
                 callback_base: base(&site.callback.upstream)?,
                 authorize_base: base(&site.authorize.upstream)?,
                 token_base: base(&site.token.upstream)?,
@@ -190,17 +193,34 @@ impl Relay {
         if let Some(ms) = upstream.latency_ms {
             metrics.upstream_latency(route, Duration::try_from_secs_f64(ms / 1000.0).unwrap_or_default());
         }
-        if self.config.log.access {
-            let flow = received.flow_uri.and_then(|u| self.flow_id(route, &u));
+        let log = self.config.log.access;
+        let flow = if log { received.flow_uri.as_ref().and_then(|u| self.flow_id(route, u)) } else { None };
+        let status = resp.status();
+        if resp.body().is_streamed() {
+            // Its access line is written, and a cut-off counted, once the body has ended.
+            let client = conn.client_ip.clone();
+            let written: OnEnd = Box::new(move |end| {
+                body_ended(route, end);
+                if log {
+                    let (client, raw_uri) = (client.to_str().unwrap_or("?"), received.raw_uri.as_deref());
+                    access_log(client, &received.method, route, status, received.at, upstream, raw_uri, flow, end);
+                }
+            });
+            if let Some(complete) = resp.body_mut().on_end(written) {
+                complete(BodyEnd::Complete);
+            }
+        } else if log {
+            let (client, raw_uri) = (conn.client_ip.to_str().unwrap_or("?"), received.raw_uri.as_deref());
             access_log(
-                conn.client_ip.to_str().unwrap_or("?"),
+                client,
                 &received.method,
                 route,
-                resp.status(),
+                status,
                 received.at,
                 upstream,
-                received.raw_uri.as_deref(),
+                raw_uri,
                 flow,
+                BodyEnd::Complete,
             );
         }
         resp
@@ -283,9 +303,22 @@ struct Received {
     flow_uri: Option<http::Uri>,
 }
 
+/// A streamed upstream answer that broke off after its head went out (the client got its
+/// status, then a cut connection): counted as an upstream error and logged.
+fn body_ended(route: RouteName, end: BodyEnd) {
+    let kind = match end {
+        BodyEnd::UpstreamCut => UpstreamErrorKind::Request,
+        BodyEnd::UpstreamStalled => UpstreamErrorKind::Timeout,
+        BodyEnd::Complete | BodyEnd::ClientGone => return,
+    };
+    crate::metrics::global().upstream_error(kind);
+    tracing::warn!(route = route.as_str(), kind = kind.as_str(), "the upstream answer broke off in its body");
+}
+
 /// One access-log line. Never carries any header value, nor (unless `raw_uri` is given because
 /// the operator set `[log] redact = false`) the path's code or the query. `client` is the
-/// client's address (a PROXY protocol header's source behind a load balancer).
+/// client's address (a PROXY protocol header's source behind a load balancer). A streamed answer
+/// is logged when its body ends; `aborted` says who broke it off, if anyone did.
 #[allow(clippy::too_many_arguments)]
 fn access_log(
     client: &str,
@@ -296,7 +329,13 @@ fn access_log(
     up: UpstreamOutcome,
     raw_uri: Option<&str>,
     flow: Option<FlowId>,
+    end: BodyEnd,
 ) {
+    let aborted = match end {
+        BodyEnd::Complete => None,
+        BodyEnd::UpstreamCut | BodyEnd::UpstreamStalled => Some("upstream"),
+        BodyEnd::ClientGone => Some("client"),
+    };
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     tracing::info!(
         target: "access",
@@ -309,6 +348,7 @@ fn access_log(
         upstream_ms = up.latency_ms.map(|l| tracing::field::display(format!("{l:.3}"))),
         uri = raw_uri,
         flow = flow.map(tracing::field::display),
+        aborted,
     );
 }
 

@@ -69,10 +69,11 @@ impl Forward<'_> {
         self.conn.write_forwarding_headers(headers, self.host);
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.client.response_timeout, self.client.inner.request(up)).await;
+        let result = tokio::time::timeout(self.client.response_timeout, self.client.send(up)).await;
         outcome.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         let resp = match result {
             Err(_) => return self.timed_out("response"),
+            Ok(Err(e)) if e.is_invalid() => return self.refused(&e),
             Ok(Err(e)) => return self.failed(UpstreamErrorKind::of(&e, e.is_connect()), &e, "request"),
             Ok(Ok(resp)) => resp,
         };
@@ -112,6 +113,13 @@ impl Forward<'_> {
         crate::metrics::global().upstream_error(kind);
         tracing::warn!(site = %self.site.name, kind = kind.as_str(), error = %crate::egress::error_chain(e), "upstream {what} failed");
         plain(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
+    }
+
+    /// `502` for an answer that breaks HTTP (see `upstream::Invalid`): it is never forwarded.
+    fn refused(&self, e: &super::upstream::SendError) -> Response<RelayBody> {
+        crate::metrics::global().upstream_error(UpstreamErrorKind::Request);
+        tracing::warn!(site = %self.site.name, error = %crate::egress::error_chain(e), "upstream answer refused");
+        plain(StatusCode::BAD_GATEWAY, "invalid upstream response\n")
     }
 }
 

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use http::{HeaderValue, Response, StatusCode, header};
 
-pub use body::{BodyError, BodyStalled, RelayBody};
+pub use body::{BodyEnd, BodyError, BodyStalled, EndHook, OnEnd, RelayBody};
 
 /// Which route answered; the access log's `route` field and the metrics' `route` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! Test support: a throwaway PKI made with rcgen, a real upstream HTTP(S) server that records
-//! what it receives, the relay started in-process on ephemeral loopback ports, and real TLS
-//! clients. Nothing here is a mock: every byte crosses a socket.
+//! what it receives, a rogue upstream that answers with raw scripted bytes, the relay started
+//! in-process on ephemeral loopback ports, and real TLS clients. Nothing here is a mock: every
+//! byte crosses a socket.
 
 #![allow(dead_code, unused_imports)]
 
@@ -10,6 +11,7 @@ pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod relay;
+pub mod rogue;
 pub mod upstream;
 
 pub use client::{Reply, TlsClient};

@@ -26,3 +26,4 @@ mod readiness;
 mod reload;
 mod routes;
 mod tls;
+mod upstream;
