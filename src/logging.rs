@@ -17,11 +17,12 @@ pub enum LogFormat {
 /// The filter when `RUST_LOG` is unset or invalid (rustls kept quiet on top, as for any filter).
 const DEFAULT_FILTER: &str = "info";
 
-/// rustls' level whenever the filter does not name rustls itself: it warns on every ClientHello
-/// that carries an IP literal as SNI (load-balancer probes, some clients), which the relay
-/// already handles, so a filter such as `warn`, set to make the logs quieter, would otherwise
-/// let any client add a line per connection.
-const RUSTLS_QUIET: &str = "rustls=error";
+/// Libraries that warn about what any client can do, and the level they are kept at whenever
+/// the filter does not name them itself; otherwise a filter such as `warn`, set to make the
+/// logs quieter, would let any client add a line per connection. rustls warns on every
+/// ClientHello that carries an IP literal as SNI (load-balancer probes, some clients); h2 on
+/// every connection that resets too many streams (which the relay then refuses, as it should).
+const QUIET: [(&str, &str); 2] = [("rustls", "rustls=error"), ("h2", "h2=error")];
 
 /// Installs the global subscriber writing to stderr. Safe to call once per process.
 pub fn init(format: LogFormat) {
@@ -40,26 +41,27 @@ pub fn init(format: LogFormat) {
 }
 
 /// The filter for a `RUST_LOG` value ([`DEFAULT_FILTER`] when it is unset or invalid), with
-/// [`RUSTLS_QUIET`] added unless it names rustls (`RUST_LOG=debug,rustls=debug`).
+/// each of [`QUIET`] added unless it names that library (`RUST_LOG=debug,rustls=debug`).
 fn filter(rust_log: Option<&str>) -> EnvFilter {
-    let (filter, spec) = match rust_log.map(|spec| (EnvFilter::try_new(spec), spec)) {
+    let (mut filter, spec) = match rust_log.map(|spec| (EnvFilter::try_new(spec), spec)) {
         Some((Ok(filter), spec)) => (filter, spec),
         _ => (EnvFilter::new(DEFAULT_FILTER), DEFAULT_FILTER),
     };
-    if names_rustls(spec) {
-        return filter;
+    for (library, quiet) in QUIET {
+        if !names(spec, library) {
+            if let Ok(quiet) = quiet.parse() {
+                filter = filter.add_directive(quiet);
+            }
+        }
     }
-    match RUSTLS_QUIET.parse() {
-        Ok(quiet) => filter.add_directive(quiet),
-        Err(_) => filter,
-    }
+    filter
 }
 
-/// Whether a filter has a directive for rustls or one of its modules.
-fn names_rustls(spec: &str) -> bool {
+/// Whether a filter has a directive for `library` or one of its modules.
+fn names(spec: &str, library: &str) -> bool {
     spec.split(',').any(|directive| {
         let target = directive.split(['=', '[']).next().unwrap_or_default().trim();
-        target == "rustls" || target.starts_with("rustls::")
+        target == library || target.strip_prefix(library).is_some_and(|rest| rest.starts_with("::"))
     })
 }
 
@@ -81,6 +83,7 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension");
+            tracing::warn!(target: "h2::proto::streams::recv", "GOAWAY: too many resets");
             tracing::warn!(target: "oauth_relay::server", "relay warning");
         });
         let bytes = out.lock().map(|b| b.clone()).unwrap_or_default();
@@ -102,10 +105,11 @@ mod tests {
     }
 
     #[test]
-    fn a_quieter_rust_log_keeps_rustls_quiet() {
+    fn a_quieter_rust_log_keeps_rustls_and_h2_quiet() {
         for rust_log in [None, Some("warn"), Some("debug"), Some("oauth_relay=warn"), Some("not a filter[")] {
             let out = shown(rust_log);
             assert!(!out.contains("Illegal SNI"), "RUST_LOG={rust_log:?} showed rustls: {out}");
+            assert!(!out.contains("too many resets"), "RUST_LOG={rust_log:?} showed h2: {out}");
             assert!(out.contains("relay warning"), "RUST_LOG={rust_log:?} hid the relay: {out}");
         }
     }
@@ -116,5 +120,8 @@ mod tests {
             let out = shown(Some(rust_log));
             assert!(out.contains("WARN rustls::msgs::handshake: Illegal SNI extension"), "RUST_LOG={rust_log}: {out}");
         }
+        let out = shown(Some("warn,h2=warn"));
+        assert!(out.contains("WARN h2::proto::streams::recv: GOAWAY: too many resets"), "{out}");
+        assert!(!shown(Some("warn,h2x=warn")).contains("too many resets"), "h2x is not h2");
     }
 }

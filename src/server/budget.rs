@@ -7,17 +7,56 @@
 //! the address it names counts). A flood from many addresses meets the global cap: then, like
 //! nginx reusing its keep-alive connections, the relay closes the connections that cost others
 //! the most and serve nobody, in this order: answers stalled on a client that does not read,
-//! headers begun and never finished, then the longest idle keep-alive connections, up to
-//! [`RECLAIM_BATCH`] at a time. A connection that is answering a request is never chosen.
+//! handshakes and headers begun and never finished, then the longest idle keep-alive
+//! connections, up to [`RECLAIM_BATCH`] at a time. A connection that is answering a request is
+//! never chosen.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 
-use super::deadline::Watch;
+use super::deadline::STALLED;
+
+/// A connection a shortage of slots may close.
+pub trait Reclaim: Send + Sync {
+    /// How readily it goes (lower first; see the module docs), `None` when it must not.
+    fn reclaim_rank(&self) -> Option<(u8, Instant)>;
+    /// Asks it to go now.
+    fn reclaim(&self);
+}
+
+/// A connection before its first request can be read: reading its PROXY header and its TLS
+/// handshake. One that has not finished within [`STALLED`] ranks with unfinished headers.
+pub struct Handshaking {
+    started: Instant,
+    reclaimed: Notify,
+}
+
+impl Handshaking {
+    pub fn new() -> Arc<Handshaking> {
+        Arc::new(Handshaking { started: Instant::now(), reclaimed: Notify::new() })
+    }
+
+    /// Completes when a shortage of slots asks this connection to go.
+    pub async fn reclaimed(&self) {
+        self.reclaimed.notified().await;
+    }
+}
+
+impl Reclaim for Handshaking {
+    fn reclaim_rank(&self) -> Option<(u8, Instant)> {
+        (self.started.elapsed() >= STALLED).then_some((1, self.started))
+    }
+
+    fn reclaim(&self) {
+        // notify_one keeps the permit for a waiter that is not polled yet.
+        self.reclaimed.notify_one();
+    }
+}
 
 /// How many connections one shortage of slots closes at most.
 pub const RECLAIM_BATCH: usize = 32;
@@ -29,8 +68,8 @@ pub struct Budget {
     size: Mutex<usize>,
     /// Open connections by client address (an IPv6 client by its /64).
     per_address: Mutex<HashMap<IpAddr, usize>>,
-    /// Connections past their handshake, for [`Budget::reclaim`].
-    open: Mutex<HashMap<u64, Weak<Watch>>>,
+    /// Open connections (but the admin listener's), for [`Budget::reclaim`].
+    open: Mutex<HashMap<u64, Weak<dyn Reclaim>>>,
     next_id: AtomicU64,
     /// Whether a refusal was already logged as a warning (the first one is; later ones at
     /// debug level).
@@ -85,10 +124,11 @@ impl Budget {
     }
 
     /// Lists a connection for [`Budget::reclaim`] until the returned guard drops.
-    pub fn register(self: &Arc<Self>, watch: &Arc<Watch>) -> Registered {
+    pub fn register<R: Reclaim + 'static>(self: &Arc<Self>, conn: &Arc<R>) -> Registered {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let weak: Weak<dyn Reclaim> = Arc::downgrade(conn) as Weak<dyn Reclaim>;
         if let Ok(mut open) = self.open.lock() {
-            open.insert(id, Arc::downgrade(watch));
+            open.insert(id, weak);
         }
         Registered { budget: self.clone(), id }
     }
@@ -98,12 +138,12 @@ impl Budget {
     pub fn reclaim(&self) -> usize {
         let Ok(open) = self.open.lock() else { return 0 };
         let mut victims: Vec<_> =
-            open.values().filter_map(Weak::upgrade).filter_map(|w| Some((w.reclaim_rank()?, w))).collect();
+            open.values().filter_map(Weak::upgrade).filter_map(|c| Some((c.reclaim_rank()?, c))).collect();
         drop(open);
         victims.sort_by_key(|(rank, _)| *rank);
         victims.truncate(RECLAIM_BATCH);
-        for (_, watch) in &victims {
-            watch.reclaim();
+        for (_, conn) in &victims {
+            conn.reclaim();
         }
         victims.len()
     }
@@ -168,6 +208,22 @@ mod tests {
         assert!(budget.admit("192.0.2.8".parse().unwrap(), 3).is_some(), "another address is not");
         drop(slots);
         assert!(budget.admit(ip, 3).is_some(), "slots come back as connections close");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handshake_unfinished_for_a_second_is_reclaimed_first_of_all_but_stalled_answers() {
+        let budget = Arc::new(Budget::new(2));
+        let slow = Handshaking::new();
+        let _listed = budget.register(&slow);
+        assert_eq!(budget.reclaim(), 0, "a handshake under way is left alone");
+        tokio::time::sleep(STALLED).await;
+        let waiting = tokio::spawn({
+            let slow = slow.clone();
+            async move { slow.reclaimed().await }
+        });
+        assert_eq!(budget.reclaim(), 1);
+        waiting.await.expect("the handshake is told to go");
+        assert_eq!(slow.reclaim_rank().map(|(class, _)| class), Some(1));
     }
 
     #[test]

@@ -196,11 +196,24 @@ impl Watch {
         }
     }
 
+    /// When the timer should fire next: the deadline, or while busy one send period from now
+    /// (so a send deadline that starts later never comes before the timer).
+    fn arm(&self) -> Instant {
+        let at = match self.due() {
+            Due::Busy => Instant::now() + self.send_timeout,
+            Due::Idle(t) | Due::Head(t) | Due::Send(t) => t,
+        };
+        self.armed.store(self.stamp(at), Ordering::Release);
+        at
+    }
+}
+
+impl super::budget::Reclaim for Watch {
     /// How readily this connection goes when the relay is short of connection slots (lower
     /// first): an answer stalled on the client, then headers begun and unfinished, both for at
     /// least [`STALLED`], then idle; each the oldest first. `None` while it is answering a
     /// request, and for a request or an answer that is merely under way.
-    pub fn reclaim_rank(&self) -> Option<(u8, Instant)> {
+    fn reclaim_rank(&self) -> Option<(u8, Instant)> {
         let stalled = |since: Instant| Instant::now().saturating_duration_since(since) >= STALLED;
         match self.due() {
             Due::Busy => None,
@@ -211,20 +224,9 @@ impl Watch {
     }
 
     /// Asks the connection to go now unless it is answering a request.
-    pub fn reclaim(&self) {
+    fn reclaim(&self) {
         self.evict.store(true, Ordering::Release);
         self.wake.notify_one();
-    }
-
-    /// When the timer should fire next: the deadline, or while busy one send period from now
-    /// (so a send deadline that starts later never comes before the timer).
-    fn arm(&self) -> Instant {
-        let at = match self.due() {
-            Due::Busy => Instant::now() + self.send_timeout,
-            Due::Idle(t) | Due::Head(t) | Due::Send(t) => t,
-        };
-        self.armed.store(self.stamp(at), Ordering::Release);
-        at
     }
 }
 
@@ -282,45 +284,10 @@ where
     let (mut graceful, mut force, mut sleep) = (std::pin::pin!(graceful), std::pin::pin!(force), std::pin::pin!(sleep));
     loop {
         tokio::select! {
+            // The deadlines first: a peer that always gives the connection more to do (a flood
+            // of pings or settings) would otherwise use up the task's budget in `conn` every
+            // time, and tokio's timer, which yields to an exhausted budget, would never fire.
             biased;
-            served = conn.as_mut() => {
-                // hyper answered a request it could not parse (400, 414, 431) and stopped.
-                if served.is_err_and(|e| e.is_parse() || e.is_parse_too_large()) {
-                    watch.linger.store(true, Ordering::Release);
-                }
-                return;
-            }
-            _ = &mut force, if draining => return,
-            _ = &mut graceful, if !draining => {
-                draining = true;
-                if !closing {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-            _ = watch.wake.notified(), if goodbye.is_none() => {
-                if watch.evict.swap(false, Ordering::AcqRel) {
-                    match watch.due() {
-                        Due::Busy => {}
-                        Due::Idle(_) if !closing => {
-                            tracing::debug!("idle connection closed: the relay is short of connection slots");
-                            crate::metrics::global().connection_closed("overload");
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                            let at = Instant::now() + GOODBYE;
-                            goodbye = Some(at);
-                            sleep.as_mut().reset(at);
-                            continue;
-                        }
-                        _ => {
-                            tracing::debug!("stalled connection closed: the relay is short of connection slots");
-                            crate::metrics::global().connection_closed("overload");
-                            return;
-                        }
-                    }
-                }
-                sleep.as_mut().reset(watch.arm());
-            }
             _ = &mut sleep => {
                 let now = Instant::now();
                 match watch.due() {
@@ -354,6 +321,44 @@ where
                         sleep.as_mut().reset(watch.arm());
                     }
                 }
+            }
+            _ = &mut force, if draining => return,
+            _ = &mut graceful, if !draining => {
+                draining = true;
+                if !closing {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            _ = watch.wake.notified(), if goodbye.is_none() => {
+                if watch.evict.swap(false, Ordering::AcqRel) {
+                    match watch.due() {
+                        Due::Busy => {}
+                        Due::Idle(_) if !closing => {
+                            tracing::debug!("idle connection closed: the relay is short of connection slots");
+                            crate::metrics::global().connection_closed("overload");
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                            let at = Instant::now() + GOODBYE;
+                            goodbye = Some(at);
+                            sleep.as_mut().reset(at);
+                            continue;
+                        }
+                        _ => {
+                            tracing::debug!("stalled connection closed: the relay is short of connection slots");
+                            crate::metrics::global().connection_closed("overload");
+                            return;
+                        }
+                    }
+                }
+                sleep.as_mut().reset(watch.arm());
+            }
+            served = conn.as_mut() => {
+                // hyper answered a request it could not parse (400, 414, 431) and stopped.
+                if served.is_err_and(|e| e.is_parse() || e.is_parse_too_large()) {
+                    watch.linger.store(true, Ordering::Release);
+                }
+                return;
             }
         }
     }
@@ -528,6 +533,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::task::JoinHandle;
 
+    use super::super::budget::Reclaim;
     use super::*;
 
     const HEADER: Duration = Duration::from_secs(10);

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use budget::Budget;
+use budget::{Budget, Handshaking};
 use deadline::Drain;
 use serve::{serve_plain, serve_tls};
 
@@ -260,12 +260,17 @@ async fn connection(mut tcp: TcpStream, mut remote: SocketAddr, kind: Kind, shar
     // The configuration at accept time sets this connection's handshake and deadlines.
     let live = shared.current();
     let limits = live.limits().clone();
+    // Until its first request can be read, a connection is listed for a shortage of slots to
+    // reclaim (see `budget`); the admin listener's never are.
+    let handshaking = Handshaking::new();
+    let listed = (kind != Kind::Admin).then(|| shared.budget.register(&handshaking));
     let balancers = &live.config().server.proxy_protocol_from;
     if !balancers.is_empty() && kind != Kind::Admin {
         // Boxed: only connections behind a balancer carry this wait in their task.
-        match Box::pin(behind_balancer(&mut tcp, remote, balancers, limits.handshake_timeout)).await {
-            Some(client) => remote = client,
-            None => return,
+        let header = Box::pin(behind_balancer(&mut tcp, remote, balancers, limits.handshake_timeout));
+        match unless_reclaimed(&handshaking, header).await {
+            Some(Some(client)) => remote = client,
+            _ => return,
         }
     }
     let _counted = match kind {
@@ -279,6 +284,7 @@ async fn connection(mut tcp: TcpStream, mut remote: SocketAddr, kind: Kind, shar
         },
     };
     if kind != Kind::Https {
+        drop(listed);
         let serving = serve_plain(tcp, remote, kind, shared, &live, &limits, drain);
         // Each request loads the configuration in force; the connection pins none.
         drop(live);
@@ -289,7 +295,9 @@ async fn connection(mut tcp: TcpStream, mut remote: SocketAddr, kind: Kind, shar
     // use. (Whatever an async fn holds across an await keeps room in its future, so the
     // handshake's output is handed on at once.)
     let handshake = Box::pin(tls::accept(tcp, &live.store, &live.tls, limits.handshake_timeout));
-    let hs = match handshake.await {
+    let Some(handshake) = unless_reclaimed(&handshaking, handshake).await else { return };
+    drop(listed);
+    let hs = match handshake {
         Ok(hs) => hs,
         Err(tls::HandshakeError::AcmeChallenge) => return,
         Err(e) => {
@@ -302,6 +310,19 @@ async fn connection(mut tcp: TcpStream, mut remote: SocketAddr, kind: Kind, shar
     let serving = serve_tls(hs, remote, kind, shared, &live, &limits, drain);
     drop(live);
     serving.await;
+}
+
+/// `step`'s outcome, or `None` (counted) when a shortage of slots reclaimed the connection first.
+async fn unless_reclaimed<T>(handshaking: &Handshaking, step: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        biased;
+        done = step => Some(done),
+        _ = handshaking.reclaimed() => {
+            tracing::debug!("connection closed before its handshake ended: the relay is short of connection slots");
+            crate::metrics::global().connection_closed("overload");
+            None
+        }
+    }
 }
 
 /// Logs and counts a connection closed for its address's cap. The first one is a warning, and
