@@ -114,9 +114,9 @@ async def closed_unread(writer, within):
 
 
 async def send(writer, data, args, stats, frames):
-    """Writes `frames` frames; False when the server stopped taking them (closed, or not
-    reading) before the attack's end."""
-    if writer.is_closing():
+    """Writes `frames` frames; False once the attack is over, or when the server stopped
+    taking them (closed, or not reading) before its end."""
+    if writer.is_closing() or common.left(args) == 0:
         return False
     try:
         writer.write(data)

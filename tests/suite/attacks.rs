@@ -29,7 +29,7 @@ fn cut_within(summary: &serde_json::Value, bound: f64) {
 }
 
 /// How long an attack client may run in all: its `--seconds` and the time to wind down.
-const ATTACK_BOUND: Duration = Duration::from_secs(20);
+const ATTACK_BOUND: Duration = Duration::from_secs(30);
 
 /// Spreads a client's connections over `count` addresses from 127.0.1.1 up, as many clients
 /// would (each stays under the default per-address cap of 256).
@@ -197,7 +197,9 @@ async fn a_ping_flood_leaves_others_served() {
             yields to the exhausted task budget), so a SETTINGS flood outlives idle_timeout"]
 async fn a_frame_flood_does_not_outlive_the_idle_deadline() {
     // PINGs and SETTINGS are not requests: the idle deadline (2 s, then the goodbye's second)
-    // should end these connections however busy they keep the relay.
+    // should end these connections however busy they keep the relay. Today 4 to 6 of the 8
+    // stay open for the whole attack; with drive()'s timer branch polled outside the budget
+    // (`tokio::task::unconstrained(&mut sleep)`), all 8 closed after 3.2 s in a trial build.
     let target = Target::start(&[], "").await;
     let args = ["settings", "--connections", "8", "--count", "10000000", "--seconds", "8"];
     let mut attack = target.attack("h2.py", &args);
