@@ -48,6 +48,11 @@ impl RelayProcess {
         RelayProcess { child: ChildGuard(child), dir, exited: None }
     }
 
+    /// Its process id (for `/proc/PID/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
     /// Where its stderr (the log) goes.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("stderr")

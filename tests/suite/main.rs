@@ -11,6 +11,7 @@
 mod common;
 
 mod acme;
+mod attacks;
 mod balancer;
 mod cli;
 mod config;
