@@ -58,6 +58,9 @@ impl Reclaim for Handshaking {
     }
 }
 
+/// Connections the admin listener holds at most, beside `max_connections`.
+pub const ADMIN_SLOTS: usize = 64;
+
 /// How many connections one shortage of slots closes at most.
 pub const RECLAIM_BATCH: usize = 32;
 
@@ -65,6 +68,9 @@ pub const RECLAIM_BATCH: usize = 32;
 pub struct Budget {
     /// Connection slots: `limits.max_connections`.
     pub permits: Arc<Semaphore>,
+    /// The admin listener's own slots ([`ADMIN_SLOTS`]): a flood that takes every public slot
+    /// leaves health checks and metrics scrapes their way in.
+    pub admin: Arc<Semaphore>,
     size: Mutex<usize>,
     /// Open connections by client address (an IPv6 client by its /64).
     per_address: Mutex<HashMap<IpAddr, usize>>,
@@ -80,6 +86,7 @@ impl Budget {
     pub fn new(size: usize) -> Budget {
         Budget {
             permits: Arc::new(Semaphore::new(size)),
+            admin: Arc::new(Semaphore::new(ADMIN_SLOTS)),
             size: Mutex::new(size),
             per_address: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),

@@ -167,6 +167,7 @@ pub async fn serve(shared: Arc<Shared>, listeners: Listeners, stop: Cancellation
     while loops.join_next().await.is_some() {}
     let _ = trimmer.await;
     shared.budget.permits.close();
+    shared.budget.admin.close();
     tracker.close();
     let grace = shared.current().limits().shutdown_grace;
     tracing::info!(connections = tracker.len(), "stopped accepting; draining for at most {grace:?}");
@@ -201,7 +202,16 @@ async fn accept_loop(
         };
         // Taken once a client is there, so a shortage makes room only for someone who waits;
         // meanwhile this loop accepts nobody else.
-        let Some(permit) = slot(&shared.budget, &stop).await else { return };
+        let permit = match kind {
+            Kind::Admin => tokio::select! {
+                _ = stop.cancelled() => return,
+                p = shared.budget.admin.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            },
+            _ => match slot(&shared.budget, &stop).await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         if !inherits_nodelay {
             let _ = tcp.set_nodelay(true);
         }

@@ -373,3 +373,28 @@ async fn a_client_still_sending_a_refused_request_reads_its_status_not_a_reset()
     let status = send_all_then_read(&client, post).await.expect("no broken pipe or reset");
     assert_eq!(status, "HTTP/1.1 413 Payload Too Large");
 }
+
+#[tokio::test]
+async fn the_admin_listener_answers_while_every_public_slot_is_busy() {
+    let pki = Pki::new();
+    let slow = Upstream::start(
+        None,
+        UpstreamBehaviour::Delayed(
+            Duration::from_secs(2),
+            Arc::new(|_| http::Response::new(Full::new(Bytes::from_static(b"{}")))),
+        ),
+    )
+    .await;
+    let site = format!("upstream = \"http://{}\"", slow.addr);
+    let toml = common::one_site_config(&pki, "admin = \"127.0.0.1:0\"", "max_connections = 1", &site);
+    let relay = RelayUnderTest::start(&toml).await;
+    let client = TlsClient::new(relay.https, pki.client_config(&[b"http/1.1"]));
+    let busy = tokio::spawn(async move { client.send("auth.example.test", "POST", "/v1/auth/token/c", &[], "").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admin = relay.admin.expect("admin listener");
+    let reply = tokio::time::timeout(Duration::from_secs(1), common::client::plain_get(admin, "localhost", "/healthz"))
+        .await
+        .expect("the admin listener has slots of its own");
+    assert_eq!((reply.status, reply.text()), (200, "ok"));
+    assert_eq!(busy.await.expect("task").status, 200);
+}
