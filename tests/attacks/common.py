@@ -120,6 +120,25 @@ def close(writer):
         pass
 
 
+async def workers(args, attack, *extra, errors=(OSError, TimeoutError), on_error=None):
+    """Runs `attack(args, i, *extra)` on `args.connections` connections at once until the
+    attack's time is up, each again after it ends when `args.reconnect` says so. An error in
+    `errors` counts through `on_error` and is followed by a short pause."""
+
+    async def worker(i):
+        while left(args) > 0:
+            try:
+                await attack(args, i, *extra)
+            except errors:
+                if on_error:
+                    on_error()
+                await asyncio.sleep(0.05)
+            if not args.reconnect:
+                return
+
+    await asyncio.gather(*(worker(i) for i in range(args.connections)))
+
+
 def percentile(values, p):
     """The p-th percentile (nearest rank) of `values`, rounded to ms; None when empty."""
     if not values:

@@ -43,18 +43,23 @@ class Stats:
         """The connection was still open when the attack ended."""
         self.held.append(time.monotonic() - since)
 
+    async def until_closed(self, args, reader, writer, since=None):
+        """Waits for the relay to close the connection (or the attack to end), counts which it
+        was from `since` (now by default), and closes our end."""
+        since = time.monotonic() if since is None else since
+        if await common.closed_by_relay(reader, common.left(args)):
+            self.cut(since)
+        else:
+            self.kept(since)
+        common.close(writer)
+
 
 async def handshakes(args, i, stats, _ctx):
     reader, writer = await common.connect(args, i)
     stats.opened += 1
     if i % 2:
         writer.write(PARTIAL_HELLO)
-    since = time.monotonic()
-    if await common.closed_by_relay(reader, common.left(args)):
-        stats.cut(since)
-    else:
-        stats.kept(since)
-    common.close(writer)
+    await stats.until_closed(args, reader, writer)
 
 
 async def slowloris(args, i, stats, ctx):
@@ -87,12 +92,7 @@ async def idle(args, i, stats, ctx):
     async with asyncio.timeout(10):
         await reader.readuntil(b"\r\n\r\nok")
     stats.answered += 1
-    since = time.monotonic()
-    if await common.closed_by_relay(reader, common.left(args)):
-        stats.cut(since)
-    else:
-        stats.kept(since)
-    common.close(writer)
+    await stats.until_closed(args, reader, writer)
 
 
 async def slow_reader(args, i, stats, ctx):
@@ -129,11 +129,7 @@ async def flood(args, stats):
     holding = set()
 
     async def hold(reader, writer, since):
-        if await common.closed_by_relay(reader, common.left(args)):
-            stats.cut(since)
-        else:
-            stats.kept(since)
-        common.close(writer)
+        await stats.until_closed(args, reader, writer, since)
 
     async def connector():
         while stats.opened + stats.failed < args.count and common.left(args) > 0:
@@ -166,17 +162,11 @@ async def main():
     else:
         attack = {"handshakes": handshakes, "slowloris": slowloris, "idle": idle, "slow-reader": slow_reader}[args.mode]
         ctx = None if args.mode == "handshakes" else common.tls_context(args, ["http/1.1"])
-        async def worker(i):
-            while common.left(args) > 0:
-                try:
-                    await attack(args, i, stats, ctx)
-                except (OSError, TimeoutError, asyncio.IncompleteReadError):
-                    stats.failed += 1
-                    await asyncio.sleep(0.05)
-                if not args.reconnect:
-                    return
+        def failed():
+            stats.failed += 1
 
-        await asyncio.gather(*(worker(i) for i in range(args.connections)))
+        errors = (OSError, TimeoutError, asyncio.IncompleteReadError)
+        await common.workers(args, attack, stats, ctx, errors=errors, on_error=failed)
     common.emit(
         mode=args.mode,
         opened=stats.opened,

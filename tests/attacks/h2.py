@@ -192,16 +192,7 @@ async def main():
     stats = Stats()
     started = time.monotonic()
 
-    async def worker(i):
-        while common.left(args) > 0:
-            try:
-                await attack(args, i, stats, ctx)
-            except (OSError, TimeoutError):
-                await asyncio.sleep(0.05)
-            if not args.reconnect:
-                return
-
-    await asyncio.gather(*(worker(i) for i in range(args.connections)))
+    await common.workers(args, attack, stats, ctx)
     common.emit(
         mode=args.mode,
         opened=stats.opened,

@@ -122,25 +122,37 @@ async fn a_second_answer_on_an_idle_tls_connection_reaches_nobody() {
     each_caller_gets_its_own_token(&kit, &rogue).await;
 }
 
+type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// A new HTTP/1.1 connection to the relay.
+async fn h1_to_relay(client: &TlsClient) -> Sender {
+    let tls = client.connect(HOST).await.expect("handshake");
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.expect("h1");
+    tokio::spawn(conn);
+    sender
+}
+
+/// One token exchange for `code` on `sender`: the response head within 10 s.
+async fn post_token(sender: &mut Sender, code: &str) -> http::Response<hyper::body::Incoming> {
+    let req = http::Request::post(format!("/v1/auth/token/{code}"))
+        .header("host", HOST)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("a response head")
+}
+
 /// Token exchanges for `codes`, one after another on one keep-alive connection to the relay:
 /// status and body of each.
 async fn on_one_connection(kit: &Kit, codes: &[String]) -> Vec<(u16, String)> {
-    use http_body_util::{BodyExt, Full};
-    let tls = kit.client.connect(HOST).await.expect("handshake");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.expect("h1");
-    tokio::spawn(conn);
+    use http_body_util::BodyExt;
+    let mut sender = h1_to_relay(&kit.client).await;
     let mut replies = Vec::new();
     for code in codes {
         sender.ready().await.expect("the relay keeps the connection");
-        let req = http::Request::post(format!("/v1/auth/token/{code}"))
-            .header("host", HOST)
-            .body(Full::new(bytes::Bytes::new()))
-            .unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-            .await
-            .expect("in time")
-            .expect("response");
+        let resp = post_token(&mut sender, code).await;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         replies.push((status, String::from_utf8(body.to_vec()).unwrap()));
@@ -264,19 +276,9 @@ async fn logged_relay(pki: &Pki, rogue: &Rogue) -> (common::process::RelayProces
 /// A token exchange whose answer is read as far as it goes: its status, and whether its body
 /// came whole.
 async fn streamed_token(client: &TlsClient, code: &str) -> (u16, bool) {
-    use http_body_util::{BodyExt, Full};
-    let tls = client.connect(HOST).await.expect("handshake");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.expect("h1");
-    tokio::spawn(conn);
-    let req = http::Request::post(format!("/v1/auth/token/{code}"))
-        .header("host", HOST)
-        .body(Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-        .await
-        .expect("in time")
-        .expect("a response head");
+    use http_body_util::BodyExt;
+    let mut sender = h1_to_relay(client).await;
+    let resp = post_token(&mut sender, code).await;
     let status = resp.status().as_u16();
     let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect()).await.expect("in time");
     (status, body.is_ok())
