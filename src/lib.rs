@@ -3,7 +3,8 @@
 //!
 //! The modules, each importing only those listed above it (the graph has no cycles):
 //!
-//! - Leaves: [`fsutil`] (atomic, private writes for keys and certificates), [`crypto`] (the one
+//! - Leaves: [`fsutil`] (atomic, private writes for keys and certificates), [`seal`] (private
+//!   keys sealed at rest with a key file, for stores off the host), [`crypto`] (the one
 //!   rustls crypto provider), [`flow`] (the flow id on access lines), [`logging`] (log format
 //!   and filter), [`notify`] (systemd notifications), [`response`] (the body type, route names
 //!   and small fixed answers every responder uses).
@@ -48,6 +49,7 @@ pub mod notify;
 pub mod relay;
 pub mod reload;
 pub mod response;
+pub mod seal;
 pub mod server;
 pub mod storage;
 pub mod tls;
