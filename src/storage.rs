@@ -5,6 +5,8 @@
 //! `{storage}/store-version` holds one number. A store without the file is a version-1 store
 //! (the layout this number was introduced with) and gets the file on first use.
 
+pub mod redis;
+
 use std::path::Path;
 
 use crate::config::{Config, TlsSource};

@@ -10,6 +10,7 @@ pub mod pebble;
 pub mod pki;
 pub mod process;
 pub mod proxy;
+pub mod redis;
 pub mod relay;
 pub mod rogue;
 pub mod upstream;

@@ -20,14 +20,11 @@ fn map_order(lib: &str) -> Vec<String> {
     order
 }
 
-/// Every `.rs` file of a module: `src/{name}.rs`, or everything under `src/{name}/`.
+/// Every `.rs` file of a module: `src/{name}.rs` and everything under `src/{name}/`.
 fn sources(src: &Path, module: &str) -> Vec<std::path::PathBuf> {
     let file = src.join(format!("{module}.rs"));
-    if file.is_file() {
-        return vec![file];
-    }
-    let mut out = Vec::new();
-    let mut dirs = vec![src.join(module)];
+    let mut out: Vec<std::path::PathBuf> = file.is_file().then_some(file).into_iter().collect();
+    let mut dirs: Vec<std::path::PathBuf> = Some(src.join(module)).filter(|d| d.is_dir()).into_iter().collect();
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
             let path = entry.expect("dir entry").path();

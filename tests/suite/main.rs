@@ -24,6 +24,7 @@ mod logs;
 mod notify;
 mod outbound;
 mod readiness;
+mod redis_store;
 mod reload;
 mod routes;
 mod tls;

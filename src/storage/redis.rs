@@ -1,0 +1,368 @@
+//! The store on Redis (6.2 and later, Valkey too), for replicas that share no disk: values by
+//! name, leases with fencing, and a change feed, through the `redis` crate's connection manager
+//! (reconnects on its own) over TCP or TLS.
+//!
+//! Every key is `{prefix}:{name}`. A lease is `{prefix}:lock:{name}` holding its holder's
+//! random token, set with `NX PX`, so it ends on its own when its holder dies or is cut off.
+//! Renewing, releasing and writing under a lease each run as one Lua script that first checks
+//! the token: a holder whose lease expired (paused, partitioned) can neither release nor
+//! overwrite what the next holder wrote. Every write publishes the names it changed on
+//! `{prefix}:changes`, so other replicas reload within moments; they also poll, in case a
+//! message is lost while they reconnect.
+//!
+//! Redis is never asked anything while a handshake or a request is served: the callers load
+//! what they need into memory and serve from there.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Client, ConnectionInfo, IntoConnectionInfo, Script};
+
+/// How to reach the Redis server. The password is kept out of the URL and out of `Debug`.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` or `rediss://host:port/db`, without credentials.
+    pub url: url::Url,
+    /// The ACL user (none: `default`).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// A PEM CA for `rediss://` (none: the system's trust store).
+    pub ca_file: Option<PathBuf>,
+    /// What every key starts with, so several relays (or other software) share one database.
+    pub prefix: String,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &self.url.as_str())
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What went wrong with Redis. Names the server (never a password) and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisStoreError {
+    #[error("{url}: {what}: {source}")]
+    Redis {
+        url: String,
+        what: &'static str,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("{path}: cannot read the Redis CA file: {source}")]
+    Ca {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A lease held on a name: proof, for writes under it, that nobody else holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The lease's own key.
+    key: String,
+    /// The holder's random token.
+    pub token: String,
+    pub ttl: Duration,
+}
+
+/// The server facts `doctor` judges.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ServerFacts {
+    pub version: String,
+    /// `maxmemory-policy`: anything but `noeviction` may evict certificates.
+    pub maxmemory_policy: String,
+    pub aof_enabled: bool,
+    /// The RDB `save` schedule, when the server lets a client read it (`None`: not allowed).
+    pub rdb_save: Option<String>,
+}
+
+/// A connection to the store on Redis. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    client: Client,
+    conn: ConnectionManager,
+    prefix: String,
+    /// The server as shown in messages: scheme, host and port only.
+    shown: String,
+}
+
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// KEYS[1] the lease, KEYS[2..] the values' keys; ARGV[1] the token, ARGV[2] the change channel,
+/// ARGV[3] the names changed (for the message), ARGV[4..] the values. Writes all or nothing.
+const FENCED_PUT: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 2])
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1";
+
+impl RedisStore {
+    /// Connects (within `connect_timeout`) and checks the server answers a `PING`.
+    pub async fn connect(settings: &RedisSettings) -> Result<RedisStore, RedisStoreError> {
+        let shown = shown(&settings.url);
+        let err = |what| {
+            let url = shown.clone();
+            move |source| RedisStoreError::Redis { url, what, source }
+        };
+        let mut info: ConnectionInfo = settings.url.as_str().into_connection_info().map_err(err("its URL"))?;
+        let mut redis = info.redis_settings().clone();
+        if let Some(user) = &settings.username {
+            redis = redis.set_username(user);
+        }
+        if let Some(password) = &settings.password {
+            redis = redis.set_password(password);
+        }
+        info = info.set_redis_settings(redis.set_lib_name("oauth-relay", env!("CARGO_PKG_VERSION")));
+        crate::crypto::provider();
+        let client = match &settings.ca_file {
+            Some(path) => {
+                let pem = crate::fsutil::read_regular(path)
+                    .map_err(|source| RedisStoreError::Ca { path: path.display().to_string(), source })?;
+                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+                Client::build_with_tls(info, certs).map_err(err("its TLS settings"))?
+            }
+            None => Client::open(info).map_err(err("its URL"))?,
+        };
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(Some(settings.command_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client.get_connection_manager_with_config(config).await.map_err(err("cannot connect"))?;
+        let store = RedisStore { client, conn, prefix: settings.prefix.clone(), shown };
+        let _: String = redis::cmd("PING").query_async(&mut store.conn.clone()).await.map_err(store.err("PING"))?;
+        Ok(store)
+    }
+
+    fn err(&self, what: &'static str) -> impl FnOnce(redis::RedisError) -> RedisStoreError + use<> {
+        let url = self.shown.clone();
+        move |source| RedisStoreError::Redis { url, what, source }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    /// The channel every write is announced on.
+    pub fn channel(&self) -> String {
+        self.key("changes")
+    }
+
+    /// The value stored under `name`.
+    pub async fn get(&self, name: &str) -> Result<Option<Vec<u8>>, RedisStoreError> {
+        self.conn.clone().get(self.key(name)).await.map_err(self.err("GET"))
+    }
+
+    /// Stores `value` under `name` (with no lease: data only one writer ever writes, such as a
+    /// status record) and announces it.
+    pub async fn put(&self, name: &str, value: &[u8]) -> Result<(), RedisStoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic().set(self.key(name), value).ignore().publish(self.channel(), name).ignore();
+        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(self.err("SET"))
+    }
+
+    /// Stores `value` under `name` for `ttl` (challenge answers: they must outlive a
+    /// validation, not a crash of the replica that ordered).
+    pub async fn put_for(&self, name: &str, value: &[u8], ttl: Duration) -> Result<(), RedisStoreError> {
+        let ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
+        self.conn.clone().pset_ex(self.key(name), value, ms).await.map_err(self.err("SET PX"))
+    }
+
+    /// Removes `name`.
+    pub async fn delete(&self, name: &str) -> Result<(), RedisStoreError> {
+        self.conn.clone().del(self.key(name)).await.map_err(self.err("DEL"))
+    }
+
+    /// The names under `folder` (`acme/dir/`), by `SCAN`: never blocks the server, and the
+    /// number of rounds is bounded by what the database holds.
+    pub async fn list(&self, folder: &str) -> Result<Vec<String>, RedisStoreError> {
+        let pattern = format!("{}*", glob_escape(&self.key(folder)));
+        let strip = self.prefix.len() + 1;
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut names = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(self.err("SCAN"))?;
+            names.extend(keys.into_iter().filter_map(|k| k.get(strip..).map(str::to_string)));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// Takes the lease on `name` for `ttl` if nobody holds it; `None` when someone does.
+    pub async fn lease(&self, name: &str, ttl: Duration) -> Result<Option<Lease>, RedisStoreError> {
+        let key = self.key(&format!("lock:{name}"));
+        let token = random_token();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(self.err("SET NX"))?;
+        Ok(set.map(|_| Lease { key, token, ttl }))
+    }
+
+    /// Extends `lease` by its ttl from now; false when it is no longer ours (expired, taken).
+    pub async fn renew(&self, lease: &Lease) -> Result<bool, RedisStoreError> {
+        let done: i64 = Script::new(RENEW)
+            .key(&lease.key)
+            .arg(&lease.token)
+            .arg(lease.ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(self.err("renewing a lease"))?;
+        Ok(done == 1)
+    }
+
+    /// Gives `lease` up; false when it was no longer ours (nothing is removed then).
+    pub async fn release(&self, lease: &Lease) -> Result<bool, RedisStoreError> {
+        let done: i64 = Script::new(RELEASE)
+            .key(&lease.key)
+            .arg(&lease.token)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(self.err("releasing a lease"))?;
+        Ok(done == 1)
+    }
+
+    /// Writes every `(name, value)` at once, only while `lease` is still ours, and announces
+    /// them; false (nothing written) when the lease expired or another holder took it.
+    pub async fn put_fenced(&self, lease: &Lease, values: &[(&str, &[u8])]) -> Result<bool, RedisStoreError> {
+        let names: Vec<&str> = values.iter().map(|(n, _)| *n).collect();
+        let script = Script::new(FENCED_PUT);
+        let mut call = script.key(&lease.key);
+        for (name, _) in values {
+            call.key(self.key(name));
+        }
+        call.arg(&lease.token).arg(self.channel()).arg(names.join("\n"));
+        for (_, value) in values {
+            call.arg(*value);
+        }
+        let done: i64 = call.invoke_async(&mut self.conn.clone()).await.map_err(self.err("writing under a lease"))?;
+        Ok(done == 1)
+    }
+
+    /// The names each write changes, as other replicas announce them. The stream ends when the
+    /// subscription's connection breaks; the caller subscribes again (and polls meanwhile).
+    pub async fn changes(&self) -> Result<impl futures_util::Stream<Item = Vec<String>> + use<>, RedisStoreError> {
+        use futures_util::StreamExt;
+        let mut pubsub = self.client.get_async_pubsub().await.map_err(self.err("SUBSCRIBE"))?;
+        pubsub.subscribe(self.channel()).await.map_err(self.err("SUBSCRIBE"))?;
+        Ok(pubsub.into_on_message().map(|msg| {
+            let text = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
+            text.lines().map(str::to_string).collect()
+        }))
+    }
+
+    /// The server's version, eviction policy and persistence, for `doctor`.
+    pub async fn facts(&self) -> Result<ServerFacts, RedisStoreError> {
+        let mut conn = self.conn.clone();
+        // The default sections: server, memory and persistence among them.
+        let info: String = redis::cmd("INFO").query_async(&mut conn).await.map_err(self.err("INFO"))?;
+        let field = |name: &str| {
+            info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).unwrap_or_default().trim().to_string()
+        };
+        // Managed services often refuse CONFIG; that only hides the RDB schedule.
+        let save: Option<Vec<String>> = redis::cmd("CONFIG").arg("GET").arg("save").query_async(&mut conn).await.ok();
+        Ok(ServerFacts {
+            version: field("redis_version"),
+            maxmemory_policy: field("maxmemory_policy"),
+            aof_enabled: field("aof_enabled") == "1",
+            rdb_save: save.and_then(|v| v.get(1).cloned()),
+        })
+    }
+}
+
+/// `scheme://host:port`: what messages show of a Redis URL.
+fn shown(url: &url::Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    }
+}
+
+/// `text` with the characters `SCAN MATCH` gives meaning to escaped.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// 128 random bits, hex: a lease holder's token.
+fn random_token() -> String {
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut bytes).expect("the system's random number generator");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn match_patterns_escape_what_scan_would_read_as_a_glob() {
+        assert_eq!(glob_escape("relay[1]:acme/*?\\"), "relay\\[1\\]:acme/\\*\\?\\\\");
+    }
+
+    #[test]
+    fn settings_never_show_the_password() {
+        let s = RedisSettings {
+            url: "rediss://redis.internal:6380/2".parse().unwrap(),
+            username: Some("relay".into()),
+            password: Some("s3cret-pass".into()),
+            ca_file: None,
+            prefix: "oauth-relay".into(),
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(5),
+        };
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("password: Some(\"***\")"), "{shown}");
+        assert_eq!(super::shown(&s.url), "rediss://redis.internal:6380");
+    }
+}

@@ -1,0 +1,186 @@
+//! The store on a real `redis-server`: values, leases that only their holder renews or
+//! releases, writes fenced by the lease, the change feed, ACL users and TLS, and what `doctor`
+//! learns of the server.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use oauth_relay::storage::redis::{RedisSettings, RedisStore};
+
+use crate::common::Pki;
+use crate::common::redis::{Redis, RedisOptions};
+
+fn settings(redis: &Redis) -> RedisSettings {
+    RedisSettings {
+        url: redis.url().parse().expect("a redis URL"),
+        username: None,
+        password: None,
+        ca_file: redis.tls.as_ref().map(|pki| pki.ca_path.clone()),
+        prefix: "oauth-relay".into(),
+        connect_timeout: Duration::from_secs(5),
+        command_timeout: Duration::from_secs(5),
+    }
+}
+
+async fn store(redis: &Redis) -> RedisStore {
+    RedisStore::connect(&settings(redis)).await.expect("connect to redis")
+}
+
+#[tokio::test]
+async fn values_are_stored_listed_and_removed_under_the_prefix() {
+    let redis = Redis::start().await;
+    let store = store(&redis).await;
+    store.put("acme/pebble/auth.example.com/meta.json", b"{\"serial\":\"01\"}").await.unwrap();
+    store.put("acme/pebble/auth.example.com/key-01.pem", b"KEY").await.unwrap();
+    store.put("acme/pebble/other.example.com/meta.json", b"{}").await.unwrap();
+    store.put("acme/pebble/auth.example.com.evil/meta.json", b"{}").await.unwrap();
+    assert_eq!(
+        store.get("acme/pebble/auth.example.com/meta.json").await.unwrap().as_deref(),
+        Some(&b"{\"serial\":\"01\"}"[..])
+    );
+    assert_eq!(store.get("acme/pebble/nothing").await.unwrap(), None);
+    assert_eq!(
+        store.list("acme/pebble/auth.example.com/").await.unwrap(),
+        ["acme/pebble/auth.example.com/key-01.pem", "acme/pebble/auth.example.com/meta.json"]
+    );
+    assert_eq!(redis.cli(&["GET", "oauth-relay:acme/pebble/auth.example.com/key-01.pem"]), "KEY\n");
+    store.delete("acme/pebble/auth.example.com/key-01.pem").await.unwrap();
+    assert_eq!(store.list("acme/pebble/auth.example.com/").await.unwrap(), ["acme/pebble/auth.example.com/meta.json"]);
+
+    // Another prefix is another store in the same database.
+    let mut other = settings(&redis);
+    other.prefix = "staging".into();
+    let other = RedisStore::connect(&other).await.unwrap();
+    assert_eq!(other.get("acme/pebble/auth.example.com/meta.json").await.unwrap(), None);
+    assert!(other.list("").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_challenge_answer_expires_on_its_own() {
+    let redis = Redis::start().await;
+    let store = store(&redis).await;
+    store.put_for("challenge/tls-alpn-01/auth.example.com", b"answer", Duration::from_millis(300)).await.unwrap();
+    assert!(store.get("challenge/tls-alpn-01/auth.example.com").await.unwrap().is_some());
+    let ttl: i64 = redis.cli(&["PTTL", "oauth-relay:challenge/tls-alpn-01/auth.example.com"]).trim().parse().unwrap();
+    assert!((1..=300).contains(&ttl), "{ttl}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(store.get("challenge/tls-alpn-01/auth.example.com").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_lease_has_one_holder_and_only_its_holder_renews_or_releases_it() {
+    let redis = Redis::start().await;
+    let (a, b) = (store(&redis).await, store(&redis).await);
+    let lease = a.lease("order/auth.example.com", Duration::from_secs(30)).await.unwrap().expect("free");
+    assert_eq!(b.lease("order/auth.example.com", Duration::from_secs(30)).await.unwrap(), None, "held");
+    assert!(a.renew(&lease).await.unwrap());
+    let pttl: i64 = redis.cli(&["PTTL", "oauth-relay:lock:order/auth.example.com"]).trim().parse().unwrap();
+    assert!(pttl > 29_000, "renewed to its full ttl: {pttl}");
+
+    // A forged lease (same name, another token) can neither renew, write nor release it.
+    let mut forged = lease.clone();
+    forged.token = "f".repeat(32);
+    assert!(!b.renew(&forged).await.unwrap());
+    assert!(!b.put_fenced(&forged, &[("acme/x/meta.json", b"forged")]).await.unwrap());
+    assert!(!b.release(&forged).await.unwrap());
+    assert_eq!(b.get("acme/x/meta.json").await.unwrap(), None);
+    assert!(a.release(&lease).await.unwrap());
+    assert!(!a.release(&lease).await.unwrap(), "released once");
+    assert!(b.lease("order/auth.example.com", Duration::from_secs(30)).await.unwrap().is_some(), "free again");
+}
+
+#[tokio::test]
+async fn a_holder_whose_lease_expired_can_no_longer_write_or_release() {
+    // The fencing case: a replica paused past its lease wakes up and tries to commit the
+    // certificate it ordered, after another replica took the lease and committed a newer one.
+    let redis = Redis::start().await;
+    let (paused, next) = (store(&redis).await, store(&redis).await);
+    let old = paused.lease("order/auth.example.com", Duration::from_millis(200)).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let new = next.lease("order/auth.example.com", Duration::from_secs(30)).await.unwrap().expect("expired, free");
+    let meta = "acme/pebble/auth.example.com/meta.json";
+    let key = "acme/pebble/auth.example.com/key-02.pem";
+    assert!(next.put_fenced(&new, &[(meta, b"serial 02"), (key, b"KEY 02")]).await.unwrap());
+
+    assert!(!paused.put_fenced(&old, &[(meta, b"serial 01"), (key, b"KEY 01")]).await.unwrap());
+    assert!(!paused.renew(&old).await.unwrap());
+    assert!(!paused.release(&old).await.unwrap());
+    assert_eq!(next.get(meta).await.unwrap().as_deref(), Some(&b"serial 02"[..]));
+    assert_eq!(next.get(key).await.unwrap().as_deref(), Some(&b"KEY 02"[..]));
+    assert!(next.renew(&new).await.unwrap(), "the new holder's lease is untouched");
+}
+
+#[tokio::test]
+async fn every_write_is_announced_to_other_replicas() {
+    let redis = Redis::start().await;
+    let (writer, reader) = (store(&redis).await, store(&redis).await);
+    let mut changes = Box::pin(reader.changes().await.unwrap());
+    let lease = writer.lease("order/auth.example.com", Duration::from_secs(30)).await.unwrap().unwrap();
+    let meta = "acme/pebble/auth.example.com/meta.json";
+    let chain = "acme/pebble/auth.example.com/chain-02.pem";
+    assert!(writer.put_fenced(&lease, &[(chain, b"CHAIN"), (meta, b"META")]).await.unwrap());
+    writer.put("acme/pebble/auth.example.com/status.json", b"{}").await.unwrap();
+    let within = Duration::from_secs(5);
+    let first = tokio::time::timeout(within, changes.next()).await.expect("in time");
+    assert_eq!(first, Some(vec![chain.to_string(), meta.to_string()]));
+    let second = tokio::time::timeout(within, changes.next()).await.expect("in time");
+    assert_eq!(second, Some(vec!["acme/pebble/auth.example.com/status.json".to_string()]));
+}
+
+#[tokio::test]
+async fn an_acl_user_with_its_password_works_and_a_wrong_password_says_so_without_echoing_it() {
+    let user = ("relay".to_string(), "correct-horse-battery".to_string());
+    let redis = Redis::start_with(RedisOptions { user: Some(user), ..Default::default() }).await;
+    let mut s = settings(&redis);
+    s.username = Some("relay".into());
+    s.password = Some("correct-horse-battery".into());
+    let store = RedisStore::connect(&s).await.expect("the ACL user connects");
+    let lease = store.lease("order/auth.example.com", Duration::from_secs(5)).await.unwrap().unwrap();
+    assert!(store.put_fenced(&lease, &[("acme/x/meta.json", b"m")]).await.unwrap(), "scripts are allowed");
+    assert_eq!(store.list("acme/").await.unwrap(), ["acme/x/meta.json"]);
+    let facts = store.facts().await.expect("INFO is allowed");
+    assert_eq!(facts.rdb_save, None, "CONFIG is not: the schedule is unknown");
+
+    s.password = Some("wrong-guess-123".into());
+    let e = RedisStore::connect(&s).await.err().expect("refused").to_string();
+    assert!(e.starts_with(&format!("redis://127.0.0.1:{}: cannot connect: ", redis.port)), "{e}");
+    assert!(e.contains("WRONGPASS") || e.contains("AuthenticationFailed"), "{e}");
+    assert!(!e.contains("wrong-guess") && !e.contains("correct-horse"), "{e}");
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_is_verified() {
+    let redis = Redis::start_with(RedisOptions { tls: Some(Pki::new()), ..Default::default() }).await;
+    let store = store(&redis).await;
+    store.put("acme/x/meta.json", b"over TLS").await.unwrap();
+    assert_eq!(store.get("acme/x/meta.json").await.unwrap().as_deref(), Some(&b"over TLS"[..]));
+
+    // Another CA: the handshake fails and nothing is sent.
+    let mut untrusted = settings(&redis);
+    let other = Pki::new();
+    untrusted.ca_file = Some(other.ca_path.clone());
+    let e = RedisStore::connect(&untrusted).await.err().expect("refused").to_string();
+    assert!(e.starts_with(&format!("rediss://localhost:{}: cannot connect: ", redis.port)), "{e}");
+}
+
+#[tokio::test]
+async fn doctor_learns_the_version_eviction_policy_and_persistence() {
+    let redis = Redis::start().await;
+    let facts = store(&redis).await.facts().await.unwrap();
+    assert!(facts.version.starts_with(|c: char| c.is_ascii_digit()), "{facts:?}");
+    assert_eq!(facts.maxmemory_policy, "noeviction");
+    assert!(!facts.aof_enabled);
+    assert_eq!(facts.rdb_save.as_deref(), Some(""), "started with --save \"\"");
+}
+
+#[tokio::test]
+async fn a_server_that_is_down_is_a_clear_error_within_the_connect_timeout() {
+    let mut redis = Redis::start().await;
+    redis.kill();
+    let mut s = settings(&redis);
+    s.connect_timeout = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let e = RedisStore::connect(&s).await.err().expect("refused").to_string();
+    assert!(e.starts_with(&format!("redis://127.0.0.1:{}: cannot connect: ", redis.port)), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(20), "bounded: {:?}", started.elapsed());
+}
