@@ -8,6 +8,7 @@ mod challenge;
 mod gather;
 mod sources;
 mod store;
+pub mod tickets;
 
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
