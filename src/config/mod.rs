@@ -112,8 +112,13 @@ pub struct Server {
     pub admin: Option<SocketAddr>,
     /// The HTTPS port clients see; used in HTTP->HTTPS redirects and printed redirect URIs.
     pub public_https_port: u16,
-    /// The certificate store folder.
+    /// The certificate store folder; with a shared store, the folder of this replica's copy of
+    /// what it serves (`[redis] cache`).
     pub storage: PathBuf,
+    /// The store replicas share (`storage = "redis://..."`); `None`: the folder is the store.
+    pub shared: Option<RedisStorage>,
+    /// Seals private keys in a shared store (`server.storage_key_file`).
+    pub storage_key_file: Option<PathBuf>,
     /// `Strict-Transport-Security` value on HTTPS responses; `None` when set to "".
     pub hsts: Option<HeaderValue>,
     /// Load balancers that put a PROXY protocol header before each connection to the public
@@ -124,6 +129,34 @@ pub struct Server {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Whether TLS 1.2 is refused (`min_tls_version = "1.3"`), where a policy asks for 1.3 only.
     pub tls13_only: bool,
+}
+
+/// How to reach the Redis server of a shared store (`[redis]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisStorage {
+    /// `redis://host:port/db` or `rediss://...`, without credentials.
+    pub url: Url,
+    /// The ACL user (none: `default`).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Where the password came from, for `check` (`password_file /run/secrets/x`).
+    pub password_from: Option<String>,
+    /// A PEM CA for `rediss://` (none: the system's trust store).
+    pub ca_file: Option<PathBuf>,
+    /// What every key starts with.
+    pub prefix: String,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+}
+
+/// A secret read from a file or the environment: shown as `***` by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// Whether `ip` is in one of `networks` (`proxy_protocol_from`, `trusted_proxies`): the one

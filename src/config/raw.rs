@@ -22,6 +22,8 @@ pub struct RawConfig {
     pub health: RawHealth,
     #[serde(default)]
     pub outbound: RawOutbound,
+    /// Read only when `server.storage` is a Redis URL; `None` when the table is absent.
+    pub redis: Option<RawRedis>,
     #[serde(default)]
     pub site: Vec<RawSite>,
 }
@@ -35,6 +37,7 @@ pub struct RawServer {
     pub admin: Option<String>,
     pub public_https_port: Option<u16>,
     pub storage: String,
+    pub storage_key_file: Option<String>,
     pub hsts: String,
     pub proxy_protocol_from: Vec<String>,
     pub trusted_proxies: Vec<String>,
@@ -50,10 +53,42 @@ impl Default for RawServer {
             admin: None,
             public_https_port: None,
             storage: "certs".into(),
+            storage_key_file: None,
             hsts: "max-age=31536000".into(),
             proxy_protocol_from: Vec::new(),
             trusted_proxies: Vec::new(),
             min_tls_version: "1.2".into(),
+        }
+    }
+}
+
+/// `[redis]`: how to reach the Redis server a `redis://` or `rediss://` storage names.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    pub username: Option<String>,
+    pub password_file: Option<String>,
+    pub password_env: Option<String>,
+    pub ca_file: Option<String>,
+    pub prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    pub cache: String,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self {
+            username: None,
+            password_file: None,
+            password_env: None,
+            ca_file: None,
+            prefix: "oauth-relay".into(),
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(5),
+            cache: "certs".into(),
         }
     }
 }

@@ -15,7 +15,26 @@ pub fn report(c: &Config) -> String {
     let _ = writeln!(out, "  http listeners      {}", if s.http.is_empty() { "none".into() } else { joined(&s.http) });
     let _ = writeln!(out, "  admin listener      {}", s.admin.map(|a| a.to_string()).unwrap_or_else(|| "none".into()));
     let _ = writeln!(out, "  public https port   {}", s.public_https_port);
-    let _ = writeln!(out, "  certificate store   {}", s.storage.display());
+    match &s.shared {
+        None => {
+            let _ = writeln!(out, "  certificate store   {}", s.storage.display());
+        }
+        Some(r) => {
+            let user = r.username.as_deref().map(|u| format!(", user {u}")).unwrap_or_default();
+            let password = r.password_from.as_deref().map(|p| format!(", password from {p}")).unwrap_or_default();
+            let sealed = match &s.storage_key_file {
+                Some(f) => format!("keys sealed with {}", f.display()),
+                None => "keys in clear".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  certificate store   {} (prefix {}{user}{password}; {sealed}; cache {})",
+                r.url,
+                r.prefix,
+                s.storage.display()
+            );
+        }
+    }
     let _ = writeln!(out, "  hsts                {}", s.hsts.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("off"));
     let proxy = joined(&s.proxy_protocol_from);
     let _ = writeln!(

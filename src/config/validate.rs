@@ -15,6 +15,7 @@ use crate::egress::Egress;
 mod acme;
 mod cross;
 mod process;
+mod storage;
 
 pub use cross::file_stem;
 

@@ -13,38 +13,12 @@
 //! Redis is never asked anything while a handshake or a request is served: the callers load
 //! what they need into memory and serve from there.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Client, ConnectionInfo, IntoConnectionInfo, Script};
 
-/// How to reach the Redis server. The password is kept out of the URL and out of `Debug`.
-#[derive(Clone)]
-pub struct RedisSettings {
-    /// `redis://host:port/db` or `rediss://host:port/db`, without credentials.
-    pub url: url::Url,
-    /// The ACL user (none: `default`).
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// A PEM CA for `rediss://` (none: the system's trust store).
-    pub ca_file: Option<PathBuf>,
-    /// What every key starts with, so several relays (or other software) share one database.
-    pub prefix: String,
-    pub connect_timeout: Duration,
-    pub command_timeout: Duration,
-}
-
-impl std::fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisSettings")
-            .field("url", &self.url.as_str())
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "***"))
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
-    }
-}
+use crate::config::RedisStorage;
 
 /// What went wrong with Redis. Names the server (never a password) and what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +95,7 @@ return 1";
 
 impl RedisStore {
     /// Connects (within `connect_timeout`) and checks the server answers a `PING`.
-    pub async fn connect(settings: &RedisSettings) -> Result<RedisStore, RedisStoreError> {
+    pub async fn connect(settings: &RedisStorage) -> Result<RedisStore, RedisStoreError> {
         let shown = shown(&settings.url);
         let err = |what| {
             let url = shown.clone();
@@ -133,7 +107,7 @@ impl RedisStore {
             redis = redis.set_username(user);
         }
         if let Some(password) = &settings.password {
-            redis = redis.set_password(password);
+            redis = redis.set_password(&password.0);
         }
         info = info.set_redis_settings(redis.set_lib_name("oauth-relay", env!("CARGO_PKG_VERSION")));
         crate::crypto::provider();
@@ -347,22 +321,5 @@ mod tests {
     #[test]
     fn match_patterns_escape_what_scan_would_read_as_a_glob() {
         assert_eq!(glob_escape("relay[1]:acme/*?\\"), "relay\\[1\\]:acme/\\*\\?\\\\");
-    }
-
-    #[test]
-    fn settings_never_show_the_password() {
-        let s = RedisSettings {
-            url: "rediss://redis.internal:6380/2".parse().unwrap(),
-            username: Some("relay".into()),
-            password: Some("s3cret-pass".into()),
-            ca_file: None,
-            prefix: "oauth-relay".into(),
-            connect_timeout: Duration::from_secs(5),
-            command_timeout: Duration::from_secs(5),
-        };
-        let shown = format!("{s:?}");
-        assert!(!shown.contains("s3cret"), "{shown}");
-        assert!(shown.contains("password: Some(\"***\")"), "{shown}");
-        assert_eq!(super::shown(&s.url), "rediss://redis.internal:6380");
     }
 }

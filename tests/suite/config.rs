@@ -126,8 +126,13 @@ fn commented_keys(text: &str) -> BTreeSet<String> {
     let mut section = String::new();
     let mut out = BTreeSet::new();
     for l in text.lines().map(str::trim) {
-        if l.starts_with('[') {
+        // A table the example leaves commented out is written `# [name]`.
+        let table = |t: &str| t.starts_with('[') && t.ends_with(']') && !t.contains(' ');
+        if table(l) {
             section = l.trim_matches(['[', ']']).to_string();
+        } else if let Some(c) = l.strip_prefix('#').filter(|c| table(c.trim())) {
+            section = c.trim().trim_matches(['[', ']']).to_string();
+            out.insert(section.clone());
         } else if let Some(c) = l.strip_prefix('#') {
             if let Some((k, v)) = c.split_once(" = ") {
                 let k = k.trim();
@@ -371,7 +376,7 @@ fn unknown_tables_and_mistyped_tables_are_read_past() {
                 callback = \"x\"\n\n[site.extra]\ny = 2\n\n[site.tls]\nsorce = 1\n";
     let p = problems(text);
     let want = [
-        "test.toml:1: bogus: unknown field `bogus`, expected one of `server`, `limits`, `log`, `health`, `outbound`, `site`",
+        "test.toml:1: bogus: unknown field `bogus`, expected one of `server`, `limits`, `log`, `health`, `outbound`, `redis`, `site`",
         "test.toml:6: site[0].upstream: `nope` is not a URL: relative URL without a base",
         "test.toml:7: site[0].callback: invalid type: string \"x\", expected a table",
         "test.toml:9: site[0].extra: unknown field `extra`, expected one of `name`, ",
@@ -538,7 +543,7 @@ fn combinations_that_cannot_work_are_refused_with_their_line() {
         assert_eq!(problems(text), [format!("test.toml:{}: {want}", line(text, needle))], "{text}");
     }
     let blank = "[server]\nstorage = \"  \"\n\n[[site]]\nhostnames = [\"a.example.com\"]\n";
-    assert_eq!(problems(blank), ["test.toml:2: server.storage: must name a folder"]);
+    assert_eq!(problems(blank), ["test.toml:2: server.storage: must name a folder, or a redis:// or rediss:// URL"]);
 }
 
 #[test]

@@ -5,16 +5,18 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use oauth_relay::storage::redis::{RedisSettings, RedisStore};
+use oauth_relay::config::{RedisStorage, Secret};
+use oauth_relay::storage::redis::RedisStore;
 
 use crate::common::Pki;
 use crate::common::redis::{Redis, RedisOptions};
 
-fn settings(redis: &Redis) -> RedisSettings {
-    RedisSettings {
+fn settings(redis: &Redis) -> RedisStorage {
+    RedisStorage {
         url: redis.url().parse().expect("a redis URL"),
         username: None,
         password: None,
+        password_from: None,
         ca_file: redis.tls.as_ref().map(|pki| pki.ca_path.clone()),
         prefix: "oauth-relay".into(),
         connect_timeout: Duration::from_secs(5),
@@ -133,7 +135,7 @@ async fn an_acl_user_with_its_password_works_and_a_wrong_password_says_so_withou
     let redis = Redis::start_with(RedisOptions { user: Some(user), ..Default::default() }).await;
     let mut s = settings(&redis);
     s.username = Some("relay".into());
-    s.password = Some("correct-horse-battery".into());
+    s.password = Some(Secret("correct-horse-battery".into()));
     let store = RedisStore::connect(&s).await.expect("the ACL user connects");
     let lease = store.lease("order/auth.example.com", Duration::from_secs(5)).await.unwrap().unwrap();
     assert!(store.put_fenced(&lease, &[("acme/x/meta.json", b"m")]).await.unwrap(), "scripts are allowed");
@@ -141,7 +143,7 @@ async fn an_acl_user_with_its_password_works_and_a_wrong_password_says_so_withou
     let facts = store.facts().await.expect("INFO is allowed");
     assert_eq!(facts.rdb_save, None, "CONFIG is not: the schedule is unknown");
 
-    s.password = Some("wrong-guess-123".into());
+    s.password = Some(Secret("wrong-guess-123".into()));
     let e = RedisStore::connect(&s).await.err().expect("refused").to_string();
     assert!(e.starts_with(&format!("redis://127.0.0.1:{}: cannot connect: ", redis.port)), "{e}");
     assert!(e.contains("WRONGPASS") || e.contains("AuthenticationFailed"), "{e}");
@@ -183,4 +185,125 @@ async fn a_server_that_is_down_is_a_clear_error_within_the_connect_timeout() {
     let e = RedisStore::connect(&s).await.err().expect("refused").to_string();
     assert!(e.starts_with(&format!("redis://127.0.0.1:{}: cannot connect: ", redis.port)), "{e}");
     assert!(started.elapsed() < Duration::from_secs(20), "bounded: {:?}", started.elapsed());
+}
+
+/// A configuration whose store is `storage`, with these `[redis]` and extra `[server]` lines.
+fn redis_config(storage: &str, server: &str, redis: &str) -> String {
+    format!(
+        "[server]\nhttps = [\"127.0.0.1:8443\"]\nstorage = \"{storage}\"\n{server}\n\n[redis]\n{redis}\n\n\
+         [[site]]\nhostnames = [\"auth.example.test\"]\n"
+    )
+}
+
+/// Every problem of a refused configuration, rendered.
+fn refused(text: &str) -> Vec<String> {
+    match oauth_relay::Config::parse("relay.toml", text) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(oauth_relay::config::ConfigError::Invalid(p)) => p.iter().map(ToString::to_string).collect(),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+fn private_file(dir: &std::path::Path, name: &str, text: &str, mode: u32) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn a_redis_store_is_configured_with_a_password_from_a_file_that_check_never_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = private_file(dir.path(), "redis-password", "hunter2-but-longer\n", 0o600);
+    let key = private_file(dir.path(), "storage.key", &format!("{}\n", "A".repeat(43) + "="), 0o600);
+    let text = redis_config(
+        "rediss://redis.internal:6380/2",
+        &format!("storage_key_file = \"{key}\""),
+        &format!(
+            "username = \"relay\"\npassword_file = \"{password}\"\nprefix = \"prod\"\ncache = \"/var/lib/oauth-relay\""
+        ),
+    );
+    let config = oauth_relay::Config::parse("relay.toml", &text).expect("accepted");
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    let shared = config.server.shared.as_ref().expect("a shared store");
+    assert_eq!(shared.url.as_str(), "rediss://redis.internal:6380/2");
+    assert_eq!(shared.username.as_deref(), Some("relay"));
+    assert_eq!(shared.password, Some(Secret("hunter2-but-longer".into())), "the trailing newline is not part of it");
+    assert_eq!(shared.prefix, "prod");
+    assert_eq!(config.server.storage, std::path::PathBuf::from("/var/lib/oauth-relay"), "the local cache");
+
+    let report = oauth_relay::config::report(&config);
+    let line = report.lines().find(|l| l.contains("certificate store")).unwrap();
+    assert_eq!(
+        line,
+        format!(
+            "  certificate store   rediss://redis.internal:6380/2 (prefix prod, user relay, password from \
+             password_file {password}; keys sealed with {key}; cache /var/lib/oauth-relay)"
+        )
+    );
+    assert!(!format!("{report}{config:?}").contains("hunter2"), "neither check nor Debug shows the password");
+}
+
+#[test]
+fn a_password_in_the_url_is_refused_and_never_echoed() {
+    let text = redis_config("redis://relay:hunter2@127.0.0.1:6379/0", "", "");
+    let problems = refused(&text);
+    assert_eq!(
+        problems,
+        ["relay.toml:3: server.storage: holds a password, which would show wherever the URL does; put it in \
+             [redis] password_file or password_env"]
+    );
+}
+
+#[test]
+fn redis_settings_that_cannot_work_are_refused_with_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let exposed = private_file(dir.path(), "storage.key", &format!("{}\n", "A".repeat(43) + "="), 0o644);
+    let text = redis_config(
+        "redis://user-in-url@127.0.0.1:6379/x",
+        &format!("storage_key_file = \"{exposed}\""),
+        "username = \"relay\"\npassword_env = \"OAUTH_RELAY_TEST_NEVER_SET\"\nprefix = \"a b\"\ncommand_timeout = \"0s\"",
+    );
+    let problems = refused(&text);
+    let expect = [
+        "relay.toml:3: server.storage: `/x` is not a database number such as /0".to_string(),
+        format!(
+            "relay.toml:4: server.storage_key_file: {exposed}: readable or writable by every user of the host \
+             (mode 644); `chmod 600` it (in Kubernetes, mount the Secret with defaultMode 0400)"
+        ),
+        "relay.toml:7: redis.username: the URL names a user too; name it in one place".to_string(),
+        "relay.toml:8: redis.password_env: the environment variable OAUTH_RELAY_TEST_NEVER_SET is not set".to_string(),
+        "relay.toml:9: redis.prefix: must be 1 to 64 characters of letters, digits and - _ . : /".to_string(),
+        "relay.toml:10: redis.command_timeout: must be between 1ms and 5m".to_string(),
+    ];
+    assert_eq!(problems, expect);
+    let problems = refused(&redis_config("memcached://127.0.0.1:11211", "", ""));
+    assert_eq!(
+        problems,
+        [
+            "relay.toml:3: server.storage: `memcached://` is not a store; use a folder path, or a redis:// or rediss:// URL"
+        ]
+    );
+}
+
+#[test]
+fn keys_in_clear_and_plain_redis_across_the_network_are_warnings() {
+    let text = redis_config("redis://redis.internal:6379/0", "", "password_env = \"PATH\"\nca_file = \"/ca.pem\"");
+    let config = oauth_relay::Config::parse("relay.toml", &text).expect("accepted");
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "relay.toml:3: server.storage: redis:// crosses the network unencrypted (certificates, and keys unless \
+             sealed); use rediss://",
+            "relay.toml:3: server.storage: private keys would be stored in Redis in clear; set \
+             server.storage_key_file to seal them",
+            "relay.toml:8: redis.ca_file: is used only with rediss:// (TLS); the URL is redis://",
+        ]
+    );
+    let folder = redis_config("/var/lib/oauth-relay", "", "prefix = \"x\"");
+    let config = oauth_relay::Config::parse("relay.toml", &folder).expect("accepted");
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warnings, ["relay.toml:6: redis: is read only when server.storage is a redis:// or rediss:// URL"]);
 }

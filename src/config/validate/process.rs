@@ -67,9 +67,7 @@ impl Validator<'_> {
                 }
             }
         };
-        if s.storage.trim().is_empty() {
-            self.error(&[Seg::Key("server"), Seg::Key("storage")], "must name a folder");
-        }
+        let (storage, shared) = self.storage(raw, |name| std::env::var(name).ok());
         let proxy_protocol_from = self.networks("proxy_protocol_from", &s.proxy_protocol_from, "the load balancer");
         let trusted_proxies = self.networks("trusted_proxies", &s.trusted_proxies, "the proxies in front");
         let tls13_only = match s.min_tls_version.as_str() {
@@ -84,12 +82,15 @@ impl Validator<'_> {
             }
         };
         let public_https_port = s.public_https_port.or_else(|| https.first().map(|a| a.port())).unwrap_or(443);
+        let storage = storage?;
         (self.problems.len() == before).then(|| Server {
             https,
             http,
             admin,
             public_https_port,
-            storage: PathBuf::from(&s.storage),
+            storage,
+            shared,
+            storage_key_file: s.storage_key_file.as_deref().map(PathBuf::from),
             hsts,
             proxy_protocol_from,
             trusted_proxies,
