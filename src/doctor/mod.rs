@@ -9,6 +9,8 @@
 //!   at it.
 //! - [`listen`]: each listen address can be bound by this user.
 //! - [`storage`]: the certificate store folder exists or can be made, is private and writable.
+//! - [`redis`]: a shared store's Redis answers, takes this user's writes and scripts, and keeps
+//!   what it is given (eviction policy, persistence).
 //! - [`upstream`]: each upstream completes a TLS handshake with a valid certificate.
 //! - [`acme`]: each ACME directory answers, and whether it offers ARI and profiles.
 //!
@@ -21,6 +23,7 @@ pub mod certs;
 pub mod dns;
 pub mod listen;
 pub mod redirect;
+pub mod redis;
 mod render;
 pub mod storage;
 pub mod upstream;
@@ -109,6 +112,9 @@ pub async fn run(config: &Config) -> Vec<Finding> {
     out.extend(dns.into_iter().flatten());
     out.extend(listen::check_all(&config.server));
     out.extend(storage::check(&config.server.storage));
+    if let Some(shared) = &config.server.shared {
+        out.extend(redis::check(shared, TIMEOUT).await);
+    }
     out.extend(upstreams);
     out.extend(directories.into_iter().flatten());
     out

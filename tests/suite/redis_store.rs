@@ -307,3 +307,41 @@ fn keys_in_clear_and_plain_redis_across_the_network_are_warnings() {
     let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(warnings, ["relay.toml:6: redis: is read only when server.storage is a redis:// or rediss:// URL"]);
 }
+
+/// What `doctor` says of the Redis `settings` name, as "level: message" lines.
+async fn doctor(settings: &RedisStorage) -> Vec<String> {
+    let findings = oauth_relay::doctor::redis::check(settings, Duration::from_secs(5)).await;
+    findings.iter().map(|f| format!("{}: {}", f.level, f.message)).collect()
+}
+
+#[tokio::test]
+async fn doctor_says_what_would_lose_certificates_and_who_may_not_write() {
+    let redis = Redis::start().await;
+    let s = settings(&redis);
+    let found = doctor(&s).await;
+    let url = format!("redis://127.0.0.1:{}/0", redis.port);
+    assert_eq!(found[0], format!("ok: {url} answers (prefix oauth-relay)"));
+    assert_eq!(found[1], "ok: this user can write, take leases and run the relay's scripts");
+    assert!(found[2].starts_with("ok: server version 7."), "{found:?}");
+    assert_eq!(found[3], "ok: maxmemory-policy noeviction: nothing is evicted");
+    assert!(found[4].starts_with("warning: no persistence"), "{found:?}");
+    assert_eq!(redis.cli(&["KEYS", "*"]).trim(), "", "the probe left nothing behind");
+
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    redis.cli(&["CONFIG", "SET", "appendonly", "yes"]);
+    let found = doctor(&s).await;
+    assert_eq!(
+        found[3],
+        "error: maxmemory-policy allkeys-lru: Redis may evict certificates and keys when memory runs short"
+    );
+    assert!(found[4].starts_with("ok: append-only file on"), "{found:?}");
+
+    let mut wrong = s.clone();
+    wrong.username = Some("nobody-here".into());
+    wrong.password = Some(Secret("guess".into()));
+    let found = doctor(&wrong).await;
+    assert_eq!(found.len(), 1);
+    let server = format!("redis://127.0.0.1:{}", redis.port);
+    assert!(found[0].starts_with(&format!("error: {server}: cannot connect: ")), "{found:?}");
+    assert!(!found[0].contains("guess"), "{found:?}");
+}
