@@ -35,7 +35,7 @@ pub enum SealError {
     },
     #[error(
         "{path}: readable or writable by every user of the host (mode {mode:o}); \
-         `chmod 600` it (in Kubernetes, mount the Secret with defaultMode 0400)"
+         `chmod 600` it (in Kubernetes, mount the Secret with defaultMode 0440 and an fsGroup)"
     )]
     Exposed { path: String, mode: u32 },
     #[error("{path}, line {line}: not a key: expected 32 bytes in base64 (make one with `openssl rand -base64 32`)")]
@@ -257,7 +257,7 @@ mod tests {
 
         let (_d, path) = key_file(&format!("{k1}\n"), 0o644);
         let e = Sealer::load(&path).unwrap_err().to_string();
-        assert!(e.ends_with("readable or writable by every user of the host (mode 644); `chmod 600` it (in Kubernetes, mount the Secret with defaultMode 0400)"), "{e}");
+        assert!(e.ends_with("readable or writable by every user of the host (mode 644); `chmod 600` it (in Kubernetes, mount the Secret with defaultMode 0440 and an fsGroup)"), "{e}");
 
         let (_d, path) = key_file("# a\nc2hvcnQ=\n", 0o400);
         let e = Sealer::load(&path).unwrap_err().to_string();

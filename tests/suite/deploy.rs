@@ -152,7 +152,8 @@ fn check_kubernetes(m: &Manifests) -> (Config, &Value) {
     assert_eq!(text(volume, "configMap.name"), text(cm, "metadata.name"));
     let key = text(mount, "subPath");
     let toml = cm["data"][key].as_str().unwrap_or_else(|| panic!("{}: ConfigMap has no {key}", m.dir));
-    let config = validated(&format!("{}/configmap.yaml {key}", m.dir), toml);
+    let (_secrets, toml) = with_secret_files(m, pod, c, toml);
+    let config = validated(&format!("{}/configmap.yaml {key}", m.dir), &toml);
     let server = &config.server;
 
     // Listeners line up with the container ports, and the Service maps 443/80 to them.
@@ -262,6 +263,118 @@ fn cert_manager_variant_mounts_the_certificate_secret() {
     assert!(!m.has("PersistentVolumeClaim"));
     assert_eq!(at(deploy, "spec.replicas").as_u64(), Some(2));
     assert_eq!(at(m.one("PodDisruptionBudget"), "spec.minAvailable").as_u64(), Some(1));
+}
+
+/// The config of a variant that mounts its own Secret as files: those exist only in the pod, so they
+/// are written to a folder with test values (the manifest's are placeholders), and the config
+/// is read with that folder in place of the mount. Every file the config names under the mount
+/// must be a key of the Secret.
+fn with_secret_files(m: &Manifests, pod: &Value, c: &Value, toml: &str) -> (Option<tempfile::TempDir>, String) {
+    if !m.has("Secret") {
+        // A Secret made elsewhere (cert-manager's): the variant's own checks cover it.
+        return (None, toml.to_string());
+    }
+    let Some(mount) = list(c, "volumeMounts").iter().find(|v| {
+        let name = v["name"].as_str();
+        list(pod, "volumes").iter().any(|vol| vol["name"].as_str() == name && !vol["secret"].is_null())
+    }) else {
+        return (None, toml.to_string());
+    };
+    let path = text(mount, "mountPath");
+    let secret = m.one("Secret");
+    let keys: Vec<&str> =
+        at(secret, "stringData").as_mapping().expect("stringData").keys().map(|k| k.as_str().expect("key")).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for key in &keys {
+        let value = if key.ends_with(".key") { format!("{}=\n", "Q".repeat(43)) } else { "test-password\n".into() };
+        let file = dir.path().join(key);
+        std::fs::write(&file, value).expect("write a secret file");
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o440)).expect("chmod");
+    }
+    for named in toml.split('"').filter(|t| t.starts_with(&format!("{path}/"))) {
+        let file = &named[path.len() + 1..];
+        assert!(
+            keys.contains(&file),
+            "{}: the config names {named}, which Secret {} has no key for",
+            m.dir,
+            text(secret, "metadata.name")
+        );
+    }
+    let replaced = toml.replace(&format!("{path}/"), &format!("{}/", dir.path().display()));
+    (Some(dir), replaced)
+}
+
+#[test]
+fn replicas_variant_shares_one_store_on_redis() {
+    let m = Manifests::load("deploy/kubernetes/replicas");
+    let (config, deploy) = check_kubernetes(&m);
+    let shared = config.server.shared.as_ref().expect("the store is Redis");
+    assert_eq!(shared.url.scheme(), "rediss", "over TLS");
+    assert!(shared.password.is_some() && config.server.storage_key_file.is_some(), "a password, keys sealed");
+    // Three pods that roll one at a time, two always up, spread over zones and nodes.
+    assert_eq!(at(deploy, "spec.replicas").as_u64(), Some(3));
+    assert_eq!(text(deploy, "spec.strategy.type"), "RollingUpdate");
+    assert_eq!(at(deploy, "spec.strategy.rollingUpdate.maxUnavailable").as_u64(), Some(0));
+    assert_eq!(at(m.one("PodDisruptionBudget"), "spec.minAvailable").as_u64(), Some(2));
+    let spread: Vec<&str> = list(at(deploy, "spec.template.spec"), "topologySpreadConstraints")
+        .iter()
+        .map(|t| text(t, "topologyKey"))
+        .collect();
+    assert_eq!(spread, ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]);
+    // No volume of its own beyond the cache: the store is Redis.
+    assert!(!m.has("PersistentVolumeClaim"));
+    let pod = at(deploy, "spec.template.spec");
+    let (_, cache) = mount_of(pod, &list(pod, "containers")[0], &config.server.storage.display().to_string());
+    assert!(!cache["emptyDir"].is_null(), "the cache is the pod's own");
+    assert!(matches!(config.sites[0].tls, TlsSource::Acme(_)), "one ACME order shared by all replicas");
+
+    // The example Redis keeps what it is given, and the relay's ACL user matches the config.
+    let redis = Manifests::load("deploy/kubernetes/replicas/redis");
+    let set = redis.one("StatefulSet");
+    let args: Vec<&str> = list(&list(at(set, "spec.template.spec"), "containers")[0], "args")
+        .iter()
+        .map(|a| a.as_str().expect("arg"))
+        .collect();
+    let arg = |flag: &str| args.iter().position(|a| *a == flag).map(|i| args[i + 1]);
+    assert_eq!(arg("--appendonly"), Some("yes"));
+    assert_eq!(arg("--maxmemory-policy"), Some("noeviction"));
+    let user = shared.username.as_deref().expect("an ACL user");
+    assert!(args.iter().any(|a| a.starts_with(&format!("{user} on ")) && a.contains(&format!("~{}:*", shared.prefix))));
+}
+
+/// The virtual environment `scripts/test` makes under the target folder for PyPI tools.
+fn test_venv() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target folder").join("test-venv")
+}
+
+#[test]
+fn every_kubernetes_manifest_validates_against_the_api_schemas() {
+    let mut files: Vec<String> = Vec::new();
+    let mut dirs = vec![repo().join("deploy/kubernetes")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read a manifest folder") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path.display().to_string());
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 15, "{files:?}");
+    let tool = test_venv().join("bin/kubernetes-validate");
+    let out = Command::new(&tool)
+        .args(["--strict", "--quiet", "--kubernetes-version", "1.31"])
+        .args(&files)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/test installs kubernetes-validate)", tool.display()));
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{said}");
+    // Custom resources have no bundled schema; everything else was checked.
+    let unchecked: Vec<&str> =
+        said.lines().filter(|l| !l.contains("Couldn't find schema for kind Certificate")).collect();
+    assert!(unchecked.is_empty(), "{said}");
 }
 
 /// `Key=Value` lines of a unit file, in order, without sections or comments.

@@ -270,7 +270,7 @@ fn redis_settings_that_cannot_work_are_refused_with_their_key() {
         "relay.toml:3: server.storage: `/x` is not a database number such as /0".to_string(),
         format!(
             "relay.toml:4: server.storage_key_file: {exposed}: readable or writable by every user of the host \
-             (mode 644); `chmod 600` it (in Kubernetes, mount the Secret with defaultMode 0400)"
+             (mode 644); `chmod 600` it (in Kubernetes, mount the Secret with defaultMode 0440 and an fsGroup)"
         ),
         "relay.toml:7: redis.username: the URL names a user too; name it in one place".to_string(),
         "relay.toml:8: redis.password_env: the environment variable OAUTH_RELAY_TEST_NEVER_SET is not set".to_string(),
