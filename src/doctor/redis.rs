@@ -1,5 +1,5 @@
 //! The shared store on Redis: reachable, the password and TLS accepted, a version that runs
-//! the relay's scripts, this user allowed to write, take leases and run scripts, and a server
+//! the relay's scripts, this user allowed to write, take locks and run scripts, and a server
 //! that keeps what it is given: an eviction policy other than `noeviction` can drop a
 //! certificate under memory pressure, and without persistence a restart of Redis empties it.
 
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::Finding;
 use crate::config::RedisStorage;
-use crate::storage::redis::RedisStore;
+use crate::storage::redis::{RedisStore, Taken};
 
 const CHECK: &str = "redis";
 
@@ -54,26 +54,25 @@ pub async fn check(shared: &RedisStorage, timeout: Duration) -> Vec<Finding> {
     out
 }
 
-/// Writes, leases and releases a probe key, as the relay does for every certificate.
+/// Takes a lock, writes under it, removes and releases a probe key, as the relay does for every
+/// certificate.
 async fn writable(store: &RedisStore) -> Finding {
     let name = format!("doctor-probe-{}", std::process::id());
+    let owner = format!("doctor/{}", std::process::id());
     let probe = async {
-        let lease = store.lease(&name, Duration::from_secs(10)).await?;
-        let written = match &lease {
-            Some(lease) => store.put_fenced(lease, &[(&name, b"probe")]).await?,
-            None => false,
+        let written = match store.try_lock(&name, &owner, Duration::from_secs(10)).await? {
+            Taken::Held => store.put_fenced(&name, &owner, &[(&name, b"probe")]).await?,
+            Taken::Busy { .. } => false,
         };
         store.delete(&name).await?;
-        if let Some(lease) = &lease {
-            store.release(lease).await?;
-        }
+        store.release(&name, &owner).await?;
         Ok::<bool, crate::storage::redis::RedisStoreError>(written)
     };
     match probe.await {
-        Ok(true) => Finding::ok(CHECK, "this user can write, take leases and run the relay's scripts"),
+        Ok(true) => Finding::ok(CHECK, "this user can write, take locks and run the relay's scripts"),
         Ok(false) => Finding::error(
             CHECK,
-            "a write under a fresh lease was refused",
+            "a write under a fresh lock was refused",
             "another process is using the same keys: give this relay its own [redis] prefix",
         ),
         Err(e) => Finding::error(

@@ -1,11 +1,11 @@
 //! The store on Redis (6.2 and later, Valkey too), for replicas that share no disk: values by
-//! name, leases with fencing, and a change feed, through the `redis` crate's connection manager
+//! name, locks with fencing, and a change feed, through the `redis` crate's connection manager
 //! (reconnects on its own) over TCP or TLS.
 //!
-//! Every key is `{prefix}:{name}`. A lease is `{prefix}:lock:{name}` holding its holder's
-//! random token, set with `NX PX`, so it ends on its own when its holder dies or is cut off.
-//! Renewing, releasing and writing under a lease each run as one Lua script that first checks
-//! the token: a holder whose lease expired (paused, partitioned) can neither release nor
+//! Every key is `{prefix}:{name}`. A lock is `{prefix}:lock:{name}` holding its owner's token,
+//! set with an expiry, so it ends on its own when its holder dies or is cut off. Taking,
+//! renewing, releasing and writing under a lock each run as one Lua script that first checks
+//! the owner: a holder whose lock expired (paused, partitioned) can neither release it nor
 //! overwrite what the next holder wrote. Every write publishes the names it changed on
 //! `{prefix}:changes`, so other replicas reload within moments; they also poll, in case a
 //! message is lost while they reconnect.
@@ -13,7 +13,7 @@
 //! Redis is never asked anything while a handshake or a request is served: the callers load
 //! what they need into memory and serve from there.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Client, ConnectionInfo, IntoConnectionInfo, Script};
@@ -38,14 +38,15 @@ pub enum RedisStoreError {
     },
 }
 
-/// A lease held on a name: proof, for writes under it, that nobody else holds it.
+/// The outcome of one try to take a lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    /// The lease's own key.
-    key: String,
-    /// The holder's random token.
-    pub token: String,
-    pub ttl: Duration,
+pub enum Taken {
+    Held,
+    /// Someone else holds it until `expires`.
+    Busy {
+        owner: String,
+        expires: SystemTime,
+    },
 }
 
 /// The server facts `doctor` judges.
@@ -69,6 +70,19 @@ pub struct RedisStore {
     shown: String,
 }
 
+/// KEYS[1] the lock, ARGV[1] the owner, ARGV[2] the ttl in ms. Takes a free lock (or renews
+/// one the same owner holds, after a try whose answer was lost); else says who holds it.
+const TRY_LOCK: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, '', 0}
+end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, '', 0}
+end
+return {0, holder or '', redis.call('PTTL', KEYS[1])}";
+
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -81,7 +95,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
-/// KEYS[1] the lease, KEYS[2..] the values' keys; ARGV[1] the token, ARGV[2] the change channel,
+/// KEYS[1] the lock, KEYS[2..] the values' keys; ARGV[1] the owner, ARGV[2] the change channel,
 /// ARGV[3] the names changed (for the message), ARGV[4..] the values. Writes all or nothing.
 const FENCED_PUT: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -161,8 +175,7 @@ impl RedisStore {
     /// Stores `value` under `name` for `ttl` (challenge answers: they must outlive a
     /// validation, not a crash of the replica that ordered).
     pub async fn put_for(&self, name: &str, value: &[u8], ttl: Duration) -> Result<(), RedisStoreError> {
-        let ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
-        self.conn.clone().pset_ex(self.key(name), value, ms).await.map_err(self.err("SET PX"))
+        self.conn.clone().pset_ex(self.key(name), value, millis(ttl)).await.map_err(self.err("SET PX"))
     }
 
     /// Removes `name`.
@@ -199,59 +212,65 @@ impl RedisStore {
         Ok(names)
     }
 
-    /// Takes the lease on `name` for `ttl` if nobody holds it; `None` when someone does.
-    pub async fn lease(&self, name: &str, ttl: Duration) -> Result<Option<Lease>, RedisStoreError> {
-        let key = self.key(&format!("lock:{name}"));
-        let token = random_token();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(self.err("SET NX"))?;
-        Ok(set.map(|_| Lease { key, token, ttl }))
+    fn lock_key(&self, name: &str) -> String {
+        self.key(&format!("lock:{name}"))
     }
 
-    /// Extends `lease` by its ttl from now; false when it is no longer ours (expired, taken).
-    pub async fn renew(&self, lease: &Lease) -> Result<bool, RedisStoreError> {
+    /// Tries once to take the lock `name` for `owner` (a token unique to the holder) for `ttl`.
+    /// It ends by itself at its expiry, so a holder that died or was cut off loses it.
+    pub async fn try_lock(&self, name: &str, owner: &str, ttl: Duration) -> Result<Taken, RedisStoreError> {
+        let (held, holder, pttl): (i64, String, i64) = Script::new(TRY_LOCK)
+            .key(self.lock_key(name))
+            .arg(owner)
+            .arg(millis(ttl))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(self.err("taking a lock"))?;
+        Ok(match held {
+            1 => Taken::Held,
+            _ => Taken::Busy { owner: holder, expires: SystemTime::now() + Duration::from_millis(pttl.max(0) as u64) },
+        })
+    }
+
+    /// Extends the lock `name` to `ttl` from now while `owner` holds it; false when it does not
+    /// (expired, taken over).
+    pub async fn renew(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, RedisStoreError> {
         let done: i64 = Script::new(RENEW)
-            .key(&lease.key)
-            .arg(&lease.token)
-            .arg(lease.ttl.as_millis().max(1) as u64)
+            .key(self.lock_key(name))
+            .arg(owner)
+            .arg(millis(ttl))
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(self.err("renewing a lease"))?;
+            .map_err(self.err("renewing a lock"))?;
         Ok(done == 1)
     }
 
-    /// Gives `lease` up; false when it was no longer ours (nothing is removed then).
-    pub async fn release(&self, lease: &Lease) -> Result<bool, RedisStoreError> {
+    /// Gives the lock `name` up if `owner` holds it; false when it did not (nothing removed).
+    pub async fn release(&self, name: &str, owner: &str) -> Result<bool, RedisStoreError> {
         let done: i64 = Script::new(RELEASE)
-            .key(&lease.key)
-            .arg(&lease.token)
+            .key(self.lock_key(name))
+            .arg(owner)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(self.err("releasing a lease"))?;
+            .map_err(self.err("releasing a lock"))?;
         Ok(done == 1)
     }
 
-    /// Writes every `(name, value)` at once, only while `lease` is still ours, and announces
-    /// them; false (nothing written) when the lease expired or another holder took it.
-    pub async fn put_fenced(&self, lease: &Lease, values: &[(&str, &[u8])]) -> Result<bool, RedisStoreError> {
+    /// Writes every `(name, value)` at once, only while `owner` holds the lock `lock`, and
+    /// announces them; false (nothing written) when the lock expired or another holder took
+    /// it: a holder paused past its expiry can never overwrite what the next one wrote.
+    pub async fn put_fenced(&self, lock: &str, owner: &str, values: &[(&str, &[u8])]) -> Result<bool, RedisStoreError> {
         let names: Vec<&str> = values.iter().map(|(n, _)| *n).collect();
         let script = Script::new(FENCED_PUT);
-        let mut call = script.key(&lease.key);
+        let mut call = script.key(self.lock_key(lock));
         for (name, _) in values {
             call.key(self.key(name));
         }
-        call.arg(&lease.token).arg(self.channel()).arg(names.join("\n"));
+        call.arg(owner).arg(self.channel()).arg(names.join("\n"));
         for (_, value) in values {
             call.arg(*value);
         }
-        let done: i64 = call.invoke_async(&mut self.conn.clone()).await.map_err(self.err("writing under a lease"))?;
+        let done: i64 = call.invoke_async(&mut self.conn.clone()).await.map_err(self.err("writing under a lock"))?;
         Ok(done == 1)
     }
 
@@ -307,11 +326,9 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
-/// 128 random bits, hex: a lease holder's token.
-fn random_token() -> String {
-    let mut bytes = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut bytes).expect("the system's random number generator");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A duration in whole milliseconds, at least 1 (Redis refuses a zero expiry).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 #[cfg(test)]

@@ -1,12 +1,12 @@
-//! The store on a real `redis-server`: values, leases that only their holder renews or
-//! releases, writes fenced by the lease, the change feed, ACL users and TLS, and what `doctor`
+//! The store on a real `redis-server`: values, locks that only their holder renews or
+//! releases, writes fenced by the lock, the change feed, ACL users and TLS, and what `doctor`
 //! learns of the server.
 
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use oauth_relay::config::{RedisStorage, Secret};
-use oauth_relay::storage::redis::RedisStore;
+use oauth_relay::storage::redis::{RedisStore, Taken};
 
 use crate::common::Pki;
 use crate::common::redis::{Redis, RedisOptions};
@@ -70,46 +70,54 @@ async fn a_challenge_answer_expires_on_its_own() {
 }
 
 #[tokio::test]
-async fn a_lease_has_one_holder_and_only_its_holder_renews_or_releases_it() {
+async fn a_lock_has_one_holder_and_only_its_holder_renews_or_releases_it() {
     let redis = Redis::start().await;
     let (a, b) = (store(&redis).await, store(&redis).await);
-    let lease = a.lease("order/auth.example.com", Duration::from_secs(30)).await.unwrap().expect("free");
-    assert_eq!(b.lease("order/auth.example.com", Duration::from_secs(30)).await.unwrap(), None, "held");
-    assert!(a.renew(&lease).await.unwrap());
+    let name = "order/auth.example.com";
+    assert_eq!(a.try_lock(name, "relay-a/1/x", Duration::from_secs(30)).await.unwrap(), Taken::Held);
+    match b.try_lock(name, "relay-b/2/y", Duration::from_secs(30)).await.unwrap() {
+        Taken::Busy { owner, expires } => {
+            assert_eq!(owner, "relay-a/1/x");
+            let left = expires.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+            assert!(left > Duration::from_secs(25), "{left:?}");
+        }
+        held => panic!("two holders: {held:?}"),
+    }
+    assert_eq!(a.try_lock(name, "relay-a/1/x", Duration::from_secs(30)).await.unwrap(), Taken::Held, "its owner again");
+    assert!(a.renew(name, "relay-a/1/x", Duration::from_secs(60)).await.unwrap());
     let pttl: i64 = redis.cli(&["PTTL", "oauth-relay:lock:order/auth.example.com"]).trim().parse().unwrap();
-    assert!(pttl > 29_000, "renewed to its full ttl: {pttl}");
+    assert!(pttl > 59_000, "renewed to its full ttl: {pttl}");
 
-    // A forged lease (same name, another token) can neither renew, write nor release it.
-    let mut forged = lease.clone();
-    forged.token = "f".repeat(32);
-    assert!(!b.renew(&forged).await.unwrap());
-    assert!(!b.put_fenced(&forged, &[("acme/x/meta.json", b"forged")]).await.unwrap());
-    assert!(!b.release(&forged).await.unwrap());
+    // Another owner can neither renew, write under nor release it.
+    assert!(!b.renew(name, "relay-b/2/y", Duration::from_secs(30)).await.unwrap());
+    assert!(!b.put_fenced(name, "relay-b/2/y", &[("acme/x/meta.json", b"forged")]).await.unwrap());
+    assert!(!b.release(name, "relay-b/2/y").await.unwrap());
     assert_eq!(b.get("acme/x/meta.json").await.unwrap(), None);
-    assert!(a.release(&lease).await.unwrap());
-    assert!(!a.release(&lease).await.unwrap(), "released once");
-    assert!(b.lease("order/auth.example.com", Duration::from_secs(30)).await.unwrap().is_some(), "free again");
+    assert!(a.release(name, "relay-a/1/x").await.unwrap());
+    assert!(!a.release(name, "relay-a/1/x").await.unwrap(), "released once");
+    assert_eq!(b.try_lock(name, "relay-b/2/y", Duration::from_secs(30)).await.unwrap(), Taken::Held, "free again");
 }
 
 #[tokio::test]
-async fn a_holder_whose_lease_expired_can_no_longer_write_or_release() {
-    // The fencing case: a replica paused past its lease wakes up and tries to commit the
-    // certificate it ordered, after another replica took the lease and committed a newer one.
+async fn a_holder_whose_lock_expired_can_no_longer_write_or_release() {
+    // The fencing case: a replica paused past its lock wakes up and tries to commit the
+    // certificate it ordered, after another replica took the lock and committed a newer one.
     let redis = Redis::start().await;
     let (paused, next) = (store(&redis).await, store(&redis).await);
-    let old = paused.lease("order/auth.example.com", Duration::from_millis(200)).await.unwrap().unwrap();
+    let name = "order/auth.example.com";
+    assert_eq!(paused.try_lock(name, "paused", Duration::from_millis(200)).await.unwrap(), Taken::Held);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let new = next.lease("order/auth.example.com", Duration::from_secs(30)).await.unwrap().expect("expired, free");
+    assert_eq!(next.try_lock(name, "next", Duration::from_secs(30)).await.unwrap(), Taken::Held, "expired, free");
     let meta = "acme/pebble/auth.example.com/meta.json";
     let key = "acme/pebble/auth.example.com/key-02.pem";
-    assert!(next.put_fenced(&new, &[(meta, b"serial 02"), (key, b"KEY 02")]).await.unwrap());
+    assert!(next.put_fenced(name, "next", &[(meta, b"serial 02"), (key, b"KEY 02")]).await.unwrap());
 
-    assert!(!paused.put_fenced(&old, &[(meta, b"serial 01"), (key, b"KEY 01")]).await.unwrap());
-    assert!(!paused.renew(&old).await.unwrap());
-    assert!(!paused.release(&old).await.unwrap());
+    assert!(!paused.put_fenced(name, "paused", &[(meta, b"serial 01"), (key, b"KEY 01")]).await.unwrap());
+    assert!(!paused.renew(name, "paused", Duration::from_secs(30)).await.unwrap());
+    assert!(!paused.release(name, "paused").await.unwrap());
     assert_eq!(next.get(meta).await.unwrap().as_deref(), Some(&b"serial 02"[..]));
     assert_eq!(next.get(key).await.unwrap().as_deref(), Some(&b"KEY 02"[..]));
-    assert!(next.renew(&new).await.unwrap(), "the new holder's lease is untouched");
+    assert!(next.renew(name, "next", Duration::from_secs(30)).await.unwrap(), "the new holder's lock is untouched");
 }
 
 #[tokio::test]
@@ -117,10 +125,11 @@ async fn every_write_is_announced_to_other_replicas() {
     let redis = Redis::start().await;
     let (writer, reader) = (store(&redis).await, store(&redis).await);
     let mut changes = Box::pin(reader.changes().await.unwrap());
-    let lease = writer.lease("order/auth.example.com", Duration::from_secs(30)).await.unwrap().unwrap();
+    let lock = "order/auth.example.com";
+    assert_eq!(writer.try_lock(lock, "w", Duration::from_secs(30)).await.unwrap(), Taken::Held);
     let meta = "acme/pebble/auth.example.com/meta.json";
     let chain = "acme/pebble/auth.example.com/chain-02.pem";
-    assert!(writer.put_fenced(&lease, &[(chain, b"CHAIN"), (meta, b"META")]).await.unwrap());
+    assert!(writer.put_fenced(lock, "w", &[(chain, b"CHAIN"), (meta, b"META")]).await.unwrap());
     writer.put("acme/pebble/auth.example.com/status.json", b"{}").await.unwrap();
     let within = Duration::from_secs(5);
     let first = tokio::time::timeout(within, changes.next()).await.expect("in time");
@@ -137,8 +146,9 @@ async fn an_acl_user_with_its_password_works_and_a_wrong_password_says_so_withou
     s.username = Some("relay".into());
     s.password = Some(Secret("correct-horse-battery".into()));
     let store = RedisStore::connect(&s).await.expect("the ACL user connects");
-    let lease = store.lease("order/auth.example.com", Duration::from_secs(5)).await.unwrap().unwrap();
-    assert!(store.put_fenced(&lease, &[("acme/x/meta.json", b"m")]).await.unwrap(), "scripts are allowed");
+    let lock = "order/auth.example.com";
+    assert_eq!(store.try_lock(lock, "me", Duration::from_secs(5)).await.unwrap(), Taken::Held);
+    assert!(store.put_fenced(lock, "me", &[("acme/x/meta.json", b"m")]).await.unwrap(), "scripts are allowed");
     assert_eq!(store.list("acme/").await.unwrap(), ["acme/x/meta.json"]);
     let facts = store.facts().await.expect("INFO is allowed");
     assert_eq!(facts.rdb_save, None, "CONFIG is not: the schedule is unknown");
@@ -321,7 +331,7 @@ async fn doctor_says_what_would_lose_certificates_and_who_may_not_write() {
     let found = doctor(&s).await;
     let url = format!("redis://127.0.0.1:{}/0", redis.port);
     assert_eq!(found[0], format!("ok: {url} answers (prefix oauth-relay)"));
-    assert_eq!(found[1], "ok: this user can write, take leases and run the relay's scripts");
+    assert_eq!(found[1], "ok: this user can write, take locks and run the relay's scripts");
     assert!(found[2].starts_with("ok: server version 7."), "{found:?}");
     assert_eq!(found[3], "ok: maxmemory-policy noeviction: nothing is evicted");
     assert!(found[4].starts_with("warning: no persistence"), "{found:?}");
