@@ -298,17 +298,15 @@ fn redis_settings_that_cannot_work_are_refused_with_their_key() {
 }
 
 #[test]
-fn keys_in_clear_and_plain_redis_across_the_network_are_warnings() {
+fn keys_in_clear_in_redis_and_across_the_network_are_a_warning() {
     let text = redis_config("redis://redis.internal:6379/0", "", "password_env = \"PATH\"\nca_file = \"/ca.pem\"");
     let config = oauth_relay::Config::parse("relay.toml", &text).expect("accepted");
     let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(
         warnings,
         [
-            "relay.toml:3: server.storage: redis:// crosses the network unencrypted (certificates, and keys unless \
-             sealed); use rediss://",
-            "relay.toml:3: server.storage: private keys would be stored in Redis in clear; set \
-             server.storage_key_file to seal them",
+            "relay.toml:3: server.storage: private keys would be stored in Redis in clear, and cross the network in \
+             clear (redis://); set server.storage_key_file to seal them",
             "relay.toml:8: redis.ca_file: is used only with rediss:// (TLS); the URL is redis://",
         ]
     );

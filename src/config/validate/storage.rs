@@ -130,12 +130,6 @@ impl Validator<'_> {
         if r.ca_file.is_some() && url.scheme() == "redis" {
             self.warn(&at("ca_file"), "is used only with rediss:// (TLS); the URL is redis://");
         }
-        if url.scheme() == "redis" && !is_loopback(&url) {
-            self.warn(
-                &key,
-                "redis:// crosses the network unencrypted (certificates, and keys unless sealed); use rediss://",
-            );
-        }
         let prefix_ok = !r.prefix.is_empty()
             && r.prefix.len() <= 64
             && r.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
@@ -168,11 +162,18 @@ impl Validator<'_> {
                     self.error(&key, e.to_string());
                 }
             }
-            None if shared.is_some() => self.warn(
-                &[Seg::Key("server"), Seg::Key("storage")],
-                "private keys would be stored in Redis in clear; set server.storage_key_file to seal them",
-            ),
-            None => {}
+            None => {
+                let Some(shared) = shared else { return };
+                let across = if shared.url.scheme() == "redis" && !is_loopback(&shared.url) {
+                    ", and cross the network in clear (redis://)"
+                } else {
+                    ""
+                };
+                self.warn(
+                    &[Seg::Key("server"), Seg::Key("storage")],
+                    format!("private keys would be stored in Redis in clear{across}; set server.storage_key_file to seal them"),
+                );
+            }
         }
     }
 }
