@@ -564,3 +564,76 @@ fn a_plain_http_route_upstream_is_a_warning() {
         ["test.toml:5: site[0].token.upstream: plain http:// upstream: tokens and codes cross the network unencrypted"]
     );
 }
+
+/// Every wait outside `[limits]` has a range; a value outside it (the largest duration TOML
+/// can say, a zero where zero is no bound) is refused at its line, so nothing in the relay adds
+/// it to a clock.
+#[test]
+fn durations_outside_their_range_are_refused_with_their_line() {
+    const HUGE: &str = "\"18446744073709551615s\"";
+    let acme = "source = \"acme\"\ndirectory = \"letsencrypt-staging\"\nterms_agreed = true\n";
+    let cases: [(&str, &str, &str, &str); 12] = [
+        ("[health]", "upstream_probe_interval", HUGE, "10ms to 1day (or \"0s\" to turn it off)"),
+        ("[health]", "upstream_probe_interval", "\"1ms\"", "10ms to 1day (or \"0s\" to turn it off)"),
+        ("[health]", "upstream_probe_timeout", "\"0s\"", "1ms to 1day"),
+        ("[health]", "upstream_unreachable_window", HUGE, "0s to 1day"),
+        ("[health]", "cert_expiry_margin", "\"400d\"", "0s to 1year"),
+        ("[health]", "clock_skew_warn", HUGE, "0s to 1day"),
+        ("[site.tls]", "reload_interval", HUGE, "10ms to 1day"),
+        ("[site.tls]", "retry_min", HUGE, "10ms to 1day"),
+        ("[site.tls]", "retry_max", HUGE, "10ms to 1day"),
+        ("[site.tls]", "renew_when_left", HUGE, "1s to 10years"),
+        ("[limits]", "idle_timeout", HUGE, "1ms to 1day"),
+        ("[limits]", "shutdown_grace", "\"25h\"", "0s to 1day"),
+    ];
+    for (table, key, value, range) in cases {
+        let site = "[[site]]\nhostnames = [\"a.example.com\"]\n";
+        let extra = if table == "[site.tls]" && key != "reload_interval" { acme } else { "" };
+        let text = if table.starts_with("[site") {
+            format!("{site}{table}\n{extra}{key} = {value}\n")
+        } else {
+            format!("{table}\n{key} = {value}\n\n{site}")
+        };
+        let path = match table {
+            "[site.tls]" => format!("site[0].tls.{key}"),
+            t => format!("{}.{key}", t.trim_matches(['[', ']'])),
+        };
+        let shown = humantime::format_duration(humantime::parse_duration(value.trim_matches('"')).unwrap());
+        let want = format!("test.toml:{}: {path}: `{shown}` is out of range: use {range}", line(&text, key));
+        let p = problems(&text);
+        assert!(p.contains(&want), "{want}\nnot in {p:#?}");
+    }
+    for (key, value) in [("connect_timeout", HUGE), ("response_timeout", "\"0s\"")] {
+        let text = format!("[[site]]\nhostnames = [\"a.example.com\"]\n{key} = {value}\n");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(p[0].starts_with(&format!("test.toml:3: site[0].{key}: `")), "{p:#?}");
+        assert!(p[0].ends_with("is out of range: use 1ms to 1day"), "{p:#?}");
+    }
+    let port = "[server]\npublic_https_port = 0\n\n[[site]]\nhostnames = [\"a.example.com\"]\n";
+    assert_eq!(
+        problems(port),
+        ["test.toml:2: server.public_https_port: must be the port clients connect to, 1 to 65535"]
+    );
+}
+
+/// Every key of the example, set or commented out, says what values it takes: a `Valid:` line
+/// in the comment paragraph above it (keys written together share one).
+#[test]
+fn example_gives_every_key_its_valid_range() {
+    let text = std::fs::read_to_string(config_dir().join("example.toml")).expect("example.toml");
+    let lines: Vec<&str> = text.lines().collect();
+    let is_key = |l: &str| {
+        let l = l.strip_prefix("# ").unwrap_or(l);
+        l.split_once(" = ").is_some_and(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+    };
+    let mut unexplained = Vec::new();
+    for (i, l) in lines.iter().enumerate().filter(|(_, l)| is_key(l)) {
+        let above = lines[..i].iter().rev().skip_while(|l| is_key(l));
+        let paragraph: Vec<&&str> = above.take_while(|l| l.starts_with('#') && l.trim() != "#").collect();
+        if !paragraph.iter().any(|l| l.contains("Valid:")) && !l.starts_with("# source = ") {
+            unexplained.push(format!("example.toml:{}: {l}", i + 1));
+        }
+    }
+    assert!(unexplained.is_empty(), "keys without a `Valid:` line: {unexplained:#?}");
+}
