@@ -554,4 +554,29 @@ fn certificate_files_are_read_and_matched_as_serve_would() {
     let uncovered = check(files(&foreign.cert_path, &foreign.key_path));
     assert_eq!(levels(&uncovered), [Level::Error]);
     assert_eq!(uncovered[0].message, "site auth: the certificate does not name auth.example.test");
+
+    // Keys aws-lc-rs cannot sign with are named, with what would do.
+    for (file, kind) in [("rsa-1024.pem", "RSA-1024"), ("ed448.pem", "Ed448"), ("secp256k1.pem", "ECDSA secp256k1")] {
+        let key = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/keys").join(file);
+        let refused = check(files(&good.cert_path, &key));
+        assert_eq!(levels(&refused), [Level::Error], "{file}");
+        assert!(
+            refused[0].message.ends_with(&format!(
+                ": the private key is {kind}, which the relay cannot sign with: use ECDSA P-256, P-384 or P-521, \
+                 Ed25519, or RSA of 2048 to 8192 bits"
+            )),
+            "{refused:?}"
+        );
+    }
+
+    let day = Duration::from_secs(86400);
+    let expired = pki.leaf_with_validity(
+        "expired",
+        &["auth.example.test"],
+        SystemTime::now() - 10 * day,
+        SystemTime::now() - day,
+    );
+    let stale = check(files(&expired.cert_path, &expired.key_path));
+    assert_eq!(levels(&stale), [Level::Error]);
+    assert!(stale[0].message.starts_with("site auth: the certificate is not valid now (valid "), "{stale:?}");
 }
