@@ -637,3 +637,44 @@ fn example_gives_every_key_its_valid_range() {
     }
     assert!(unexplained.is_empty(), "keys without a `Valid:` line: {unexplained:#?}");
 }
+
+/// Listeners `serve` could not bind together are refused at the later one: the same address
+/// twice, `[::]` beside `0.0.0.0` on one port (Linux binds `[::]` dual-stack), an unspecified
+/// address beside one of its family, whichever of https, http and admin they belong to.
+#[test]
+fn overlapping_listen_addresses_are_refused_at_the_later_one() {
+    let server = |lines: &str| format!("[server]\n{lines}\n\n[[site]]\nhostnames = [\"a.example.com\"]\n");
+    let cases = [
+        (
+            "https = [\"0.0.0.0:8443\", \"[::]:8443\"]",
+            "test.toml:2: server.https[1]: `[::]:8443` overlaps `0.0.0.0:8443` (server.https[0]): `[::]` takes IPv4 \
+             addresses too (dual stack): list it alone to serve both; one socket cannot take both",
+        ),
+        (
+            "https = [\"127.0.0.1:8443\"]\nhttp = [\"127.0.0.1:8443\"]",
+            "test.toml:3: server.http[0]: `127.0.0.1:8443` overlaps `127.0.0.1:8443` (server.https[0]): the same \
+             address; one socket cannot take both",
+        ),
+        (
+            "https = [\"0.0.0.0:9090\"]\nadmin = \"127.0.0.1:9090\"",
+            "test.toml:3: server.admin: `127.0.0.1:9090` overlaps `0.0.0.0:9090` (server.https[0]): an unspecified \
+             address takes every address of its family; one socket cannot take both",
+        ),
+        (
+            "https = [\"[::1]:8443\", \"[::ffff:127.0.0.1]:9443\", \"127.0.0.1:9443\"]",
+            "test.toml:2: server.https[2]: `127.0.0.1:9443` overlaps `[::ffff:127.0.0.1]:9443` (server.https[1]): the \
+             same address; one socket cannot take both",
+        ),
+    ];
+    for (lines, want) in cases {
+        assert_eq!(problems(&server(lines)), [want], "{lines}");
+    }
+    // Different addresses on one port, two families, and port 0 (any free port) all bind.
+    for ok in [
+        "https = [\"127.0.0.1:8443\", \"127.0.0.2:8443\"]",
+        "https = [\"0.0.0.0:8443\", \"[::1]:8443\"]",
+        "https = [\"127.0.0.1:0\"]\nhttp = [\"127.0.0.1:0\"]\nadmin = \"127.0.0.1:0\"",
+    ] {
+        Config::parse("test.toml", &server(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}

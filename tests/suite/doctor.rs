@@ -209,6 +209,34 @@ fn listen_address_free_in_use_and_foreign() {
     assert_eq!(f.level, Level::Error);
     assert_eq!(f.message, "https 203.0.113.7:8443: 203.0.113.7 is not an address of this machine");
     drop(held);
+
+    // Listeners are held together, as `serve` holds them.
+    let server = parse(&toml("\"localhost\"", Path::new("/tmp"), "")).server;
+    let all = listen::check_all(&oauth_relay::config::Server { http: vec![free], https: vec![free], ..server });
+    assert_eq!(levels(&all), [Level::Ok, Level::Error], "{all:#?}");
+    assert_eq!(all[1].message, format!("http {free}: address already in use"));
+}
+
+/// Overlapping listeners are refused before anything is tried: `doctor` names them with their
+/// keys, as `check` does, and exits 64.
+#[tokio::test]
+async fn doctor_refuses_overlapping_listeners_with_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = toml("\"localhost\"", dir.path(), "")
+        .replace("https = [\"127.0.0.1:0\"]", "https = [\"0.0.0.0:18443\", \"[::]:18443\"]");
+    let path = dir.path().join("overlap.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = run_doctor(&path, false).await;
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        format!(
+            "{}:2: server.https[1]: `[::]:18443` overlaps `0.0.0.0:18443` (server.https[0]): `[::]` takes IPv4 \
+             addresses too (dual stack): list it alone to serve both; one socket cannot take both\n\
+             1 problem found; nothing was started\n",
+            path.display()
+        )
+    );
 }
 
 // ---- storage ------------------------------------------------------------------------------

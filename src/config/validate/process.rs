@@ -2,6 +2,7 @@
 //! `[outbound]` (the proxy for upstreams and the CA), `[limits]` and `[health]`.
 
 use super::bounds::Wait;
+use super::cross::Listen;
 use super::*;
 
 /// The largest header block (and query) the relay can be told to take.
@@ -48,6 +49,19 @@ impl Validator<'_> {
                 }
             },
         };
+        let listens = https.iter().map(|a| ("https", a)).chain(http.iter().map(|a| ("http", a)));
+        let mut listens: Vec<Listen> = listens
+            .enumerate()
+            .map(|(n, (role, &addr))| {
+                let i = if role == "https" { n } else { n - https.len() };
+                Listen { addr, key: vec![Seg::Key("server"), Seg::Key(role), Seg::Index(i)] }
+            })
+            .collect();
+        listens.extend(admin.map(|addr| Listen { addr, key: vec![Seg::Key("server"), Seg::Key("admin")] }));
+        // Indices are those of the file only when every address was read.
+        if https.len() == s.https.len() && http.len() == s.http.len() {
+            self.listener_overlaps(&listens);
+        }
         let hsts = if s.hsts.is_empty() {
             None
         } else {
