@@ -30,7 +30,9 @@ pub(super) fn raw(file: &str, text: &str) -> (Option<RawConfig>, Vec<Problem>) {
         let problem = Problem {
             file: file.to_string(),
             line: offset.map(|o| locate::line_of(&text, o)),
-            key: offset.and_then(|o| locate::path_at(&text, o)).unwrap_or_else(|| "(file)".into()),
+            key: offset
+                .and_then(|o| locate::path_at(&text, o).or_else(|| locate::path_near(&text, o)))
+                .unwrap_or_else(|| "(file)".into()),
             message: operator_words(e.message().trim()),
         };
         if problems.last() == Some(&problem) {

@@ -267,11 +267,34 @@ fn https_listen_address_must_be_ip_and_port() {
     );
 }
 
+/// A syntax error names the line where the parser stopped and the key it was reading (for a
+/// value left open, the key that opened it), or the table when no key was being read.
 #[test]
-fn a_syntax_error_names_its_line() {
-    let p = problems("[server]\nhttps = [\"127.0.0.1:8443\"\n\n[[site]]\n");
-    assert_eq!(p.len(), 1, "{p:#?}");
-    assert!(p[0].starts_with("test.toml:"), "{}", p[0]);
+fn a_syntax_error_names_its_line_and_key() {
+    let cases = [
+        (
+            "[server]\nhttps = [\"127.0.0.1:8443\"\n\n[[site]]\n",
+            "test.toml:4: server.https: missing comma between array elements, expected `,`",
+        ),
+        (
+            "[server]\nstorage = /var/lib\n",
+            "test.toml:2: server.storage: string values must be quoted, expected literal string",
+        ),
+        (
+            "[[site]]\nhostnames = [\"a\"]\n[[site]]\nname = \"b\"\n[site.tls]\nsource = \"files\" cert = \"x\"\n",
+            "test.toml:6: site[1].tls.source: unexpected key or value, expected newline, `#`",
+        ),
+        (
+            "[limits]\nidle_timeout = 10s\n",
+            "test.toml:2: limits.idle_timeout: string values must be quoted, expected literal string",
+        ),
+        ("[server]\nhttps = []\nhttps = []\n", "test.toml:3: server.https: duplicate key"),
+        ("[server]\nhttps = [\n  \"a\",,\n]\n", "test.toml:3: server.https: extra comma in array, expected value"),
+        ("[server]\nhttps = []\n[limits\n", "test.toml:3: (file): unclosed table, expected `]`"),
+    ];
+    for (text, want) in cases {
+        assert_eq!(problems(text), [want], "{text}");
+    }
 }
 
 /// Unknown keys, mistyped values and invalid values in one file: every one is reported, top to
