@@ -598,7 +598,7 @@ fn durations_outside_their_range_are_refused_with_their_line() {
     let cases: [(&str, &str, &str, &str); 12] = [
         ("[health]", "upstream_probe_interval", HUGE, "10ms to 1day (or \"0s\" to turn it off)"),
         ("[health]", "upstream_probe_interval", "\"1ms\"", "10ms to 1day (or \"0s\" to turn it off)"),
-        ("[health]", "upstream_probe_timeout", "\"0s\"", "1ms to 1day"),
+        ("[health]", "upstream_probe_timeout", "\"0s\"", "100ms to 1day"),
         ("[health]", "upstream_unreachable_window", HUGE, "0s to 1day"),
         ("[health]", "cert_expiry_margin", "\"400d\"", "0s to 1year"),
         ("[health]", "clock_skew_warn", HUGE, "0s to 1day"),
@@ -606,7 +606,7 @@ fn durations_outside_their_range_are_refused_with_their_line() {
         ("[site.tls]", "retry_min", HUGE, "10ms to 1day"),
         ("[site.tls]", "retry_max", HUGE, "10ms to 1day"),
         ("[site.tls]", "renew_when_left", HUGE, "1s to 10years"),
-        ("[limits]", "idle_timeout", HUGE, "1ms to 1day"),
+        ("[limits]", "idle_timeout", HUGE, "100ms to 1day"),
         ("[limits]", "shutdown_grace", "\"25h\"", "0s to 1day"),
     ];
     for (table, key, value, range) in cases {
@@ -631,7 +631,7 @@ fn durations_outside_their_range_are_refused_with_their_line() {
         let p = problems(&text);
         assert_eq!(p.len(), 1, "{p:#?}");
         assert!(p[0].starts_with(&format!("test.toml:3: site[0].{key}: `")), "{p:#?}");
-        assert!(p[0].ends_with("is out of range: use 1ms to 1day"), "{p:#?}");
+        assert!(p[0].ends_with("is out of range: use 100ms to 1day"), "{p:#?}");
     }
     let port = "[server]\npublic_https_port = 0\n\n[[site]]\nhostnames = [\"a.example.com\"]\n";
     assert_eq!(

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use super::*;
 
-const MS: Duration = Duration::from_millis(1);
 const DAY: Duration = Duration::from_secs(24 * 3600);
 /// A year as durations are written in the file ("1y" is 365.25 days), so the range reads
 /// back as "1year".
@@ -31,8 +30,9 @@ impl Wait {
     /// A timer: fires no more often than every 10 ms (a shorter period is a busy loop), at
     /// most once a day.
     pub const TIMER: Wait = Wait::between(Duration::from_millis(10), DAY);
-    /// A timeout: more than zero, at most a day.
-    pub const TIMEOUT: Wait = Wait::between(MS, DAY);
+    /// A timeout: at least 100 ms (shorter cuts off any peer on a real network, or one
+    /// scheduled a little late), at most a day.
+    pub const TIMEOUT: Wait = Wait::between(Duration::from_millis(100), DAY);
     /// A margin or threshold compared with ages: zero allowed, at most a day.
     pub const WINDOW: Wait = Wait::between(Duration::ZERO, DAY);
     /// A margin compared with certificate lifetimes: zero to a year.
