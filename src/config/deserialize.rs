@@ -4,6 +4,8 @@
 
 use std::ops::Range;
 
+use toml::de::{DeTable, DeValue};
+
 use super::raw::RawConfig;
 use super::{Problem, locate};
 
@@ -80,5 +82,47 @@ fn operator_words(message: &str) -> String {
     match message.split_once("expected struct Raw") {
         Some((head, _)) => format!("{head}expected a table"),
         None => message.to_string(),
+    }
+}
+
+/// A problem for every string value with a control character in it (an escape such as
+/// `\u001b` written in the file): no name, path or address needs one, and each would reach
+/// terminals, logs and the CA as written.
+pub(super) fn control_characters(file: &str, text: &str) -> Vec<Problem> {
+    let Ok(root) = DeTable::parse(text) else { return Vec::new() };
+    let mut found = Vec::new();
+    for (key, value) in root.get_ref() {
+        strings(key.get_ref(), value, &mut found);
+    }
+    found
+        .into_iter()
+        .map(|(key, offset, c)| Problem {
+            file: file.to_string(),
+            line: Some(locate::line_of(text, offset)),
+            key,
+            message: format!("control characters are not allowed (found {:?})", c),
+        })
+        .collect()
+}
+
+/// The path, offset and first control character of every string under `value` that has one.
+fn strings(path: &str, value: &toml::Spanned<DeValue<'_>>, out: &mut Vec<(String, usize, char)>) {
+    match value.get_ref() {
+        DeValue::String(s) => {
+            if let Some(c) = s.chars().find(|c| c.is_control()) {
+                out.push((path.to_string(), value.span().start, c));
+            }
+        }
+        DeValue::Table(t) => {
+            for (k, v) in t {
+                strings(&format!("{path}.{}", k.get_ref()), v, out);
+            }
+        }
+        DeValue::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                strings(&format!("{path}[{i}]"), v, out);
+            }
+        }
+        _ => {}
     }
 }

@@ -330,6 +330,12 @@ impl Config {
         let mut v = Validator { file, locator, problems: Vec::new(), warnings: Vec::new() };
         let config = v.config(raw);
         problems.append(&mut v.problems);
+        // Said once per key: a value the validator refused already has its own message.
+        for p in deserialize::control_characters(file, text) {
+            if !problems.iter().any(|q| q.key == p.key) {
+                problems.push(p);
+            }
+        }
         match config {
             Some(mut config) if problems.is_empty() => {
                 config.warnings = v.warnings;

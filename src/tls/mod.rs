@@ -59,8 +59,8 @@ pub enum TlsError {
     #[error("{what}: the private key is {kind}, which the relay cannot sign with: use {usable}", usable = keys::USABLE)]
     UnusableKey { what: String, kind: String },
     #[error(
-        "{what}: the private key does not belong to the first certificate of the chain (the chain must start with \
-         the server's own certificate, then its intermediates)"
+        "{what}: the private key does not belong to the first certificate of the chain (the chain goes leaf \
+         first: the server's own certificate, then its intermediates)"
     )]
     KeyMismatch { what: String },
     #[error("{what}: the certificate cannot be parsed: {detail}")]

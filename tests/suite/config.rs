@@ -701,3 +701,19 @@ fn overlapping_listen_addresses_are_refused_at_the_later_one() {
         Config::parse("test.toml", &server(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
 }
+
+/// A control character in any string value (written as an escape) is refused at its key, so
+/// no name or path reaches a terminal, a log line or the CA with one.
+#[test]
+fn control_characters_are_refused_in_every_string_value() {
+    let text = "[server]\nstorage = \"certs\\u0000\"\n\n[[site]]\nname = \"a\\u001b[31mred\\nforged\"\nhostnames = [\"a.example.com\"]\n\n\
+                [site.tls]\nsource = \"files\"\ncert = \"/etc/tls\\tx.crt\"\nkey = \"/etc/tls/x.key\"\n";
+    assert_eq!(
+        problems(text),
+        [
+            "test.toml:2: server.storage: control characters are not allowed (found '\\0')",
+            "test.toml:5: site[0].name: control characters are not allowed (found '\\u{1b}')",
+            "test.toml:10: site[0].tls.cert: control characters are not allowed (found '\\t')",
+        ]
+    );
+}

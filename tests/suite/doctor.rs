@@ -572,7 +572,7 @@ fn certificate_files_are_read_and_matched_as_serve_would() {
 
     let mismatched = check(files(&good.cert_path, &other.key_path));
     assert_eq!(levels(&mismatched), [Level::Error]);
-    assert!(mismatched[0].message.ends_with(": the private key does not belong to the first certificate of the chain (the chain must start with the server's own certificate, then its intermediates)"), "{mismatched:?}");
+    assert!(mismatched[0].message.ends_with(": the private key does not belong to the first certificate of the chain (the chain goes leaf first: the server's own certificate, then its intermediates)"), "{mismatched:?}");
 
     let missing = check(files(&store.path().join("absent.crt"), &good.key_path));
     assert_eq!(levels(&missing), [Level::Error]);
