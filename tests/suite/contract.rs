@@ -29,7 +29,7 @@ use oauth_relay::Config;
 
 const BIN: &str = env!("CARGO_BIN_EXE_oauth-relay");
 /// Mutated configurations put through `check`.
-const CASES: u32 = 96;
+const CASES: u32 = 128;
 /// Of those `check` accepts, how many are started with `serve` (each takes well under a second
 /// on loopback; the rest are only checked).
 const SERVES: usize = 28;
