@@ -194,6 +194,12 @@ pub struct Site {
     pub upstream_ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// Whether an HTTP/1.1 upstream connection serves more than one exchange. Off by default:
+    /// HTTP/1.1 cannot tell a late extra answer from the answer to the next request written on
+    /// the same connection, so only a fresh connection guarantees that an answer reaches the
+    /// request that caused it. HTTP/2 connections are always shared (stream ids tell answers
+    /// apart).
+    pub upstream_keepalive: bool,
     pub tls: TlsSource,
     pub callback: Callback,
     pub authorize: Authorize,
@@ -487,7 +493,8 @@ mod tests {
                 "trusted_proxies",
                 "min_tls_version",
             ];
-            const SITE: &[&str] = &["name", "upstream", "default", "connect_timeout", "response_timeout"];
+            const SITE: &[&str] =
+                &["name", "upstream", "default", "connect_timeout", "response_timeout", "upstream_keepalive"];
             let sometimes =
                 |t: BoxedStrategy<String>, bare: &'static str| prop_oneof![3 => Just(bare.to_string()), 1 => t];
             (

@@ -184,6 +184,8 @@ pub struct RawSite {
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
     #[serde(default)]
+    pub upstream_keepalive: bool,
+    #[serde(default)]
     pub tls: RawTls,
     #[serde(default)]
     pub callback: RawCallback,

@@ -204,6 +204,7 @@ impl Validator<'_> {
             upstream_ca_file: raw.upstream_ca_file.map(PathBuf::from),
             connect_timeout: raw.connect_timeout,
             response_timeout: raw.response_timeout,
+            upstream_keepalive: raw.upstream_keepalive,
             tls: tls?,
             callback: Callback {
                 path: raw.callback.path,

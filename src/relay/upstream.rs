@@ -121,6 +121,9 @@ pub struct UpstreamClient {
     pub(super) response_timeout: Duration,
     /// How long a pooled connection may take to turn ready before a new one is made instead.
     connect_timeout: Duration,
+    /// Whether an HTTP/1.1 connection goes back to the pool after a clean answer (the site's
+    /// `upstream_keepalive`); otherwise it carries one exchange and closes.
+    keepalive: bool,
 }
 
 impl std::fmt::Debug for UpstreamClient {
@@ -151,6 +154,7 @@ impl UpstreamClient {
             pool: Pool::default(),
             response_timeout: site.response_timeout,
             connect_timeout: site.connect_timeout,
+            keepalive: site.upstream_keepalive,
         })
     }
 
@@ -202,12 +206,18 @@ impl UpstreamClient {
                     let host = HeaderValue::from_str(origin.authority.as_str()).map_err(|_| SendError::NoOrigin)?;
                     req.headers_mut().insert(header::HOST, host);
                 }
+                if !self.keepalive {
+                    // Tells the upstream the connection ends with this answer, so it closes
+                    // its side too instead of waiting for its own idle timeout.
+                    req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 // Origin form: `POST /v1/auth/token/... HTTP/1.1`.
                 *req.uri_mut() = uri.path_and_query().cloned().map_or_else(Uri::default, Uri::from);
                 let resp = sender.try_send_request(req).await.map_err(Failed::from)?;
                 check(&resp)?;
-                let reuse = Reuse { pool: self.pool.clone(), origin: origin.clone(), sender, probe };
-                Ok(resp.map(|body| UpstreamBody::new(body, Some(reuse))))
+                let reuse =
+                    self.keepalive.then(|| Reuse { pool: self.pool.clone(), origin: origin.clone(), sender, probe });
+                Ok(resp.map(|body| UpstreamBody::new(body, reuse)))
             }
             Conn::Http2(mut sender) => {
                 *req.uri_mut() = uri.clone();

@@ -36,12 +36,21 @@ pub fn answer(status: &str, body: &str) -> String {
 
 type Script = dyn Fn(&str) -> Vec<Step> + Send + Sync;
 
+/// What the rogue read, shared by its connections.
+#[derive(Clone, Default)]
+struct Seen {
+    targets: Arc<Mutex<Vec<String>>>,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
 /// A running rogue upstream; stops when dropped.
 pub struct Rogue {
     pub addr: std::net::SocketAddr,
     connections: Arc<AtomicUsize>,
     /// The request target of every request read, in order.
     targets: Arc<Mutex<Vec<String>>>,
+    /// The head of every request read, in order.
+    heads: Arc<Mutex<Vec<String>>>,
     /// How many scripts have been played to their end.
     played: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -70,28 +79,28 @@ impl Rogue {
     async fn serve(tls: Option<TlsAcceptor>, script: Arc<Script>) -> Rogue {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the rogue upstream");
         let addr = listener.local_addr().expect("local address");
-        let (connections, targets, played): (Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>, Arc<AtomicUsize>) =
-            Default::default();
-        let shared = (Arc::clone(&connections), Arc::clone(&targets), Arc::clone(&played));
+        let (connections, played): (Arc<AtomicUsize>, Arc<AtomicUsize>) = Default::default();
+        let seen = Seen::default();
+        let shared = (Arc::clone(&connections), seen.clone(), Arc::clone(&played));
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
                 shared.0.fetch_add(1, Ordering::SeqCst);
-                let (tls, script, targets, played) = (tls.clone(), script.clone(), shared.1.clone(), shared.2.clone());
+                let (tls, script, seen, played) = (tls.clone(), script.clone(), shared.1.clone(), shared.2.clone());
                 conns.spawn(async move {
                     match tls {
                         Some(acceptor) => {
                             if let Ok(stream) = acceptor.accept(tcp).await {
-                                converse(stream, &*script, &targets, &played).await;
+                                converse(stream, &*script, &seen, &played).await;
                             }
                         }
-                        None => converse(tcp, &*script, &targets, &played).await,
+                        None => converse(tcp, &*script, &seen, &played).await,
                     }
                 });
             }
         });
-        Rogue { addr, connections, targets, played, task }
+        Rogue { addr, connections, targets: seen.targets, heads: seen.heads, played, task }
     }
 
     /// How many connections were accepted.
@@ -102,6 +111,11 @@ impl Rogue {
     /// Every request target read, in order.
     pub fn targets(&self) -> Vec<String> {
         self.targets.lock().unwrap().clone()
+    }
+
+    /// Every request head read (request line and fields), in order.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
     }
 
     /// Waits (at most 10 s) until `n` scripts have been played to their end.
@@ -123,12 +137,13 @@ impl Rogue {
 async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     script: &Script,
-    targets: &Mutex<Vec<String>>,
+    seen: &Seen,
     played: &AtomicUsize,
 ) {
     let mut buf = Vec::new();
-    while let Some(target) = read_request(&mut stream, &mut buf).await {
-        targets.lock().unwrap().push(target.clone());
+    while let Some((target, head)) = read_request(&mut stream, &mut buf).await {
+        seen.targets.lock().unwrap().push(target.clone());
+        seen.heads.lock().unwrap().push(head);
         for step in script(&target) {
             match step {
                 Step::Write(bytes) => {
@@ -147,10 +162,10 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// One request from `stream` (`buf` keeps bytes read past it): its target, once its head and
-/// its `Content-Length` body are in. `None` at the end of the stream, on a head over 64 KiB, or
+/// One request from `stream` (`buf` keeps bytes read past it): its target and head, once its
+/// head and its `Content-Length` body are in. `None` at the end of the stream, on a head over 64 KiB, or
 /// after 30 s without a complete request.
-async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<String> {
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<(String, String)> {
     let read = async {
         let head_end = loop {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -173,7 +188,8 @@ async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -
             }
         }
         buf.drain(..head_end + length);
-        head.split(' ').nth(1).map(str::to_string)
+        let target = head.split(' ').nth(1)?.to_string();
+        Some((target, head))
     };
     tokio::time::timeout(Duration::from_secs(30), read).await.ok().flatten()
 }

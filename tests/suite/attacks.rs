@@ -129,6 +129,26 @@ async fn a_connection_flood_from_one_address_meets_its_cap() {
     target.recovers().await;
 }
 
+#[tokio::test]
+async fn a_request_flood_over_http2_leaves_others_served() {
+    // h2load from 64 connections, 100 streams each, as fast as the relay answers for 3 s: a
+    // busy relay, not a broken one; every request is answered and nothing stays behind.
+    let target = Target::start(&[], "").await;
+    let mut flood =
+        target.h2load("/healthz", &["--clients", "64", "--max-concurrent-streams", "100", "--duration", "3"]);
+    let seen = target.during(&mut flood, ATTACK_BOUND).await;
+    let out = flood.output();
+    eprintln!("h2load: {seen:?}\n{out}");
+    let requests = out.lines().find(|l| l.starts_with("requests: ")).unwrap_or_else(|| panic!("no totals:\n{out}"));
+    let count = |what: &str| -> u64 {
+        let field = requests.split(", ").find(|f| f.ends_with(what)).unwrap_or_else(|| panic!("{what}: {requests}"));
+        field.trim_start_matches("requests: ").split(' ').next().and_then(|v| v.parse().ok()).expect("a count")
+    };
+    assert!(count(" succeeded") >= 1000, "{requests}");
+    assert_eq!((count(" failed"), count(" errored"), count(" timeout")), (0, 0, 0), "{requests}");
+    target.recovers().await;
+}
+
 /// 50 connections (replaced as they are closed), each opening and cancelling up to 2,000
 /// streams as fast as it can, for 3 s.
 const RAPID_RESET: [&str; 8] =

@@ -1,7 +1,8 @@
 //! What the relay does with an upstream that breaks HTTP, against a rogue upstream
 //! (`common::rogue`) that answers with raw bytes: a token answer reaches only the request that
-//! caused it, a connection that received bytes nobody asked for is never used again, and a
-//! well-behaved upstream keeps one connection for requests one after another.
+//! caused it. By default each HTTP/1.1 exchange has a connection of its own; with
+//! `upstream_keepalive = true` a well-behaved upstream keeps one connection for requests one
+//! after another, and a connection that received bytes nobody asked for is never used again.
 
 use crate::common;
 
@@ -19,16 +20,25 @@ struct Kit {
     client: TlsClient,
 }
 
-/// A relay in front of `upstream` (a base URL) with these `[limits]` lines, trusting `pki`'s CA.
-async fn kit_with(pki: Pki, upstream: &str, limits: &str) -> Kit {
-    let site = format!("upstream = \"{upstream}\"\nupstream_ca_file = \"{}\"", pki.ca_path.display());
+/// A relay in front of `upstream` (a base URL) with these `[limits]` lines and these extra site
+/// lines, trusting `pki`'s CA.
+async fn kit_with(pki: Pki, upstream: &str, limits: &str, extra: &str) -> Kit {
+    let site = format!("upstream = \"{upstream}\"\nupstream_ca_file = \"{}\"\n{extra}", pki.ca_path.display());
     let relay = RelayUnderTest::start(&common::one_site_config(&pki, "", limits, &site)).await;
     let client = TlsClient::new(relay.https, pki.client_config(&[b"http/1.1"]));
     Kit { _pki: pki, _relay: relay, client }
 }
 
+/// A relay in front of `rogue` as configured by default.
 async fn kit(rogue: &Rogue) -> Kit {
-    kit_with(Pki::new(), &format!("http://{}", rogue.addr), "").await
+    kit_with(Pki::new(), &format!("http://{}", rogue.addr), "", "").await
+}
+
+const KEEPALIVE: &str = "upstream_keepalive = true";
+
+/// A relay in front of `rogue` that keeps its HTTP/1.1 upstream connections.
+async fn kit_keepalive(rogue: &Rogue) -> Kit {
+    kit_with(Pki::new(), &format!("http://{}", rogue.addr), "", KEEPALIVE).await
 }
 
 impl Kit {
@@ -50,7 +60,21 @@ fn token_for(code: &str) -> String {
 }
 
 #[tokio::test]
-async fn requests_one_after_another_share_one_upstream_connection() {
+async fn by_default_each_exchange_has_a_connection_of_its_own() {
+    let rogue = Rogue::start(|target| vec![Step::write(answer("200 OK", &token_for(code_of(target))))]).await;
+    let kit = kit(&rogue).await;
+    for i in 0..5 {
+        let code = format!("c{i}");
+        assert_eq!(kit.token(&code).await, (200, token_for(&code)));
+    }
+    assert_eq!(rogue.connections(), 5);
+    for head in rogue.heads() {
+        assert!(head.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "{head}");
+    }
+}
+
+#[tokio::test]
+async fn with_keepalive_requests_one_after_another_share_one_upstream_connection() {
     // Alternately a Content-Length and a chunked answer: both end cleanly, so the connection
     // goes back to the idle list after each.
     let rogue = Rogue::start(|target| {
@@ -64,12 +88,13 @@ async fn requests_one_after_another_share_one_upstream_connection() {
         }
     })
     .await;
-    let kit = kit(&rogue).await;
+    let kit = kit_keepalive(&rogue).await;
     for i in 0..20 {
         let code = format!("c{i}");
         assert_eq!(kit.token(&code).await, (200, token_for(&code)));
     }
     assert_eq!(rogue.connections(), 1, "every answer ended cleanly, so one connection served all");
+    assert!(!rogue.heads()[0].to_ascii_lowercase().contains("connection: close"));
 }
 
 /// Twenty token exchanges one after another, each with its own code: each caller gets the
@@ -99,26 +124,26 @@ fn two_answers(target: &str, pause: Option<Duration>) -> Vec<Step> {
 }
 
 #[tokio::test]
-async fn a_second_answer_in_the_same_write_reaches_nobody() {
+async fn with_keepalive_a_second_answer_in_the_same_write_reaches_nobody() {
     let rogue = Rogue::start(|target| two_answers(target, None)).await;
-    each_caller_gets_its_own_token(&kit(&rogue).await, &rogue).await;
+    each_caller_gets_its_own_token(&kit_keepalive(&rogue).await, &rogue).await;
 }
 
 #[tokio::test]
-async fn a_second_answer_on_an_idle_connection_reaches_nobody() {
+async fn with_keepalive_a_second_answer_on_an_idle_connection_reaches_nobody() {
     let rogue = Rogue::start(|target| two_answers(target, Some(Duration::from_millis(20)))).await;
-    each_caller_gets_its_own_token(&kit(&rogue).await, &rogue).await;
+    each_caller_gets_its_own_token(&kit_keepalive(&rogue).await, &rogue).await;
 }
 
 #[tokio::test]
-async fn a_second_answer_on_an_idle_tls_connection_reaches_nobody() {
+async fn with_keepalive_a_second_answer_on_an_idle_tls_connection_reaches_nobody() {
     let pki = Pki::new();
     let leaf = pki.leaf("upstream", &["localhost"]);
     let rogue =
         Rogue::start_tls(pki.server_config(&leaf, &[b"http/1.1"]), |t| two_answers(t, Some(Duration::from_millis(20))))
             .await;
     let url = format!("https://localhost:{}", rogue.addr.port());
-    let kit = kit_with(pki, &url, "").await;
+    let kit = kit_with(pki, &url, "", KEEPALIVE).await;
     each_caller_gets_its_own_token(&kit, &rogue).await;
 }
 
@@ -166,11 +191,25 @@ fn twenty_codes() -> Vec<String> {
 }
 
 #[tokio::test]
-async fn a_second_answer_in_its_own_write_reaches_nobody_back_to_back() {
+async fn with_keepalive_a_second_answer_in_its_own_write_reaches_nobody_back_to_back() {
     let rogue = Rogue::start(|target| two_answers(target, Some(Duration::ZERO))).await;
-    let kit = kit(&rogue).await;
+    let kit = kit_keepalive(&rogue).await;
     let want: Vec<(u16, String)> = twenty_codes().iter().map(|c| (200, token_for(c))).collect();
     assert_eq!(on_one_connection(&kit, &twenty_codes()).await, want);
+}
+
+#[tokio::test]
+async fn by_default_a_second_answer_arriving_late_reaches_nobody_back_to_back() {
+    // The case no HTTP/1.1 connection can detect: the second answer comes a moment after the
+    // first, when the next caller's request may already be on its way. Each exchange has its
+    // own connection, so it has nowhere to go.
+    for pause in [Duration::ZERO, Duration::from_millis(1), Duration::from_millis(3)] {
+        let rogue = Rogue::start(move |target| two_answers(target, Some(pause))).await;
+        let kit = kit(&rogue).await;
+        let want: Vec<(u16, String)> = twenty_codes().iter().map(|c| (200, token_for(c))).collect();
+        assert_eq!(on_one_connection(&kit, &twenty_codes()).await, want, "second answer {pause:?} late");
+        assert_eq!(rogue.connections(), 20);
+    }
 }
 
 /// What the rogue answers to the token request for `code`: the answer that breaks HTTP in the
@@ -211,7 +250,7 @@ const REFUSED: (u16, &str) = (502, "invalid upstream response\n");
 #[tokio::test]
 async fn answers_that_break_http_are_502_and_the_next_caller_gets_its_own() {
     let rogue = Rogue::start(|target| broken(code_of(target))).await;
-    let kit = kit(&rogue).await;
+    let kit = kit_keepalive(&rogue).await;
     let cases = ["both-lengths", "switching", "status-600", "status-099", "head-200k"];
     // Each refused answer, then a good one, on one client connection: the refused answer's
     // framing never leaks into what the client reads next.
@@ -235,7 +274,7 @@ async fn answers_that_break_http_are_502_and_the_next_caller_gets_its_own() {
 #[tokio::test]
 async fn interim_answers_are_read_past_and_a_head_under_the_bound_passes() {
     let rogue = Rogue::start(|target| broken(code_of(target))).await;
-    let kit = kit(&rogue).await;
+    let kit = kit_keepalive(&rogue).await;
     let reply = kit.client.send(HOST, "POST", "/v1/auth/token/interim", &[], "").await;
     assert_eq!((reply.status, reply.text()), (200, token_for("interim").as_str()));
     assert_eq!(reply.header("link"), "", "the 103's fields stay with the 103");
@@ -248,7 +287,7 @@ async fn interim_answers_are_read_past_and_a_head_under_the_bound_passes() {
 #[tokio::test]
 async fn the_head_bound_is_max_header_bytes() {
     let rogue = Rogue::start(|target| broken(code_of(target))).await;
-    let kit = kit_with(Pki::new(), &format!("http://{}", rogue.addr), "max_header_bytes = 8192").await;
+    let kit = kit_with(Pki::new(), &format!("http://{}", rogue.addr), "max_header_bytes = 8192", "").await;
     let reply = kit.client.send(HOST, "POST", "/v1/auth/token/head-12k", &[], "").await;
     assert_eq!((reply.status, reply.text()), REFUSED);
 }

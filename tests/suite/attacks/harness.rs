@@ -152,23 +152,24 @@ impl Target {
     /// Starts `tests/attacks/{script}` with `args` against this relay (`--seconds` bounds it;
     /// the client exits by itself).
     pub fn attack(&self, script: &str, args: &[&str]) -> Attack {
-        let dir = tempfile::tempdir().expect("a folder for the attack's output");
-        let file = |name: &str| std::fs::File::create(dir.path().join(name)).expect("create an output file");
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/attacks").join(script);
         let port = self.https.port().to_string();
         let ca = self.pki.ca_path.display().to_string();
         let fixed = ["--host", "127.0.0.1", "--port", &port, "--sni", "auth.example.test", "--ca", &ca];
-        let child = Command::new("/usr/bin/python3")
-            .arg(&path)
+        let mut command = Command::new("/usr/bin/python3");
+        command.arg(&path).args(args).env("PYTHONDONTWRITEBYTECODE", "1").args(fixed);
+        Attack::spawn(command, "scripts/test installs python3-h2")
+    }
+
+    /// Starts `h2load` (Debian's nghttp2-client) with `args` on `path` of this relay: its
+    /// connections go to the relay's port, with the site's name as SNI and `:authority`.
+    pub fn h2load(&self, path: &str, args: &[&str]) -> Attack {
+        let mut command = Command::new("h2load");
+        command
             .args(args)
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .args(fixed)
-            .stdin(Stdio::null())
-            .stdout(file("stdout"))
-            .stderr(file("stderr"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("run {}: {e} (scripts/test installs python3-h2)", path.display()));
-        Attack { child: ChildGuard(child), dir, started: Instant::now() }
+            .arg(format!("--connect-to=127.0.0.1:{}", self.https.port()))
+            .arg(format!("https://auth.example.test{path}"));
+        Attack::spawn(command, "scripts/test installs nghttp2-client")
     }
 
     /// Runs the legitimate client over and over (each on a fresh connection, 100 ms apart)
@@ -207,14 +208,33 @@ pub struct Attack {
 }
 
 impl Attack {
-    /// The client's summary once it has ended (it must have exited 0).
-    pub fn summary(mut self) -> serde_json::Value {
+    /// Runs `command` with its output in files of a folder of its own; `hint` says where the
+    /// program comes from when it cannot be started.
+    fn spawn(mut command: Command, hint: &str) -> Attack {
+        let dir = tempfile::tempdir().expect("a folder for the attack's output");
+        let file = |name: &str| std::fs::File::create(dir.path().join(name)).expect("create an output file");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file("stdout"))
+            .stderr(file("stderr"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {command:?}: {e} ({hint})"));
+        Attack { child: ChildGuard(child), dir, started: Instant::now() }
+    }
+
+    /// The client's standard output once it has ended (it must have exited 0).
+    pub fn output(mut self) -> String {
         let status = self.child.0.wait().expect("wait for the attack client");
         let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        assert!(status.success(), "the attack client failed ({status}):\n{}", read("stderr"));
-        let out = read("stdout");
+        assert!(status.success(), "the attack client failed ({status}):\n{}\n{}", read("stdout"), read("stderr"));
+        read("stdout")
+    }
+
+    /// The summary a client from `tests/attacks/` prints last, once it has ended.
+    pub fn summary(self) -> serde_json::Value {
+        let out = self.output();
         serde_json::from_str(out.lines().last().unwrap_or_default())
-            .unwrap_or_else(|e| panic!("the attack client's summary: {e}:\n{out}\n{}", read("stderr")))
+            .unwrap_or_else(|e| panic!("the attack client's summary: {e}:\n{out}"))
     }
 }
 
