@@ -82,6 +82,15 @@ pub fn check(path: Option<&Path>) -> ExitCode {
                     c.uncovered.join(", ")
                 );
             }
+            Ok(cert) if !cert.valid_at(std::time::SystemTime::now()) => {
+                eprintln!(
+                    "{}: site {}: warning: the certificate is not valid now (valid {} to {}); clients will reject it",
+                    config.file,
+                    c.site,
+                    humantime::format_rfc3339_seconds(cert.not_before),
+                    humantime::format_rfc3339_seconds(cert.not_after)
+                );
+            }
             Ok(_) => {}
         }
     }

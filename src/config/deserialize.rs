@@ -4,6 +4,8 @@
 
 use std::ops::Range;
 
+use toml::de::{DeTable, DeValue};
+
 use super::raw::RawConfig;
 use super::{Problem, locate};
 
@@ -30,7 +32,9 @@ pub(super) fn raw(file: &str, text: &str) -> (Option<RawConfig>, Vec<Problem>) {
         let problem = Problem {
             file: file.to_string(),
             line: offset.map(|o| locate::line_of(&text, o)),
-            key: offset.and_then(|o| locate::path_at(&text, o)).unwrap_or_else(|| "(file)".into()),
+            key: offset
+                .and_then(|o| locate::path_at(&text, o).or_else(|| locate::path_near(&text, o)))
+                .unwrap_or_else(|| "(file)".into()),
             message: operator_words(e.message().trim()),
         };
         if problems.last() == Some(&problem) {
@@ -78,5 +82,47 @@ fn operator_words(message: &str) -> String {
     match message.split_once("expected struct Raw") {
         Some((head, _)) => format!("{head}expected a table"),
         None => message.to_string(),
+    }
+}
+
+/// A problem for every string value with a control character in it (an escape such as
+/// `\u001b` written in the file): no name, path or address needs one, and each would reach
+/// terminals, logs and the CA as written.
+pub(super) fn control_characters(file: &str, text: &str) -> Vec<Problem> {
+    let Ok(root) = DeTable::parse(text) else { return Vec::new() };
+    let mut found = Vec::new();
+    for (key, value) in root.get_ref() {
+        strings(key.get_ref(), value, &mut found);
+    }
+    found
+        .into_iter()
+        .map(|(key, offset, c)| Problem {
+            file: file.to_string(),
+            line: Some(locate::line_of(text, offset)),
+            key,
+            message: format!("control characters are not allowed (found {:?})", c),
+        })
+        .collect()
+}
+
+/// The path, offset and first control character of every string under `value` that has one.
+fn strings(path: &str, value: &toml::Spanned<DeValue<'_>>, out: &mut Vec<(String, usize, char)>) {
+    match value.get_ref() {
+        DeValue::String(s) => {
+            if let Some(c) = s.chars().find(|c| c.is_control()) {
+                out.push((path.to_string(), value.span().start, c));
+            }
+        }
+        DeValue::Table(t) => {
+            for (k, v) in t {
+                strings(&format!("{path}.{}", k.get_ref()), v, out);
+            }
+        }
+        DeValue::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                strings(&format!("{path}[{i}]"), v, out);
+            }
+        }
+        _ => {}
     }
 }

@@ -92,6 +92,64 @@ pub fn path_at(text: &str, offset: usize) -> Option<String> {
     (!path.is_empty()).then_some(path)
 }
 
+/// How many lines above a syntax error [`path_near`] looks for the key it belongs to (a value
+/// that spans lines, such as an unclosed array, starts above the error).
+const LINES_UP: usize = 20;
+
+/// The key path of a syntax error at `offset`, where the text cannot be parsed as a whole:
+/// the key written on the error's line or on the nearest line above that begins a value
+/// (an array left open), or the table of the header it sits under. Found with the TOML
+/// parser itself: the text up to that line, plus the line's key with a placeholder value, is
+/// parsed and the key located in it. `None` when the broken line is a table header.
+pub fn path_near(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let mut start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    for _ in 0..LINES_UP {
+        let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        let line = text[start..end].trim();
+        let prefix = &text[..start];
+        if !line.is_empty() && !line.starts_with('#') {
+            if let Some(path) = path_of_line(prefix, line) {
+                return Some(path);
+            }
+            // The line is broken in itself though the text above reads: no key to name.
+            if line.starts_with('[') && DeTable::parse(prefix).is_ok() {
+                return None;
+            }
+        }
+        if start == 0 {
+            return None;
+        }
+        start = text[..start - 1].rfind('\n').map_or(0, |i| i + 1);
+    }
+    None
+}
+
+/// The path of the header or key that `line` starts, read after `prefix` (the text above it).
+fn path_of_line(prefix: &str, line: &str) -> Option<String> {
+    if line.starts_with('[') {
+        let header = &line[..line.rfind(']')? + 1];
+        let doc = format!("{prefix}{header}\n");
+        // The last character of the header's last key.
+        let at = prefix.len() + header.trim_end_matches(']').trim_end().len() - 1;
+        return path_at(&doc, at);
+    }
+    let key = line.split_once('=').map_or(line, |(k, _)| k).trim_end();
+    if key.is_empty() {
+        return None;
+    }
+    let at = |doc: &str| path_at(doc, prefix.len() + key.len() - 1);
+    if let Some(path) = at(&format!("{prefix}{key} = 0\n")) {
+        return Some(path);
+    }
+    // A key written twice: read a renamed copy, then give it its own name back.
+    const MARK: &str = "__oauth_relay_again";
+    let bare = key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '));
+    let doc = format!("{prefix}{key}{MARK} = 0\n");
+    let path = path_at(&doc, prefix.len() + key.len() - 1).filter(|_| bare)?;
+    Some(path.replace(MARK, ""))
+}
+
 /// The byte range `key = value` of the innermost key covering `offset`, when that key is a
 /// plain entry (not an array element): what can be blanked out to read past a bad key.
 pub fn entry_at(text: &str, offset: usize) -> Option<std::ops::Range<usize>> {

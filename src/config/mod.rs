@@ -369,6 +369,12 @@ impl Config {
         let mut v = Validator { file, locator, problems: Vec::new(), warnings: Vec::new() };
         let config = v.config(raw);
         problems.append(&mut v.problems);
+        // Said once per key: a value the validator refused already has its own message.
+        for p in deserialize::control_characters(file, text) {
+            if !problems.iter().any(|q| q.key == p.key) {
+                problems.push(p);
+            }
+        }
         match config {
             Some(mut config) if problems.is_empty() => {
                 config.warnings = v.warnings;
@@ -473,20 +479,40 @@ mod tests {
             lines(keys, value().boxed()).prop_map(move |body| format!("{name}\n{body}"))
         }
 
+        /// A number of any magnitude: mostly small (the usual kind of mistake), sometimes huge.
+        fn magnitude() -> impl Strategy<Value = u64> {
+            prop_oneof![6 => 0u64..100, 1 => 100u64..100_000, 1 => any::<u64>()]
+        }
+
+        /// A duration of any magnitude, or (rarer) any value at all.
+        fn wait() -> BoxedStrategy<String> {
+            let wait = (magnitude(), prop::sample::select(vec!["ms", "s", "m", "h", "d"]))
+                .prop_map(|(n, unit)| format!("\"{n}{unit}\""));
+            prop_oneof![4 => wait, 1 => value()].boxed()
+        }
+
         /// `[limits]` with each key present or not: durations for the waits and numbers for the
-        /// sizes, of any magnitude (the usual kind of mistake), or any value at all (the rarer).
+        /// sizes.
         fn limits() -> impl Strategy<Value = String> {
             const WAITS: [&str; 5] =
                 ["handshake_timeout", "header_read_timeout", "idle_timeout", "send_timeout", "shutdown_grace"];
             const SIZES: [&str; 5] =
                 ["max_header_bytes", "max_connections", "max_connections_per_ip", "max_query_bytes", "max_body_bytes"];
-            let magnitude = || prop_oneof![6 => 0u64..100, 1 => 100u64..100_000, 1 => any::<u64>()];
-            let wait = (magnitude(), prop::sample::select(vec!["ms", "s", "m", "h", "d"]))
-                .prop_map(|(n, unit)| format!("\"{n}{unit}\""));
-            let size = magnitude().prop_map(|n| n.to_string());
-            let typed = |t: BoxedStrategy<String>| prop_oneof![4 => t, 1 => value()].boxed();
-            (lines(&WAITS, typed(wait.boxed())), lines(&SIZES, typed(size.boxed())))
-                .prop_map(|(w, s)| format!("[limits]\n{w}{s}"))
+            let size = prop_oneof![4 => magnitude().prop_map(|n| n.to_string()), 1 => value()].boxed();
+            (lines(&WAITS, wait()), lines(&SIZES, size)).prop_map(|(w, s)| format!("[limits]\n{w}{s}"))
+        }
+
+        /// `[health]` with each wait present or not.
+        fn health() -> impl Strategy<Value = String> {
+            const WAITS: [&str; 6] = [
+                "cert_expiry_margin",
+                "upstream_probe_interval",
+                "upstream_probe_timeout",
+                "upstream_unreachable_window",
+                "clock_skew_warn",
+                "clock_skew_fail",
+            ];
+            lines(&WAITS, wait()).prop_map(|w| format!("[health]\n{w}"))
         }
 
         fn document() -> impl Strategy<Value = String> {
@@ -507,10 +533,11 @@ mod tests {
             (
                 sometimes(table("[server]", SERVER).boxed(), ""),
                 limits(),
+                health(),
                 sometimes(table("[[site]]", SITE).boxed(), "[[site]]\n"),
             )
-                .prop_map(|(server, limits, site)| {
-                    format!("{server}\n{limits}\n{site}hostnames = [\"auth.example.test\"]\n")
+                .prop_map(|(server, limits, health, site)| {
+                    format!("{server}\n{limits}\n{health}\n{site}hostnames = [\"auth.example.test\"]\n")
                 })
         }
 
@@ -523,6 +550,14 @@ mod tests {
                         let now = std::time::Instant::now();
                         for d in [l.handshake_timeout, l.header_read_timeout, l.idle_timeout, l.send_timeout, l.shutdown_grace] {
                             prop_assert!(now.checked_add(d).is_some(), "{d:?} from\n{text}");
+                        }
+                        let h = &c.health;
+                        let site = &c.sites[0];
+                        for d in [h.cert_expiry_margin, h.upstream_probe_timeout, h.upstream_unreachable_window, h.clock_skew_warn, h.clock_skew_fail, site.connect_timeout, site.response_timeout]
+                            .into_iter()
+                            .chain(h.upstream_probe_interval)
+                        {
+                            prop_assert!(now.checked_add(d.saturating_mul(4)).is_some(), "{d:?} from\n{text}");
                         }
                         prop_assert!(u32::try_from(l.max_header_bytes * 4).is_ok(), "{}", l.max_header_bytes);
                         prop_assert!(l.max_connections_per_ip <= l.max_connections);

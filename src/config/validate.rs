@@ -13,10 +13,12 @@ use super::*;
 use crate::egress::Egress;
 
 mod acme;
+mod bounds;
 mod cross;
 mod process;
 mod storage;
 
+use bounds::Wait;
 pub use cross::file_stem;
 
 /// Collects problems while building the typed config; a `None` result always comes with at
@@ -136,9 +138,7 @@ impl Validator<'_> {
         if raw.tls.source != "acme" {
             self.no_acme_keys(i, &raw.tls);
         }
-        if raw.tls.reload_interval.is_zero() {
-            self.error(&at2("tls", "reload_interval"), "must be greater than zero");
-        }
+        self.wait(&at2("tls", "reload_interval"), raw.tls.reload_interval, Wait::TIMER);
 
         let callback_mode = self.mode(&at2("callback", "mode"), &raw.callback.mode);
         let callback_status = self.redirect_status(&at2("callback", "status"), raw.callback.status);
@@ -175,12 +175,8 @@ impl Validator<'_> {
         if raw.token.methods.is_empty() {
             self.error(&at2("token", "methods"), "needs at least one method (\"POST\")");
         }
-        if raw.response_timeout.is_zero() {
-            self.error(&at("response_timeout"), "must be greater than zero");
-        }
-        if raw.connect_timeout.is_zero() {
-            self.error(&at("connect_timeout"), "must be greater than zero");
-        }
+        self.wait(&at("connect_timeout"), raw.connect_timeout, Wait::TIMEOUT);
+        self.wait(&at("response_timeout"), raw.response_timeout, Wait::TIMEOUT);
         if let (Some(c), Some(a)) = (callback_mode, authorize_mode) {
             if c != a {
                 self.warn(

@@ -1,4 +1,6 @@
-//! Listen addresses: can this user bind each one now? Each is bound and released at once.
+//! Listen addresses: can this user bind each one now? All are bound together, then released.
+//! (Two that overlap, such as `[::]:443` beside `0.0.0.0:443`, are refused by the
+//! configuration itself, with their keys.)
 //!
 //! Ports below 1024 need root or `CAP_NET_BIND_SERVICE` (unless the kernel's
 //! `net.ipv4.ip_unprivileged_port_start` was lowered). An address in use is an error, except
@@ -12,12 +14,26 @@ use crate::config::Server;
 
 const CHECK: &str = "listen";
 
-/// Every configured listener: HTTPS, plain HTTP and admin.
+/// Every configured listener: HTTPS, plain HTTP and admin, each held until all are bound, as
+/// `serve` holds them: two that cannot be bound together fail here as they would at start.
 pub fn check_all(server: &Server) -> Vec<Finding> {
     let https = server.https.iter().map(|a| (*a, "https"));
     let http = server.http.iter().map(|a| (*a, "http"));
     let admin = server.admin.iter().map(|a| (*a, "admin"));
-    https.chain(http).chain(admin).map(|(addr, role)| check(addr, role)).collect()
+    let mut held = Vec::new();
+    let findings = https
+        .chain(http)
+        .chain(admin)
+        .map(|(addr, role)| match TcpListener::bind(addr) {
+            Ok(listener) => {
+                held.push(listener);
+                outcome(addr, role, Ok(()))
+            }
+            Err(e) => outcome(addr, role, Err(e)),
+        })
+        .collect();
+    drop(held);
+    findings
 }
 
 /// Binds `addr` (a `role` listener: https, http or admin) and releases it.

@@ -6,6 +6,7 @@
 mod accept;
 mod challenge;
 mod gather;
+mod keys;
 mod sources;
 mod store;
 pub mod tickets;
@@ -55,9 +56,12 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    /// A key aws-lc-rs cannot sign with (RSA under 2048 bits, Ed448, an unusual curve).
+    #[error("{what}: the private key is {kind}, which the relay cannot sign with: use {usable}", usable = keys::USABLE)]
+    UnusableKey { what: String, kind: String },
     #[error(
-        "{what}: the private key does not belong to the first certificate of the chain (the chain must start with \
-         the server's own certificate, then its intermediates)"
+        "{what}: the private key does not belong to the first certificate of the chain (the chain goes leaf \
+         first: the server's own certificate, then its intermediates)"
     )]
     KeyMismatch { what: String },
     #[error("{what}: the certificate cannot be parsed: {detail}")]
@@ -149,7 +153,11 @@ impl LoadedCert {
         key: PrivateKeyDer<'static>,
     ) -> Result<LoadedCert, TlsError> {
         let rustls_err = |source| TlsError::Rustls { what: what.into(), source };
-        let signer = crate::crypto::provider().key_provider.load_private_key(key).map_err(rustls_err)?;
+        let kind = keys::describe(&key);
+        let signer = crate::crypto::provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|_| TlsError::UnusableKey { what: what.into(), kind })?;
         let certified = CertifiedKey::new(chain, signer);
         certified.keys_match().map_err(|e| match e {
             rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {

@@ -31,12 +31,26 @@ pub fn load_site_certificates(config: &Config, store: &CertStore) -> Result<(), 
                 tracing::warn!(site = %site.name, hostname = %h, "the certificate does not name this hostname; clients will reject it");
             }
         }
+        warn_if_not_valid_now(&site.name, &cert);
         for slot in store.site_slots(i) {
             slot.install(cert.clone());
         }
         tracing::info!(site = %site.name, serial = %cert.serial, issuer = %cert.issuer, "certificate loaded");
     }
     Ok(())
+}
+
+/// Logs a warning when `cert` is expired or not yet valid: served all the same (a renewal may
+/// be on its way, or the clock wrong), but clients will refuse it and `/readyz` says so.
+fn warn_if_not_valid_now(site: &str, cert: &LoadedCert) {
+    let now = SystemTime::now();
+    if cert.valid_at(now) {
+        return;
+    }
+    let (from, until) =
+        (humantime::format_rfc3339_seconds(cert.not_before), humantime::format_rfc3339_seconds(cert.not_after));
+    let state = if now < cert.not_before { "is not valid yet" } else { "has expired" };
+    tracing::warn!(site = %site, valid_from = %from, valid_until = %until, "the certificate {state}; clients will reject it");
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -145,6 +159,7 @@ async fn watch_files(
                     slot.install(loaded.clone());
                 }
                 tracing::info!(site = %name, serial = %loaded.serial, "certificate files changed; new certificate in use");
+                warn_if_not_valid_now(name, &loaded);
             }
             Err(e) => {
                 // A rotation writes the two files one after the other: say it once, retry.

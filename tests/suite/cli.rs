@@ -1,6 +1,7 @@
 //! The `oauth-relay` command as an operator runs it: the real binary, its exit statuses, and
 //! the exact lines `check` prints.
 
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -330,6 +331,70 @@ fn serve_with_a_certificate_it_cannot_load_says_why_never_serving_and_exits_64()
         "{err}"
     );
     assert!(!err.contains("serving"), "it said it served: {err}");
+}
+
+/// A key the relay cannot sign with (RSA-1024, Ed448) is named as such by `check`, and `serve`
+/// exits 64 with the same words before serving anything.
+#[test]
+fn a_key_too_weak_or_unsupported_is_named_by_check_and_serve() {
+    let pki = crate::common::Pki::new();
+    let leaf = pki.leaf("auth", &["localhost"]);
+    let store = tempfile::tempdir().expect("tempdir");
+    for (file, kind) in [("rsa-1024.pem", "RSA-1024"), ("ed448.pem", "Ed448")] {
+        let key = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/keys").join(file);
+        let text = format!(
+            "[server]\nhttps = [\"127.0.0.1:0\"]\nstorage = \"{}\"\n\n[[site]]\nname = \"auth\"\nhostnames = [\"localhost\"]\n\n\
+             [site.tls]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            store.path().display(),
+            leaf.cert_path.display(),
+            key.display()
+        );
+        let (_d, path) = temp_config("weak.toml", &text);
+        let why = format!(
+            "{} + {}: the private key is {kind}, which the relay cannot sign with: use ECDSA P-256, P-384 or P-521, \
+             Ed25519, or RSA of 2048 to 8192 bits",
+            leaf.cert_path.display(),
+            key.display()
+        );
+        let o = run(&["check", "--config", &path]);
+        assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+        assert_eq!(stderr(&o), format!("{path}: site auth: site.tls: {why}\n1 problem found; nothing was started\n"));
+        let o = run(&["serve", "--config", &path]);
+        assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains(&why), "{err}");
+        assert!(!err.contains("serving") && !err.contains("unexpected error"), "{err}");
+    }
+}
+
+/// An expired certificate is served (a renewal may be on its way), with a warning from `check`
+/// and in the log at start.
+#[tokio::test]
+async fn an_expired_certificate_is_a_warning_in_check_and_at_start() {
+    let pki = crate::common::Pki::new();
+    let day = Duration::from_secs(86400);
+    let now = std::time::SystemTime::now();
+    let leaf = pki.leaf_with_validity("old", &["localhost"], now - 10 * day, now - day);
+    let store = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "[server]\nhttps = [\"127.0.0.1:0\"]\nstorage = \"{}\"\n\n[[site]]\nname = \"auth\"\nhostnames = [\"localhost\"]\n\n\
+         [site.tls]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        store.path().display(),
+        leaf.cert_path.display(),
+        leaf.key_path.display()
+    );
+    let (_d, path) = temp_config("old.toml", &text);
+    let o = run(&["check", "--config", &path]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.starts_with(&format!("{path}: site auth: warning: the certificate is not valid now (valid ")), "{err}");
+    assert!(err.ends_with("); clients will reject it\n"), "{err}");
+    let mut relay = crate::common::process::RelayProcess::serve(Path::new(&path), &[], |_| {});
+    relay.https_addr().await;
+    let line = relay.wait_for("the certificate has expired; clients will reject it").await;
+    assert!(line.contains("site=auth"), "{line}");
+    let (status, log) = relay.stop().await;
+    assert!(status.success(), "{log}");
 }
 
 #[test]

@@ -272,11 +272,34 @@ fn https_listen_address_must_be_ip_and_port() {
     );
 }
 
+/// A syntax error names the line where the parser stopped and the key it was reading (for a
+/// value left open, the key that opened it), or the table when no key was being read.
 #[test]
-fn a_syntax_error_names_its_line() {
-    let p = problems("[server]\nhttps = [\"127.0.0.1:8443\"\n\n[[site]]\n");
-    assert_eq!(p.len(), 1, "{p:#?}");
-    assert!(p[0].starts_with("test.toml:"), "{}", p[0]);
+fn a_syntax_error_names_its_line_and_key() {
+    let cases = [
+        (
+            "[server]\nhttps = [\"127.0.0.1:8443\"\n\n[[site]]\n",
+            "test.toml:4: server.https: missing comma between array elements, expected `,`",
+        ),
+        (
+            "[server]\nstorage = /var/lib\n",
+            "test.toml:2: server.storage: string values must be quoted, expected literal string",
+        ),
+        (
+            "[[site]]\nhostnames = [\"a\"]\n[[site]]\nname = \"b\"\n[site.tls]\nsource = \"files\" cert = \"x\"\n",
+            "test.toml:6: site[1].tls.source: unexpected key or value, expected newline, `#`",
+        ),
+        (
+            "[limits]\nidle_timeout = 10s\n",
+            "test.toml:2: limits.idle_timeout: string values must be quoted, expected literal string",
+        ),
+        ("[server]\nhttps = []\nhttps = []\n", "test.toml:3: server.https: duplicate key"),
+        ("[server]\nhttps = [\n  \"a\",,\n]\n", "test.toml:3: server.https: extra comma in array, expected value"),
+        ("[server]\nhttps = []\n[limits\n", "test.toml:3: (file): unclosed table, expected `]`"),
+    ];
+    for (text, want) in cases {
+        assert_eq!(problems(text), [want], "{text}");
+    }
 }
 
 /// Unknown keys, mistyped values and invalid values in one file: every one is reported, top to
@@ -567,5 +590,135 @@ fn a_plain_http_route_upstream_is_a_warning() {
     assert_eq!(
         warnings,
         ["test.toml:5: site[0].token.upstream: plain http:// upstream: tokens and codes cross the network unencrypted"]
+    );
+}
+
+/// Every wait outside `[limits]` has a range; a value outside it (the largest duration TOML
+/// can say, a zero where zero is no bound) is refused at its line, so nothing in the relay adds
+/// it to a clock.
+#[test]
+fn durations_outside_their_range_are_refused_with_their_line() {
+    const HUGE: &str = "\"18446744073709551615s\"";
+    let acme = "source = \"acme\"\ndirectory = \"letsencrypt-staging\"\nterms_agreed = true\n";
+    let cases: [(&str, &str, &str, &str); 12] = [
+        ("[health]", "upstream_probe_interval", HUGE, "10ms to 1day (or \"0s\" to turn it off)"),
+        ("[health]", "upstream_probe_interval", "\"1ms\"", "10ms to 1day (or \"0s\" to turn it off)"),
+        ("[health]", "upstream_probe_timeout", "\"0s\"", "100ms to 1day"),
+        ("[health]", "upstream_unreachable_window", HUGE, "0s to 1day"),
+        ("[health]", "cert_expiry_margin", "\"400d\"", "0s to 1year"),
+        ("[health]", "clock_skew_warn", HUGE, "0s to 1day"),
+        ("[site.tls]", "reload_interval", HUGE, "10ms to 1day"),
+        ("[site.tls]", "retry_min", HUGE, "10ms to 1day"),
+        ("[site.tls]", "retry_max", HUGE, "10ms to 1day"),
+        ("[site.tls]", "renew_when_left", HUGE, "1s to 10years"),
+        ("[limits]", "idle_timeout", HUGE, "100ms to 1day"),
+        ("[limits]", "shutdown_grace", "\"25h\"", "0s to 1day"),
+    ];
+    for (table, key, value, range) in cases {
+        let site = "[[site]]\nhostnames = [\"a.example.com\"]\n";
+        let extra = if table == "[site.tls]" && key != "reload_interval" { acme } else { "" };
+        let text = if table.starts_with("[site") {
+            format!("{site}{table}\n{extra}{key} = {value}\n")
+        } else {
+            format!("{table}\n{key} = {value}\n\n{site}")
+        };
+        let path = match table {
+            "[site.tls]" => format!("site[0].tls.{key}"),
+            t => format!("{}.{key}", t.trim_matches(['[', ']'])),
+        };
+        let shown = humantime::format_duration(humantime::parse_duration(value.trim_matches('"')).unwrap());
+        let want = format!("test.toml:{}: {path}: `{shown}` is out of range: use {range}", line(&text, key));
+        let p = problems(&text);
+        assert!(p.contains(&want), "{want}\nnot in {p:#?}");
+    }
+    for (key, value) in [("connect_timeout", HUGE), ("response_timeout", "\"0s\"")] {
+        let text = format!("[[site]]\nhostnames = [\"a.example.com\"]\n{key} = {value}\n");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(p[0].starts_with(&format!("test.toml:3: site[0].{key}: `")), "{p:#?}");
+        assert!(p[0].ends_with("is out of range: use 100ms to 1day"), "{p:#?}");
+    }
+    let port = "[server]\npublic_https_port = 0\n\n[[site]]\nhostnames = [\"a.example.com\"]\n";
+    assert_eq!(
+        problems(port),
+        ["test.toml:2: server.public_https_port: must be the port clients connect to, 1 to 65535"]
+    );
+}
+
+/// Every key of the example, set or commented out, says what values it takes: a `Valid:` line
+/// in the comment paragraph above it (keys written together share one).
+#[test]
+fn example_gives_every_key_its_valid_range() {
+    let text = std::fs::read_to_string(config_dir().join("example.toml")).expect("example.toml");
+    let lines: Vec<&str> = text.lines().collect();
+    let is_key = |l: &str| {
+        let l = l.strip_prefix("# ").unwrap_or(l);
+        l.split_once(" = ").is_some_and(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+    };
+    let mut unexplained = Vec::new();
+    for (i, l) in lines.iter().enumerate().filter(|(_, l)| is_key(l)) {
+        let above = lines[..i].iter().rev().skip_while(|l| is_key(l));
+        let paragraph: Vec<&&str> = above.take_while(|l| l.starts_with('#') && l.trim() != "#").collect();
+        if !paragraph.iter().any(|l| l.contains("Valid:")) && !l.starts_with("# source = ") {
+            unexplained.push(format!("example.toml:{}: {l}", i + 1));
+        }
+    }
+    assert!(unexplained.is_empty(), "keys without a `Valid:` line: {unexplained:#?}");
+}
+
+/// Listeners `serve` could not bind together are refused at the later one: the same address
+/// twice, `[::]` beside `0.0.0.0` on one port (Linux binds `[::]` dual-stack), an unspecified
+/// address beside one of its family, whichever of https, http and admin they belong to.
+#[test]
+fn overlapping_listen_addresses_are_refused_at_the_later_one() {
+    let server = |lines: &str| format!("[server]\n{lines}\n\n[[site]]\nhostnames = [\"a.example.com\"]\n");
+    let cases = [
+        (
+            "https = [\"0.0.0.0:8443\", \"[::]:8443\"]",
+            "test.toml:2: server.https[1]: `[::]:8443` overlaps `0.0.0.0:8443` (server.https[0]): `[::]` takes IPv4 \
+             addresses too (dual stack): list it alone to serve both; one socket cannot take both",
+        ),
+        (
+            "https = [\"127.0.0.1:8443\"]\nhttp = [\"127.0.0.1:8443\"]",
+            "test.toml:3: server.http[0]: `127.0.0.1:8443` overlaps `127.0.0.1:8443` (server.https[0]): the same \
+             address; one socket cannot take both",
+        ),
+        (
+            "https = [\"0.0.0.0:9090\"]\nadmin = \"127.0.0.1:9090\"",
+            "test.toml:3: server.admin: `127.0.0.1:9090` overlaps `0.0.0.0:9090` (server.https[0]): an unspecified \
+             address takes every address of its family; one socket cannot take both",
+        ),
+        (
+            "https = [\"[::1]:8443\", \"[::ffff:127.0.0.1]:9443\", \"127.0.0.1:9443\"]",
+            "test.toml:2: server.https[2]: `127.0.0.1:9443` overlaps `[::ffff:127.0.0.1]:9443` (server.https[1]): the \
+             same address; one socket cannot take both",
+        ),
+    ];
+    for (lines, want) in cases {
+        assert_eq!(problems(&server(lines)), [want], "{lines}");
+    }
+    // Different addresses on one port, two families, and port 0 (any free port) all bind.
+    for ok in [
+        "https = [\"127.0.0.1:8443\", \"127.0.0.2:8443\"]",
+        "https = [\"0.0.0.0:8443\", \"[::1]:8443\"]",
+        "https = [\"127.0.0.1:0\"]\nhttp = [\"127.0.0.1:0\"]\nadmin = \"127.0.0.1:0\"",
+    ] {
+        Config::parse("test.toml", &server(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}
+
+/// A control character in any string value (written as an escape) is refused at its key, so
+/// no name or path reaches a terminal, a log line or the CA with one.
+#[test]
+fn control_characters_are_refused_in_every_string_value() {
+    let text = "[server]\nstorage = \"certs\\u0000\"\n\n[[site]]\nname = \"a\\u001b[31mred\\nforged\"\nhostnames = [\"a.example.com\"]\n\n\
+                [site.tls]\nsource = \"files\"\ncert = \"/etc/tls\\tx.crt\"\nkey = \"/etc/tls/x.key\"\n";
+    assert_eq!(
+        problems(text),
+        [
+            "test.toml:2: server.storage: control characters are not allowed (found '\\0')",
+            "test.toml:5: site[0].name: control characters are not allowed (found '\\u{1b}')",
+            "test.toml:10: site[0].tls.cert: control characters are not allowed (found '\\t')",
+        ]
     );
 }

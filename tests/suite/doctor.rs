@@ -209,6 +209,34 @@ fn listen_address_free_in_use_and_foreign() {
     assert_eq!(f.level, Level::Error);
     assert_eq!(f.message, "https 203.0.113.7:8443: 203.0.113.7 is not an address of this machine");
     drop(held);
+
+    // Listeners are held together, as `serve` holds them.
+    let server = parse(&toml("\"localhost\"", Path::new("/tmp"), "")).server;
+    let all = listen::check_all(&oauth_relay::config::Server { http: vec![free], https: vec![free], ..server });
+    assert_eq!(levels(&all), [Level::Ok, Level::Error], "{all:#?}");
+    assert_eq!(all[1].message, format!("http {free}: address already in use"));
+}
+
+/// Overlapping listeners are refused before anything is tried: `doctor` names them with their
+/// keys, as `check` does, and exits 64.
+#[tokio::test]
+async fn doctor_refuses_overlapping_listeners_with_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = toml("\"localhost\"", dir.path(), "")
+        .replace("https = [\"127.0.0.1:0\"]", "https = [\"0.0.0.0:18443\", \"[::]:18443\"]");
+    let path = dir.path().join("overlap.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = run_doctor(&path, false).await;
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        format!(
+            "{}:2: server.https[1]: `[::]:18443` overlaps `0.0.0.0:18443` (server.https[0]): `[::]` takes IPv4 \
+             addresses too (dual stack): list it alone to serve both; one socket cannot take both\n\
+             1 problem found; nothing was started\n",
+            path.display()
+        )
+    );
 }
 
 // ---- storage ------------------------------------------------------------------------------
@@ -544,7 +572,7 @@ fn certificate_files_are_read_and_matched_as_serve_would() {
 
     let mismatched = check(files(&good.cert_path, &other.key_path));
     assert_eq!(levels(&mismatched), [Level::Error]);
-    assert!(mismatched[0].message.ends_with(": the private key does not belong to the first certificate of the chain (the chain must start with the server's own certificate, then its intermediates)"), "{mismatched:?}");
+    assert!(mismatched[0].message.ends_with(": the private key does not belong to the first certificate of the chain (the chain goes leaf first: the server's own certificate, then its intermediates)"), "{mismatched:?}");
 
     let missing = check(files(&store.path().join("absent.crt"), &good.key_path));
     assert_eq!(levels(&missing), [Level::Error]);
@@ -554,4 +582,29 @@ fn certificate_files_are_read_and_matched_as_serve_would() {
     let uncovered = check(files(&foreign.cert_path, &foreign.key_path));
     assert_eq!(levels(&uncovered), [Level::Error]);
     assert_eq!(uncovered[0].message, "site auth: the certificate does not name auth.example.test");
+
+    // Keys aws-lc-rs cannot sign with are named, with what would do.
+    for (file, kind) in [("rsa-1024.pem", "RSA-1024"), ("ed448.pem", "Ed448"), ("secp256k1.pem", "ECDSA secp256k1")] {
+        let key = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/keys").join(file);
+        let refused = check(files(&good.cert_path, &key));
+        assert_eq!(levels(&refused), [Level::Error], "{file}");
+        assert!(
+            refused[0].message.ends_with(&format!(
+                ": the private key is {kind}, which the relay cannot sign with: use ECDSA P-256, P-384 or P-521, \
+                 Ed25519, or RSA of 2048 to 8192 bits"
+            )),
+            "{refused:?}"
+        );
+    }
+
+    let day = Duration::from_secs(86400);
+    let expired = pki.leaf_with_validity(
+        "expired",
+        &["auth.example.test"],
+        SystemTime::now() - 10 * day,
+        SystemTime::now() - day,
+    );
+    let stale = check(files(&expired.cert_path, &expired.key_path));
+    assert_eq!(levels(&stale), [Level::Error]);
+    assert!(stale[0].message.starts_with("site auth: the certificate is not valid now (valid "), "{stale:?}");
 }

@@ -15,6 +15,7 @@ mod attacks;
 mod balancer;
 mod cli;
 mod config;
+mod contract;
 mod deploy;
 mod doctor;
 mod layout;

@@ -285,7 +285,7 @@ fn redis_settings_that_cannot_work_are_refused_with_their_key() {
         "relay.toml:7: redis.username: the URL names a user too; name it in one place".to_string(),
         "relay.toml:8: redis.password_env: the environment variable OAUTH_RELAY_TEST_NEVER_SET is not set".to_string(),
         "relay.toml:9: redis.prefix: must be 1 to 64 characters of letters, digits and - _ . : /".to_string(),
-        "relay.toml:10: redis.command_timeout: must be between 1ms and 5m".to_string(),
+        "relay.toml:10: redis.command_timeout: `0s` is out of range: use 100ms to 5m".to_string(),
     ];
     assert_eq!(problems, expect);
     let problems = refused(&redis_config("memcached://127.0.0.1:11211", "", ""));

@@ -1,6 +1,7 @@
 //! The `[site.tls]` keys of `source = "acme"`: directory, contacts, terms, EAB, profile, key
 //! type, challenge and renewal settings.
 
+use super::bounds::Wait;
 use super::*;
 
 /// `source = "acme"`: the `[site.tls]` keys of automatic certificates.
@@ -100,13 +101,12 @@ impl Validator<'_> {
         if t.profile.as_deref().is_some_and(str::is_empty) {
             self.error(&at("profile"), "must name a profile the CA offers, or be left out");
         }
-        if t.retry_min.is_zero() {
-            self.error(&at("retry_min"), "must be greater than zero");
-        }
-        if t.retry_max < t.retry_min {
+        let retry_min = self.wait(&at("retry_min"), t.retry_min, Wait::TIMER);
+        if self.wait(&at("retry_max"), t.retry_max, Wait::TIMER) && retry_min && t.retry_max < t.retry_min {
             self.error(&at("retry_max"), "must be at least `retry_min`");
         }
-        if let Some(left) = t.renew_when_left {
+        if let Some(left) = t.renew_when_left.filter(|&left| self.wait(&at("renew_when_left"), left, Wait::RENEW_LEFT))
+        {
             self.warn(
                 &at("renew_when_left"),
                 format!(

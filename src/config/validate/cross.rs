@@ -1,8 +1,9 @@
 //! Rules that span keys: combinations each valid alone that cannot work together (a route the
 //! health check or another route answers first, HTTP-01 without a plain-HTTP listener, two
-//! sites whose certificates would share one file).
+//! sites whose certificates would share one file, two listeners on one address).
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 
 use super::*;
 
@@ -103,6 +104,52 @@ impl Validator<'_> {
                 let mut key = vec![Seg::Key("site"), Seg::Index(i)];
                 key.extend(keys);
                 self.error(&key, format!("`{path}` is taken by {by}: choose another path"));
+            }
+        }
+    }
+}
+
+/// One listen address and where it is written (`server.https[0]`, `server.admin`).
+pub(super) struct Listen {
+    pub addr: SocketAddr,
+    pub key: Vec<Seg>,
+}
+
+/// Why `a` and `b` cannot both be bound, if they cannot: the same address, or one that takes
+/// every address of the other's family on the same port. `[::]` takes IPv4 too: Linux binds
+/// it dual-stack unless `net.ipv6.bindv6only` says otherwise. Port 0 picks a free port for
+/// each, so it never collides.
+fn overlap(a: SocketAddr, b: SocketAddr) -> Option<&'static str> {
+    if a.port() != b.port() || a.port() == 0 {
+        return None;
+    }
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let dual = |u: &SocketAddr| matches!(u.ip(), IpAddr::V6(ip) if ip.is_unspecified());
+    if x == y {
+        Some("the same address")
+    } else if dual(&a) || dual(&b) {
+        Some("`[::]` takes IPv4 addresses too (dual stack): list it alone to serve both")
+    } else if (x.is_unspecified() && x.is_ipv4() == y.is_ipv4()) || (y.is_unspecified() && x.is_ipv4() == y.is_ipv4()) {
+        Some("an unspecified address takes every address of its family")
+    } else {
+        None
+    }
+}
+
+impl Validator<'_> {
+    /// Every pair of listeners (https, http, admin) that `serve` could not bind together is
+    /// refused at the later one: the bind would fail with "address in use" at start.
+    pub(super) fn listener_overlaps(&mut self, listens: &[Listen]) {
+        for (j, later) in listens.iter().enumerate() {
+            let clash = listens[..j].iter().find_map(|l| overlap(l.addr, later.addr).map(|why| (l, why)));
+            if let Some((first, why)) = clash {
+                let message = format!(
+                    "`{}` overlaps `{}` ({}): {why}; one socket cannot take both",
+                    later.addr,
+                    first.addr,
+                    locate::render(&first.key)
+                );
+                self.error(&later.key, message);
             }
         }
     }

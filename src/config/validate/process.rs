@@ -1,10 +1,10 @@
 //! The process-wide tables: `[server]` (listeners, storage, HSTS, PROXY protocol sources),
 //! `[outbound]` (the proxy for upstreams and the CA), `[limits]` and `[health]`.
 
+use super::bounds::Wait;
+use super::cross::Listen;
 use super::*;
 
-/// The longest `[limits]` wait.
-const MAX_LIMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// The largest header block (and query) the relay can be told to take.
 const MAX_HEADER_BYTES: usize = 1 << 20;
 /// The most connections the relay can be told to hold (each holds a file descriptor).
@@ -49,6 +49,19 @@ impl Validator<'_> {
                 }
             },
         };
+        let listens = https.iter().map(|a| ("https", a)).chain(http.iter().map(|a| ("http", a)));
+        let mut listens: Vec<Listen> = listens
+            .enumerate()
+            .map(|(n, (role, &addr))| {
+                let i = if role == "https" { n } else { n - https.len() };
+                Listen { addr, key: vec![Seg::Key("server"), Seg::Key(role), Seg::Index(i)] }
+            })
+            .collect();
+        listens.extend(admin.map(|addr| Listen { addr, key: vec![Seg::Key("server"), Seg::Key("admin")] }));
+        // Indices are those of the file only when every address was read.
+        if https.len() == s.https.len() && http.len() == s.http.len() {
+            self.listener_overlaps(&listens);
+        }
         let hsts = if s.hsts.is_empty() {
             None
         } else {
@@ -67,6 +80,12 @@ impl Validator<'_> {
                 }
             }
         };
+        if s.public_https_port == Some(0) {
+            self.error(
+                &[Seg::Key("server"), Seg::Key("public_https_port")],
+                "must be the port clients connect to, 1 to 65535",
+            );
+        }
         let (storage, shared) = self.storage(raw, |name| std::env::var(name).ok());
         let proxy_protocol_from = self.networks("proxy_protocol_from", &s.proxy_protocol_from, "the load balancer");
         let trusted_proxies = self.networks("trusted_proxies", &s.trusted_proxies, "the proxies in front");
@@ -155,14 +174,10 @@ impl Validator<'_> {
             ("header_read_timeout", l.header_read_timeout),
             ("idle_timeout", l.idle_timeout),
             ("send_timeout", l.send_timeout),
-            ("shutdown_grace", l.shutdown_grace),
         ] {
-            if d.is_zero() && name != "shutdown_grace" {
-                self.error(&key(name), "must be greater than zero (every wait needs a bound)");
-            } else if d > MAX_LIMIT_WAIT {
-                self.error(&key(name), "must be at most 24h");
-            }
+            self.wait(&key(name), d, Wait::TIMEOUT);
         }
+        self.wait(&key("shutdown_grace"), l.shutdown_grace, Wait::WINDOW);
         if l.max_header_bytes < 8192 {
             self.error(&key("max_header_bytes"), "must be at least 8192 (browsers send large cookies)");
         } else if l.max_header_bytes > MAX_HEADER_BYTES {
@@ -221,9 +236,12 @@ impl Validator<'_> {
         if !h.upstream_probe_path.starts_with('/') || h.upstream_probe_path.contains(['#', ' ']) {
             self.error(&key("upstream_probe_path"), "must be an absolute path such as \"/\" (a query is allowed)");
         }
-        if h.upstream_probe_timeout.is_zero() {
-            self.error(&key("upstream_probe_timeout"), "must be greater than zero (every wait needs a bound)");
-        }
+        self.wait(&key("cert_expiry_margin"), h.cert_expiry_margin, Wait::CERT_MARGIN);
+        self.wait(&key("upstream_probe_interval"), h.upstream_probe_interval, Wait { off: true, ..Wait::TIMER });
+        self.wait(&key("upstream_probe_timeout"), h.upstream_probe_timeout, Wait::TIMEOUT);
+        self.wait(&key("upstream_unreachable_window"), h.upstream_unreachable_window, Wait::WINDOW);
+        self.wait(&key("clock_skew_warn"), h.clock_skew_warn, Wait::WINDOW);
+        self.wait(&key("clock_skew_fail"), h.clock_skew_fail, Wait::WINDOW);
         if h.clock_skew_fail < h.clock_skew_warn {
             self.error(&key("clock_skew_fail"), "must be at least `clock_skew_warn`");
         }

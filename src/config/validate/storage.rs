@@ -3,11 +3,13 @@
 //! a private CA, a key prefix, timeouts). A password is never part of the URL, so nothing that
 //! shows the URL can show it.
 
+use super::bounds::Wait;
 use super::*;
 use crate::config::raw::RawRedis;
 
-/// The longest `[redis]` timeout: a command that takes longer is a Redis that is down.
-const MAX_REDIS_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+/// A `[redis]` timeout: at most 5 minutes, as a command that takes longer is a Redis that is
+/// down, and renewals then wait and retry.
+const MAX_REDIS_WAIT: Wait = Wait::between(Wait::TIMEOUT.min, std::time::Duration::from_secs(300));
 
 impl Validator<'_> {
     /// The local folder (the store itself, or a shared store's cache) and the shared store, if
@@ -137,9 +139,7 @@ impl Validator<'_> {
             self.error(&at("prefix"), "must be 1 to 64 characters of letters, digits and - _ . : /");
         }
         for (name, wait) in [("connect_timeout", r.connect_timeout), ("command_timeout", r.command_timeout)] {
-            if wait.is_zero() || wait > MAX_REDIS_WAIT {
-                self.error(&at(name), "must be between 1ms and 5m");
-            }
+            self.wait(&at(name), wait, MAX_REDIS_WAIT);
         }
         (self.problems.len() == before).then(|| RedisStorage {
             url,
