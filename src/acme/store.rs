@@ -176,7 +176,7 @@ impl AcmeStore {
         let dir = self.host_dir(host);
         let meta_path = self.meta_path(host).display().to_string();
         for f in [&meta.chain_file, &meta.key_file] {
-            if f.is_empty() || f.contains('/') || f.starts_with('.') {
+            if !plain_name(f) {
                 return Err(StoreError::BadFileName { path: meta_path, file: f.clone() });
             }
         }
@@ -191,22 +191,20 @@ impl AcmeStore {
         Ok(StoredCert { meta: meta.clone(), cert: Arc::new(cert), leaf_der })
     }
 
-    /// Writes a new chain and key, then commits them by replacing `meta.json`; older chain and
-    /// key files of the hostname are removed afterwards.
+    /// Writes a new chain and key, then commits them by replacing `meta.json`; afterwards the
+    /// chain and key the previous `meta.json` named are removed. Nothing else is: files this
+    /// commit did not replace may be another writer's pair, written but not yet committed.
     pub fn save_cert(&self, host: &str, chain_pem: &str, key_pem: &str, meta: &CertMeta) -> Result<(), StoreError> {
         let dir = self.host_dir(host);
+        let previous = read_json::<CertMeta>(&self.meta_path(host)).ok().flatten();
         write(&dir.join(&meta.key_file), key_pem.as_bytes())?;
         write(&dir.join(&meta.chain_file), chain_pem.as_bytes())?;
         write_json(&self.meta_path(host), meta)?;
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let old_pem = (name.starts_with("chain-") || name.starts_with("key-"))
-                    && name.ends_with(".pem")
-                    && name != meta.chain_file
-                    && name != meta.key_file;
-                if old_pem {
-                    let _ = std::fs::remove_file(e.path());
+        if let Some(old) = previous {
+            for f in [&old.chain_file, &old.key_file] {
+                let ours = *f == meta.chain_file || *f == meta.key_file;
+                if !ours && plain_name(f) {
+                    let _ = std::fs::remove_file(dir.join(f));
                 }
             }
         }
@@ -235,6 +233,11 @@ pub fn folder_name(directory: &Url) -> String {
         name.push_str(seg);
     }
     name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' }).collect()
+}
+
+/// A file name of the hostname's folder itself (no path, not hidden): all `meta.json` may name.
+fn plain_name(f: &str) -> bool {
+    !f.is_empty() && !f.contains('/') && !f.starts_with('.')
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, StoreError> {

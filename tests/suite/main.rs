@@ -26,5 +26,6 @@ mod outbound;
 mod readiness;
 mod reload;
 mod routes;
+mod store;
 mod tls;
 mod upstream;
