@@ -111,7 +111,7 @@ impl AccountCell {
         if let Some(a) = cell.as_ref() {
             return Ok(a.clone());
         }
-        let account = self.load_or_create().await?;
+        let account = self.load_or_create(None).await?;
         *cell = Some(account.clone());
         Ok(account)
     }
@@ -121,13 +121,25 @@ impl AccountCell {
         self.account.lock().await.clone()
     }
 
-    async fn load_or_create(&self) -> Result<Account, AcmeError> {
+    /// Replaces the account `lost`, which the CA answered `accountDoesNotExist` for: with the
+    /// stored one when another replica already registered anew, else with a new registration
+    /// (stored over the old `account.json`, logged and counted).
+    pub async fn replace_lost(&self, lost: &str) -> Result<Account, AcmeError> {
+        let mut cell = self.account.lock().await;
+        if let Some(a) = cell.as_ref().filter(|a| a.id() != lost) {
+            return Ok(a.clone());
+        }
+        *cell = None;
+        let account = self.load_or_create(Some(lost)).await?;
+        crate::metrics::global().acme_account_reregistered();
+        *cell = Some(account.clone());
+        Ok(account)
+    }
+
+    /// The stored account, unless it is `lost`; else a new one.
+    async fn load_or_create(&self, lost: Option<&str>) -> Result<Account, AcmeError> {
         let dir = self.store.directory().to_string();
-        if let Some(creds) = self.store.load_account()? {
-            let account = builder(&self.settings)?
-                .from_credentials(creds)
-                .await
-                .map_err(|source| AcmeError::Acme { step: "loading the stored account", source })?;
+        if let Some(account) = self.load_stored(lost).await? {
             tracing::info!(directory = %dir, account = %account.id(), "ACME account loaded from the store");
             return Ok(account);
         }
@@ -139,11 +151,8 @@ impl AccountCell {
             Acquire::Busy { owner, .. } => return Err(AcmeError::Busy { owner, what: "creating the ACME account" }),
         };
         // Another replica may have finished just before we took the lock.
-        if let Some(creds) = self.store.load_account()? {
-            return builder(&self.settings)?
-                .from_credentials(creds)
-                .await
-                .map_err(|source| AcmeError::Acme { step: "loading the stored account", source });
+        if let Some(account) = self.load_stored(lost).await? {
+            return Ok(account);
         }
         tracing::info!(directory = %dir, "creating an ACME account");
         let contact: Vec<&str> = self.settings.contact.iter().map(String::as_str).collect();
@@ -157,6 +166,17 @@ impl AccountCell {
         self.store.save_account(&creds)?;
         tracing::info!(directory = %dir, account = %account.id(), path = %self.store.account_path().display(), "ACME account created and stored");
         Ok(account)
+    }
+}
+
+impl AccountCell {
+    async fn load_stored(&self, lost: Option<&str>) -> Result<Option<Account>, AcmeError> {
+        let Some(creds) = self.store.load_account()? else { return Ok(None) };
+        let account = builder(&self.settings)?
+            .from_credentials(creds)
+            .await
+            .map_err(|source| AcmeError::Acme { step: "loading the stored account", source })?;
+        Ok((Some(account.id()) != lost).then_some(account))
     }
 }
 

@@ -7,6 +7,7 @@
 //! {storage}/acme/{directory}/{hostname}/meta.json the current certificate: files, dates, renewal time
 //! {storage}/acme/{directory}/{hostname}/chain-{serial}.pem, key-{serial}.pem
 //! {storage}/acme/{directory}/{hostname}/status.json last error, failures, next attempt
+//! {storage}/acme/{directory}/{hostname}/pending.json an order being finalized: its URL and key
 //! {storage}/acme/{directory}/{hostname}/order.lock held while one replica orders
 //! ```
 //!
@@ -88,6 +89,26 @@ pub struct HostStatus {
     pub next_attempt: Option<SystemTime>,
 }
 
+/// An order about to be finalized whose certificate is not stored yet (`pending.json`, 0600).
+/// Written before the CSR is sent, so an attempt cut after that (a crash, a deploy, a timeout
+/// while the CA is still processing, a failed write) resumes this order and downloads its
+/// certificate instead of ordering again: a second order would burn one of the CA's duplicate
+/// certificates and, with ARI, fail with `alreadyReplaced`.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PendingOrder {
+    pub order_url: String,
+    /// The key the CSR is made with (PEM); never logged.
+    pub key_pem: String,
+    #[serde(with = "humantime_serde")]
+    pub finalized_at: SystemTime,
+}
+
+impl std::fmt::Debug for PendingOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingOrder").field("order_url", &self.order_url).finish_non_exhaustive()
+    }
+}
+
 /// A certificate loaded from the store, ready to install.
 #[derive(Debug, Clone)]
 pub struct StoredCert {
@@ -142,6 +163,29 @@ impl AcmeStore {
 
     fn status_path(&self, host: &str) -> PathBuf {
         self.host_dir(host).join("status.json")
+    }
+
+    fn pending_path(&self, host: &str) -> PathBuf {
+        self.host_dir(host).join("pending.json")
+    }
+
+    /// The order of `host` being finalized, if an attempt was cut before storing its result.
+    pub fn load_pending(&self, host: &str) -> Result<Option<PendingOrder>, StoreError> {
+        read_json(&self.pending_path(host))
+    }
+
+    pub fn save_pending(&self, host: &str, pending: &PendingOrder) -> Result<(), StoreError> {
+        write_json(&self.pending_path(host), pending)
+    }
+
+    /// Forgets the pending order (its certificate is stored, or the CA no longer knows it).
+    pub fn clear_pending(&self, host: &str) {
+        let path = self.pending_path(host);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the record of a finished order");
+        }
     }
 
     /// The stored account credentials, `None` when there is no account yet.

@@ -16,7 +16,7 @@ use super::challenge::Challenges;
 use super::client::AccountCell;
 use super::lock::{self, Acquire};
 use super::renew::{self, Basis};
-use super::store::{AcmeStore, CertMeta, HostStatus, StoredCert};
+use super::store::{AcmeStore, CertMeta, HostStatus, PendingOrder, StoredCert};
 use super::{AcmeError, order};
 use crate::config::AcmeSettings;
 use crate::tls::{LoadedCert, Slot};
@@ -307,15 +307,72 @@ impl HostTask {
         outcome
     }
 
+    /// Gets a certificate: from the order an interrupted attempt left pending, else from a new
+    /// order. When the CA no longer knows the stored account, registers a new one (once).
     async fn issue(&mut self, stored: Option<&StoredCert>) -> Result<StoredCert, AcmeError> {
+        match self.issue_with_account(stored).await {
+            Err(AcmeError::Acme { source, step }) if order::is_problem(&source, "accountDoesNotExist") => {
+                let lost = self.account.get().await?.id().to_string();
+                tracing::warn!(hostname = %self.host, directory = %self.store.directory(), account = %lost, %step, error = %source, "the CA no longer knows the stored ACME account (its database was reset or the account deactivated); registering a new one");
+                self.account.replace_lost(&lost).await?;
+                self.issue_with_account(stored).await
+            }
+            r => r,
+        }
+    }
+
+    async fn issue_with_account(&mut self, stored: Option<&StoredCert>) -> Result<StoredCert, AcmeError> {
         let account = self.account.get().await?;
+        if let Some(issued) = self.resume_pending(&account).await? {
+            let stored = self.store_issued(issued);
+            if let Err(AcmeError::Certificate(_)) = &stored {
+                // Not usable with the recorded key: resuming again would fail the same way.
+                self.store.clear_pending(&self.host);
+            }
+            return stored;
+        }
         let replaces = match stored {
             Some(c) if self.ari.as_ref().is_some_and(|a| a.at.is_some()) => {
                 CertificateIdentifier::try_from(&CertificateDer::from(c.leaf_der.clone())).ok().map(|i| i.into_owned())
             }
             _ => None,
         };
-        let issued = order::issue(&account, &self.host, &self.settings, &self.challenges, replaces).await?;
+        let (store, host) = (self.store.clone(), self.host.clone());
+        let record = |url: &str, key_pem: &str| {
+            let pending =
+                PendingOrder { order_url: url.into(), key_pem: key_pem.into(), finalized_at: SystemTime::now() };
+            store.save_pending(&host, &pending).map_err(AcmeError::from)
+        };
+        let issued = order::issue(&account, &self.host, &self.settings, &self.challenges, replaces, record).await?;
+        self.store_issued(issued)
+    }
+
+    /// The certificate of the order an interrupted attempt left in `pending.json`, when the CA
+    /// still has it; `None` when there is none (or it is gone, which is logged and forgotten).
+    async fn resume_pending(&self, account: &instant_acme::Account) -> Result<Option<order::Issued>, AcmeError> {
+        let pending = match self.store.load_pending(&self.host) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(hostname = %self.host, error = %e, "the record of an interrupted order is unreadable; ordering afresh");
+                self.store.clear_pending(&self.host);
+                return Ok(None);
+            }
+        };
+        tracing::info!(hostname = %self.host, order = %pending.order_url, "resuming the order an interrupted attempt finalized");
+        match order::resume(account, &self.host, &pending.order_url, &pending.key_pem).await? {
+            order::Resumed::Issued(i) => Ok(Some(i)),
+            order::Resumed::Gone(why) => {
+                tracing::warn!(hostname = %self.host, order = %pending.order_url, %why, "the interrupted order cannot be resumed; ordering afresh");
+                self.store.clear_pending(&self.host);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stores a certificate just issued (or downloaded for a resumed order) and forgets the
+    /// pending order.
+    fn store_issued(&mut self, issued: order::Issued) -> Result<StoredCert, AcmeError> {
         let loaded = LoadedCert::from_pem(&self.host, issued.chain_pem.as_bytes(), issued.key_pem.as_bytes())
             .map_err(AcmeError::Certificate)?;
         let (renew_at, basis) =
@@ -335,6 +392,7 @@ impl HostTask {
             order_url: Some(issued.order_url.clone()),
         };
         self.store.save_cert(&self.host, &issued.chain_pem, &issued.key_pem, &meta)?;
+        self.store.clear_pending(&self.host);
         tracing::info!(
             hostname = %self.host,
             order = %issued.order_url,

@@ -11,6 +11,7 @@
 mod common;
 
 mod acme;
+mod acme_recovery;
 mod attacks;
 mod balancer;
 mod cli;

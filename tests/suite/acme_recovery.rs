@@ -1,0 +1,122 @@
+//! Automatic certificates that never get stuck: an attempt cut after finalize resumes its
+//! order, a CA that forgot the account gets a new one, a renewal the CA says was already
+//! replaced is ordered again without `replaces`. Against Pebble, and a fault-injecting front of
+//! it where Pebble cannot produce the fault.
+
+use std::time::{Duration, Instant};
+
+use crate::acme::{HOST, VaPorts, acme_config, bind_ports, host_dir, logs, meta, rebind, served_chain};
+use crate::common;
+use common::RelayUnderTest;
+use common::pebble::{Pebble, PebbleOptions, same_serial};
+
+/// `status.json` of the hostname as JSON (`null` while there is none).
+fn status(storage: &std::path::Path, pebble: &Pebble) -> serde_json::Value {
+    std::fs::read(host_dir(storage, pebble).join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_cut_after_finalize_resumes_its_order_instead_of_ordering_again() {
+    logs();
+    let ports = bind_ports().await;
+    let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
+    let storage = tempfile::tempdir().unwrap();
+    // The commit of the certificate fails: a folder sits where `meta.json` goes (as a full
+    // disk or a crash right after finalize would leave it: issued at the CA, not stored here).
+    let dir = host_dir(storage.path(), &pebble);
+    std::fs::create_dir_all(dir.join("meta.json")).unwrap();
+    let toml = acme_config(storage.path(), &pebble.directory_url(), pebble.ca_path(), "tls-alpn-01", "", "");
+    let mut relay = RelayUnderTest::on(&toml, ports);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let failed = loop {
+        let s = status(storage.path(), &pebble);
+        if s["failures"].as_u64().unwrap_or(0) >= 1 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no failed attempt recorded: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let error = failed["last_error"].as_str().unwrap();
+    assert!(error.contains("meta.json"), "{error}");
+    assert_eq!(pebble.issued().len(), 1, "the CA issued the certificate");
+    let pending: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("pending.json")).unwrap()).unwrap();
+    assert!(pending["order_url"].as_str().unwrap().starts_with(&format!("https://{}/", pebble.listen)));
+    assert_eq!(crate::acme::mode(&dir.join("pending.json")), 0o600);
+
+    // The disk is fixed: the next attempt downloads the certificate of that same order.
+    std::fs::remove_dir(dir.join("meta.json")).unwrap();
+    relay.wait_ready().await;
+    let client = pebble.client_config(&[b"http/1.1"]).await;
+    let (serial, _) = served_chain(relay.https, &client).await;
+    let m = meta(storage.path(), &pebble);
+    assert_eq!(m["serial"], serial.as_str());
+    assert_eq!(m["order_url"], pending["order_url"]);
+    assert_eq!(pebble.orders(), 1, "no second order");
+    let issued = pebble.issued();
+    assert!(issued.len() == 1 && same_serial(&issued[0], &serial), "issued {issued:?}, serving {serial}");
+    assert!(!dir.join("pending.json").exists(), "the pending order is forgotten once stored");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_forgot_the_account_gets_a_new_one() {
+    logs();
+    let ports = bind_ports().await;
+    let (https, http) = (ports.https[0].local_addr().unwrap(), ports.http[0].local_addr().unwrap());
+    let opts = PebbleOptions::new(ports.http_port(), ports.https_port());
+    let mut pebble = Pebble::start(opts.clone()).await;
+    let storage = tempfile::tempdir().unwrap();
+    let dir = pebble.directory_url();
+    let toml = acme_config(storage.path(), &dir, pebble.ca_path(), "tls-alpn-01", "", "");
+    let mut relay = RelayUnderTest::on(&toml, ports);
+    relay.wait_ready().await;
+    relay.stop().await;
+    let account_path = host_dir(storage.path(), &pebble).parent().unwrap().join("account.json");
+    let old: serde_json::Value = serde_json::from_slice(&std::fs::read(&account_path).unwrap()).unwrap();
+
+    // The CA's database is reset (Pebble keeps it in memory: a restart on the same port).
+    pebble.stop();
+    let pki = std::mem::replace(&mut pebble.pki, common::Pki::new());
+    let pebble = Pebble::start_with(pki, PebbleOptions { listen_port: Some(pebble.listen.port()), ..opts }).await;
+    // Due at once, so the relay must order with the account the CA no longer knows.
+    let due = acme_config(storage.path(), &dir, pebble.ca_path(), "tls-alpn-01", r#"renew_when_left = "1900d""#, "");
+    let before = reregistrations();
+    let mut relay = RelayUnderTest::on(&due, rebind(https, http).await);
+    let client = pebble.client_config(&[b"http/1.1"]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pebble.issued().is_empty() {
+        assert!(Instant::now() < deadline, "no certificate from the reset CA: {}", status(storage.path(), &pebble));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let issued = pebble.issued()[0].clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Until the relay swaps, it serves the old certificate, from a root this client does not trust.
+    while !serves(&relay, &client, &issued).await {
+        assert!(Instant::now() < deadline, "the new certificate is not served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pebble.accounts(), 1, "one new account at the reset CA");
+    let new: serde_json::Value = serde_json::from_slice(&std::fs::read(&account_path).unwrap()).unwrap();
+    assert_ne!(new["id"], old["id"], "the new account is stored");
+    assert!(reregistrations() > before, "counted in oauth_relay_acme_account_reregistrations_total");
+    relay.stop().await;
+}
+
+/// `oauth_relay_acme_account_reregistrations_total` of this process.
+fn reregistrations() -> u64 {
+    let text = oauth_relay::metrics::global().render([]);
+    let line = text.lines().find(|l| l.starts_with("oauth_relay_acme_account_reregistrations_total "));
+    line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).expect("the counter is rendered")
+}
+
+/// Whether the relay's handshake for `HOST` verifies against `client`'s roots and shows `serial`.
+async fn serves(relay: &RelayUnderTest, client: &std::sync::Arc<rustls::ClientConfig>, serial: &str) -> bool {
+    match common::TlsClient::new(relay.https, client.clone()).connect(HOST).await {
+        Ok(_) => same_serial(&served_chain(relay.https, client).await.0, serial),
+        Err(_) => false,
+    }
+}
