@@ -27,6 +27,11 @@ const ISSUE_TIMEOUT: Duration = Duration::from_secs(300);
 const ORDER_LOCK_TTL: Duration = Duration::from_secs(600);
 /// How long to wait before asking the CA for renewal information again after it failed.
 const ARI_RETRY: Duration = Duration::from_secs(3600);
+/// How long a directory without ARI is believed: then its directory is read again (a CA may
+/// turn ARI on; an upgraded Pebble or step-ca does).
+const ARI_UNSUPPORTED_RECHECK: Duration = Duration::from_secs(24 * 3600);
+/// The longest `Retry-After` of a `rateLimited` answer that is honoured as given.
+const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What the CA's renewal information says about the stored certificate.
 struct Ari {
@@ -59,7 +64,8 @@ pub struct HostTask {
     installed: Option<String>,
     last_store_error: Option<String>,
     ari: Option<Ari>,
-    ari_unsupported: bool,
+    /// The CA offered no ARI when last asked; asked again after this time.
+    ari_unsupported: Option<SystemTime>,
     ari_unit: f64,
     hold_until: Option<SystemTime>,
 }
@@ -85,7 +91,7 @@ impl HostTask {
             installed: None,
             last_store_error: None,
             ari: None,
-            ari_unsupported: false,
+            ari_unsupported: None,
             ari_unit: renew::random_unit(),
             hold_until: None,
         }
@@ -150,8 +156,17 @@ impl HostTask {
 
     /// Asks the CA for renewal information (RFC 9773) when it is time to, and the CA offers it.
     async fn refresh_ari(&mut self, c: &StoredCert, now: SystemTime) {
-        if self.settings.renew_when_left.is_some() || self.ari_unsupported {
+        if self.settings.renew_when_left.is_some() {
             return;
+        }
+        match self.ari_unsupported {
+            Some(until) if now < until => return,
+            Some(_) => {
+                // Read the directory again: the CA may offer ARI now.
+                self.ari_unsupported = None;
+                self.account.reload().await;
+            }
+            None => {}
         }
         if self.ari.as_ref().is_some_and(|a| a.serial == c.meta.serial && now < a.recheck) {
             return;
@@ -168,7 +183,7 @@ impl HostTask {
         };
         let der = CertificateDer::from(c.leaf_der.clone());
         let Ok(id) = CertificateIdentifier::try_from(&der) else {
-            self.ari_unsupported = true;
+            self.ari_unsupported = Some(now + ARI_UNSUPPORTED_RECHECK);
             return;
         };
         match account.renewal_info(&id).await {
@@ -181,13 +196,14 @@ impl HostTask {
                     window_start = %humantime::format_rfc3339_seconds(start),
                     window_end = %humantime::format_rfc3339_seconds(end),
                     renew_at = %humantime::format_rfc3339_seconds(at),
+                    explanation = info.explanation_url.as_deref().unwrap_or("-"),
                     "ACME renewal information"
                 );
                 self.ari = Some(Ari { serial, at: Some(at), recheck: now + renew::ari_recheck(retry_after) });
             }
             Err(instant_acme::Error::Unsupported(_)) => {
                 tracing::debug!(hostname = %self.host, "the directory offers no renewal information; renewing at one third");
-                self.ari_unsupported = true;
+                self.ari_unsupported = Some(now + ARI_UNSUPPORTED_RECHECK);
             }
             Err(e) => {
                 tracing::warn!(hostname = %self.host, error = %e, "renewal information unavailable; keeping the current schedule");
@@ -416,7 +432,12 @@ impl HostTask {
         status.failures = status.failures.saturating_add(1);
         let delay =
             renew::backoff(status.failures, self.settings.retry_min, self.settings.retry_max, renew::random_unit());
-        let next = now + delay;
+        let mut next = now + delay;
+        // A rate limit says when to come back; sooner would only be refused again.
+        let ca_wait = e.rate_limited().and_then(|_| self.account.hints().take_retry_after());
+        if let Some(at) = ca_wait {
+            next = next.max(at.min(now + MAX_RATE_LIMIT_WAIT));
+        }
         status.next_attempt = Some(next);
         status.last_error = Some(e.to_string());
         status.last_error_at = Some(now);
@@ -429,6 +450,7 @@ impl HostTask {
                 hostname = %self.host,
                 detail = p.detail.as_deref().unwrap_or("-"),
                 retry_at = %next_text,
+                ca_retry_after = ca_wait.map(|t| humantime::format_rfc3339_seconds(t).to_string()).unwrap_or_else(|| "-".into()),
                 failures = status.failures,
                 "the CA rate-limited this order; keeping the current certificate"
             ),

@@ -8,14 +8,22 @@ use std::time::{Duration, Instant};
 use crate::acme::{HOST, VaPorts, acme_config, bind_ports, host_dir, logs, meta, rebind, served_chain};
 use crate::common;
 use common::RelayUnderTest;
+use common::acme_front::{AcmeFront, Faults};
 use common::pebble::{Pebble, PebbleOptions, same_serial};
 
 /// `status.json` of the hostname as JSON (`null` while there is none).
 fn status(storage: &std::path::Path, pebble: &Pebble) -> serde_json::Value {
-    std::fs::read(host_dir(storage, pebble).join("status.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+    status_in(&host_dir(storage, pebble))
+}
+
+/// The hostname's folder of the store for the directory at `url` (the front's, not Pebble's).
+fn host_dir_of(storage: &std::path::Path, url: &str) -> std::path::PathBuf {
+    let url = url::Url::parse(url).unwrap();
+    storage.join("acme").join(oauth_relay::acme::store::folder_name(&url)).join(HOST)
+}
+
+fn status_in(dir: &std::path::Path) -> serde_json::Value {
+    std::fs::read(dir.join("status.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,4 +127,73 @@ async fn serves(relay: &RelayUnderTest, client: &std::sync::Arc<rustls::ClientCo
         Ok(_) => same_serial(&served_chain(relay.https, client).await.0, serial),
         Err(_) => false,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_the_ca_says_was_already_replaced_is_ordered_again_without_replaces() {
+    logs();
+    let ports = bind_ports().await;
+    let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
+    // ARI says the first certificate is due at once; the CA refuses every `replaces`, as Let's
+    // Encrypt does once an earlier order (cut before it was stored) replaced that certificate.
+    let faults = Faults { ari: true, refuse_replaces: true, ..Faults::default() };
+    let front = AcmeFront::start(&pebble, faults).await;
+    let storage = tempfile::tempdir().unwrap();
+    let toml = acme_config(storage.path(), &front.directory_url(), pebble.ca_path(), "tls-alpn-01", "", "");
+    let mut relay = RelayUnderTest::on(&toml, ports);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pebble.issued().len() < 2 {
+        assert!(Instant::now() < deadline, "no renewal: orders {:?}", front.new_orders());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The first order, the renewal naming the old certificate (refused), the same renewal
+    // without `replaces` (issued); then nothing more: the new certificate is not due.
+    assert_eq!(front.new_orders(), [false, true, false]);
+    let renewed = pebble.issued()[1].clone();
+    let client = pebble.client_config(&[b"http/1.1"]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !serves(&relay, &client, &renewed).await {
+        assert!(Instant::now() < deadline, "the renewed certificate is not served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dir = host_dir_of(storage.path(), &front.directory_url());
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
+    assert!(same_serial(m["serial"].as_str().unwrap(), &renewed));
+    assert_eq!(pebble.issued().len(), 2);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_order_waits_as_long_as_the_ca_says() {
+    logs();
+    let ports = bind_ports().await;
+    let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
+    let front = AcmeFront::start(&pebble, Faults { rate_limit: Some((1, 3600)), ..Faults::default() }).await;
+    let storage = tempfile::tempdir().unwrap();
+    // retry_min is 100 ms: without the CA's Retry-After the next attempt would come at once.
+    let toml = acme_config(storage.path(), &front.directory_url(), pebble.ca_path(), "tls-alpn-01", "", "");
+    let mut relay = RelayUnderTest::on(&toml, ports);
+    let config = relay.config.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dir = host_dir_of(storage.path(), &front.directory_url());
+    let s = loop {
+        let s = status_in(&dir);
+        if s["failures"].as_u64() == Some(1) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no failure recorded: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(s["last_error"].as_str().unwrap().contains("too many certificates for this name"), "{s}");
+    let next = humantime::parse_rfc3339(s["next_attempt"].as_str().unwrap()).unwrap();
+    let wait = next.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    assert!(wait > Duration::from_secs(3000), "next attempt in {wait:?}, the CA said 3600 s");
+    let report = oauth_relay::acme::status_report(&config);
+    assert!(report.contains("  next attempt   "), "{report}");
+    assert_eq!(front.new_orders().len(), 1);
+    let (code, body) = relay.readyz().await;
+    assert_eq!(code, 503);
+    assert!(body.contains("too many certificates for this name"), "{body}");
+    relay.stop().await;
 }
