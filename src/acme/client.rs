@@ -22,7 +22,7 @@ use instant_acme::{Account, BodyWrapper, BytesResponse, ExternalAccountKey, Http
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use super::lock::{self, Acquire};
+use super::lock;
 use super::store::AcmeStore;
 use super::{AcmeError, counters};
 use crate::config::AcmeSettings;
@@ -204,7 +204,6 @@ impl AccountCell {
         }
         *cell = None;
         let account = self.load_or_create(Some(lost)).await?;
-        crate::metrics::global().acme_account_reregistered();
         *cell = Some(account.clone());
         Ok(account)
     }
@@ -216,13 +215,26 @@ impl AccountCell {
             tracing::info!(directory = %dir, account = %account.id(), "ACME account loaded from the store");
             return Ok(account);
         }
-        let path = self.store.account_lock_path();
-        let _guard = match lock::try_acquire(&path, &self.owner, "create the ACME account", ACCOUNT_LOCK_TTL)
-            .map_err(|source| AcmeError::Io { path: path.display().to_string(), source })?
-        {
-            Acquire::Held(g) => g,
-            Acquire::Busy { owner, .. } => return Err(AcmeError::Busy { owner, what: "creating the ACME account" }),
+        let locks = self.store.locks();
+        let guard =
+            lock::acquire(&locks, AcmeStore::ACCOUNT_LOCK, &self.owner, "create the ACME account", ACCOUNT_LOCK_TTL)
+                .await
+                .map_err(|source| AcmeError::Io {
+                    path: self.store.account_lock_path().display().to_string(),
+                    source,
+                })?;
+        let guard = match guard {
+            Ok(g) => g,
+            Err((owner, _)) => return Err(AcmeError::Busy { owner, what: "creating the ACME account" }),
         };
+        let created = self.create_locked(lost).await;
+        guard.release().await;
+        created
+    }
+
+    /// Account creation, under `account.lock`.
+    async fn create_locked(&self, lost: Option<&str>) -> Result<Account, AcmeError> {
+        let dir = self.store.directory().to_string();
         // Another replica may have finished just before we took the lock.
         if let Some(account) = self.load_stored(lost).await? {
             return Ok(account);
@@ -237,6 +249,9 @@ impl AccountCell {
             .await
             .map_err(|source| AcmeError::Acme { step: "creating the account", source })?;
         counters::account_created(&dir);
+        if lost.is_some() {
+            crate::metrics::global().acme_account_reregistered();
+        }
         self.store.save_account(&creds)?;
         tracing::info!(directory = %dir, account = %account.id(), path = %self.store.account_path().display(), "ACME account created and stored");
         Ok(account)

@@ -149,6 +149,20 @@ impl AcmeStore {
         self.root.join("account.lock")
     }
 
+    /// The locks of this directory's relays: files in this folder (`account.lock`,
+    /// `{hostname}/order.lock`).
+    pub fn locks(&self) -> std::sync::Arc<dyn super::lock::Locks> {
+        std::sync::Arc::new(super::lock::FileLocks::new(&self.root))
+    }
+
+    /// The name of the lock held while ordering for `host`.
+    pub fn order_lock(host: &str) -> String {
+        format!("{host}/order")
+    }
+
+    /// The name of the lock held while creating the account.
+    pub const ACCOUNT_LOCK: &str = "account";
+
     pub fn host_dir(&self, host: &str) -> PathBuf {
         self.root.join(host)
     }

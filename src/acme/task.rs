@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::challenge::Challenges;
 use super::client::AccountCell;
-use super::lock::{self, Acquire};
+use super::lock;
 use super::renew::{self, Basis};
 use super::store::{AcmeStore, CertMeta, HostStatus, PendingOrder, StoredCert};
 use super::{AcmeError, order};
@@ -23,8 +23,10 @@ use crate::tls::{LoadedCert, Slot};
 
 /// The longest one issuance may take, from order to download.
 const ISSUE_TIMEOUT: Duration = Duration::from_secs(300);
-/// `order.lock` expiry: longer than any issuance, so only a dead owner's lock expires.
-const ORDER_LOCK_TTL: Duration = Duration::from_secs(600);
+/// `order.lock` expiry. The holder renews it every third of this while it works, so only the
+/// lock of a relay that died or hung (on another machine: one on this machine is seen dead at
+/// once) waits this long to be taken over.
+const ORDER_LOCK_TTL: Duration = Duration::from_secs(90);
 /// How long to wait before asking the CA for renewal information again after it failed.
 const ARI_RETRY: Duration = Duration::from_secs(3600);
 /// How long a directory without ARI is believed: then its directory is read again (a CA may
@@ -286,12 +288,15 @@ impl HostTask {
     /// One attempt under the hostname's order lock. `force` renews even when not due. A
     /// failure comes with the time of the next attempt.
     pub async fn attempt(&mut self, force: bool) -> Result<Attempt, (AcmeError, SystemTime)> {
-        let path = self.store.order_lock_path(&self.host);
-        let acquired = lock::try_acquire(&path, &self.owner, "order a certificate", ORDER_LOCK_TTL)
-            .map_err(|source| AcmeError::Io { path: path.display().to_string(), source });
+        let locks = self.store.locks();
+        let name = AcmeStore::order_lock(&self.host);
+        let acquired =
+            lock::acquire(&locks, &name, &self.owner, "order a certificate", ORDER_LOCK_TTL).await.map_err(|source| {
+                AcmeError::Io { path: self.store.order_lock_path(&self.host).display().to_string(), source }
+            });
         let guard = match acquired {
-            Ok(Acquire::Held(g)) => g,
-            Ok(Acquire::Busy { owner, .. }) => {
+            Ok(Ok(g)) => g,
+            Ok(Err((owner, _))) => {
                 tracing::info!(hostname = %self.host, %owner, "another relay holds the order lock; waiting for its certificate");
                 return Ok(Attempt::Busy { owner });
             }
@@ -319,7 +324,10 @@ impl HostTask {
             Err(AcmeError::Busy { owner, .. }) => Ok(Attempt::Busy { owner }),
             Err(e) => Err(self.record_failure(e)),
         };
-        guard.release();
+        if guard.lost() {
+            tracing::warn!(hostname = %self.host, "the order lock was taken over while this relay held it (it stalled past the expiry)");
+        }
+        guard.release().await;
         outcome
     }
 

@@ -197,3 +197,29 @@ async fn a_rate_limited_order_waits_as_long_as_the_ca_says() {
     assert!(body.contains("too many certificates for this name"), "{body}");
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_order_does_not_block_ordering_after_its_restart() {
+    logs();
+    let ports = bind_ports().await;
+    let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
+    let storage = tempfile::tempdir().unwrap();
+    // The order lock a killed relay of this machine left: valid for ten more minutes, but its
+    // process is gone.
+    let mut killed = std::process::Command::new("true").spawn().unwrap();
+    let pid = killed.id();
+    killed.wait().unwrap();
+    let machine = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let expires = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(600));
+    let lock = host_dir(storage.path(), &pebble).join("order.lock");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let record = format!(r#"{{"owner":"{machine}/{pid}/0a0b","purpose":"order a certificate","expires":"{expires}"}}"#);
+    std::fs::write(&lock, record).unwrap();
+
+    let toml = acme_config(storage.path(), &pebble.directory_url(), pebble.ca_path(), "tls-alpn-01", "", "");
+    let mut relay = RelayUnderTest::on(&toml, ports);
+    relay.wait_ready().await;
+    assert_eq!(pebble.orders(), 1);
+    assert!(!lock.exists(), "taken over, then released");
+    relay.stop().await;
+}
