@@ -28,7 +28,7 @@ pub struct Issued {
 struct Published<'a> {
     challenges: &'a Challenges,
     http_tokens: Vec<String>,
-    alpn_hosts: Vec<String>,
+    alpn_hosts: Vec<(String, String)>,
 }
 
 impl Drop for Published<'_> {
@@ -36,8 +36,8 @@ impl Drop for Published<'_> {
         for t in &self.http_tokens {
             self.challenges.withdraw_http01(t);
         }
-        for h in &self.alpn_hosts {
-            self.challenges.withdraw_tls_alpn01(h);
+        for (host, token) in &self.alpn_hosts {
+            self.challenges.withdraw_tls_alpn01(host, token);
         }
     }
 }
@@ -136,8 +136,8 @@ async fn validate(
                 published.http_tokens.push(challenge.token.clone());
             }
             AcmeChallenge::TlsAlpn01 => {
-                challenges.publish_tls_alpn01(host, key_auth.digest().as_ref())?;
-                published.alpn_hosts.push(host.to_string());
+                challenges.publish_tls_alpn01(host, &challenge.token, key_auth.digest().as_ref())?;
+                published.alpn_hosts.push((host.to_string(), challenge.token.clone()));
             }
         }
         challenge

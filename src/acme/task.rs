@@ -6,6 +6,8 @@
 //! `status.json` so replicas back off together.
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
 use instant_acme::CertificateIdentifier;
@@ -60,8 +62,9 @@ pub struct HostTask {
     pub store: Arc<AcmeStore>,
     pub account: Arc<AccountCell>,
     pub challenges: Arc<Challenges>,
-    /// The slot to serve from; `None` for `cert renew`, which only writes the store.
-    pub slot: Option<Arc<Slot>>,
+    /// The slot to serve from; `None` for `cert renew`, which only writes the store. Swapped
+    /// for the new configuration's slot when a reload keeps this task running.
+    pub slot: Option<Arc<ArcSwap<Slot>>>,
     pub owner: String,
     installed: Option<String>,
     last_store_error: Option<String>,
@@ -79,7 +82,7 @@ impl HostTask {
         store: Arc<AcmeStore>,
         account: Arc<AccountCell>,
         challenges: Arc<Challenges>,
-        slot: Option<Arc<Slot>>,
+        slot: Option<Arc<ArcSwap<Slot>>>,
         owner: String,
     ) -> HostTask {
         HostTask {
@@ -124,7 +127,7 @@ impl HostTask {
             return;
         }
         if let Some(slot) = &self.slot {
-            slot.install(c.cert.clone());
+            slot.load().install(c.cert.clone());
         }
         self.installed = Some(c.meta.serial.clone());
         tracing::info!(
@@ -138,7 +141,7 @@ impl HostTask {
     fn waiting(&self, why: String) {
         if let Some(slot) = &self.slot {
             if self.installed.is_none() {
-                slot.set_waiting(why);
+                slot.load().set_waiting(why);
             }
         }
     }

@@ -31,6 +31,9 @@ pub struct Faults {
     pub refuse_replaces: bool,
     /// The first `n` `newOrder` requests get 429 `rateLimited` with `Retry-After: secs`.
     pub rate_limit: Option<(u32, u64)>,
+    /// A challenge's "ready" POST waits until [`AcmeFront::open_gate`]: an order held in
+    /// flight for as long as the test needs.
+    pub hold_challenges: bool,
 }
 
 /// What went through the front.
@@ -40,6 +43,8 @@ pub struct FrontLog {
     pub new_orders: Vec<bool>,
     /// The certificate identifiers ARI was asked about, in order.
     pub ari_ids: Vec<String>,
+    /// Challenge POSTs that arrived (held or not).
+    pub challenges: usize,
     new_order_path: String,
 }
 
@@ -47,6 +52,7 @@ pub struct FrontLog {
 pub struct AcmeFront {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<FrontLog>>,
+    gate: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,7 +81,9 @@ impl AcmeFront {
             .enable_http1()
             .wrap_connector(http);
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
-        let front = Arc::new(Front { pebble: pebble.listen, faults, client, log: Arc::default(), me: addr });
+        let (gate, gate_rx) = tokio::sync::watch::channel(false);
+        let front =
+            Arc::new(Front { pebble: pebble.listen, faults, client, log: Arc::default(), me: addr, gate: gate_rx });
         let log = front.log.clone();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
@@ -93,7 +101,17 @@ impl AcmeFront {
                 });
             }
         });
-        AcmeFront { addr, log, task }
+        AcmeFront { addr, log, gate, task }
+    }
+
+    /// Lets held challenge POSTs (and all later ones) through.
+    pub fn open_gate(&self) {
+        let _ = self.gate.send(true);
+    }
+
+    /// Challenge POSTs so far.
+    pub fn challenges(&self) -> usize {
+        self.log.lock().unwrap().challenges
     }
 
     /// The directory URL through the front.
@@ -115,6 +133,7 @@ struct Front {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     log: Arc<Mutex<FrontLog>>,
     me: SocketAddr,
+    gate: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Front {
@@ -128,6 +147,14 @@ impl Front {
         if parts.method == http::Method::POST && path == self.log.lock().unwrap().new_order_path {
             if let Some(reply) = self.new_order(&body) {
                 return reply;
+            }
+        }
+        // Pebble's challenge URLs: `/chalZ/{id}`.
+        if parts.method == http::Method::POST && path.starts_with("/chal") {
+            self.log.lock().unwrap().challenges += 1;
+            if self.faults.hold_challenges {
+                let mut gate = self.gate.clone();
+                let _ = tokio::time::timeout(Duration::from_secs(60), gate.wait_for(|open| *open)).await;
             }
         }
         let mut reply = self.forward(parts, body).await;

@@ -223,3 +223,32 @@ async fn a_relay_killed_mid_order_does_not_block_ordering_after_its_restart() {
     assert!(!lock.exists(), "taken over, then released");
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_an_order_keeps_it_when_the_site_did_not_change() {
+    logs();
+    let ports = bind_ports().await;
+    let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
+    let front = AcmeFront::start(&pebble, Faults { hold_challenges: true, ..Faults::default() }).await;
+    let storage = tempfile::tempdir().unwrap();
+    let toml = acme_config(storage.path(), &front.directory_url(), pebble.ca_path(), "tls-alpn-01", "", "");
+    let file = storage.path().join("relay.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let mut relay = RelayUnderTest::load_on(&file, ports);
+
+    // The order is in flight: its challenge answered and announced, the CA not yet told.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while front.challenges() == 0 {
+        assert!(Instant::now() < deadline, "no challenge answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A reload that leaves the ACME site as it was (another edit of the file).
+    std::fs::write(&file, format!("# edited\n{toml}")).unwrap();
+    relay.reload.reload().await.expect("reload");
+    front.open_gate();
+    relay.wait_ready().await;
+    assert_eq!(front.new_orders().len(), 1, "the order in flight went on; no second order");
+    assert_eq!(front.challenges(), 1);
+    assert_eq!(pebble.issued().len(), 1);
+    relay.stop().await;
+}
