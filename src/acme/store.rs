@@ -87,6 +87,10 @@ pub struct HostStatus {
     /// No attempt before this time (backoff after failures), whichever replica tries.
     #[serde(default, with = "humantime_serde")]
     pub next_attempt: Option<SystemTime>,
+    /// Set when the latest certificate's dates say this machine's clock is far off the CA's
+    /// (a `/readyz` warning); cleared by the next issuance with sane dates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_warning: Option<String>,
 }
 
 /// An order about to be finalized whose certificate is not stored yet (`pending.json`, 0600).

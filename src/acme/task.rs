@@ -73,6 +73,8 @@ pub struct HostTask {
     ari_unsupported: Option<SystemTime>,
     ari_unit: f64,
     hold_until: Option<SystemTime>,
+    /// New certificates in a row that were due at once (a clock far ahead): drives their backoff.
+    early: u32,
 }
 
 impl HostTask {
@@ -99,6 +101,7 @@ impl HostTask {
             ari_unsupported: None,
             ari_unit: renew::random_unit(),
             hold_until: None,
+            early: 0,
         }
     }
 
@@ -273,18 +276,53 @@ impl HostTask {
         }
     }
 
+    /// Checks a new certificate's dates against this machine's clock, and holds off when it is
+    /// due at once: a clock far ahead of the CA's makes every new certificate look old, and the
+    /// wait before the next one grows (as after failures) instead of ordering one every
+    /// `retry_min`.
     fn after_issue(&mut self, c: &StoredCert) {
         let now = SystemTime::now();
+        let m = &c.meta;
+        let mut warning = renew::clock_warning(m.not_before, now);
         if self.due_at(Some(c), now) <= now {
-            let until = now + self.settings.retry_min;
-            tracing::warn!(
-                hostname = %self.host,
-                next = %humantime::format_rfc3339_seconds(until),
-                "the new certificate is due at once (renew_when_left is at least its lifetime); renewing again no sooner than retry_min"
-            );
+            self.early = self.early.saturating_add(1);
+            let wait =
+                renew::backoff(self.early, self.settings.retry_min, self.settings.retry_max, renew::random_unit());
+            let until = now + wait;
+            let next = humantime::format_rfc3339_seconds(until);
+            let lifetime = m.not_after.duration_since(m.not_before).unwrap_or_default();
+            if self.settings.renew_when_left.is_some_and(|left| left >= lifetime) {
+                tracing::warn!(hostname = %self.host, %next, "the new certificate is due at once: renew_when_left is at least its lifetime; renewing again no sooner than {next}");
+            } else {
+                warning.get_or_insert_with(|| {
+                    format!(
+                        "clock: {} certificate issued now is already due for renewal by this machine's clock ({}); \
+                         is the clock far ahead? (the certificate starts at {})",
+                        self.host,
+                        humantime::format_rfc3339_seconds(now),
+                        humantime::format_rfc3339_seconds(m.not_before)
+                    )
+                });
+            }
             self.hold_until = Some(until);
         } else {
+            self.early = 0;
             self.hold_until = None;
+        }
+        if let Some(w) = &warning {
+            match self.hold_until {
+                Some(until) => {
+                    tracing::warn!(hostname = %self.host, early_renewals = self.early, "{w}; renewing again no sooner than {}", humantime::format_rfc3339_seconds(until))
+                }
+                None => tracing::warn!(hostname = %self.host, "{w}"),
+            }
+        }
+        let mut status = self.store.load_status(&self.host);
+        if status.clock_warning != warning {
+            status.clock_warning = warning;
+            if let Err(e) = self.store.save_status(&self.host, &status) {
+                tracing::warn!(hostname = %self.host, error = %e, "cannot record the clock warning");
+            }
         }
     }
 

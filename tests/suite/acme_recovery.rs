@@ -252,3 +252,51 @@ async fn a_reload_during_an_order_keeps_it_when_the_site_did_not_change() {
     assert_eq!(pebble.issued().len(), 1);
     relay.stop().await;
 }
+
+/// libfaketime, which shifts the clock of the relay binary it is preloaded into (Debian's
+/// `faketime` package; Pebble, a static Go binary, keeps the real clock).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_far_ahead_of_the_cas_is_a_readyz_warning_that_blames_the_clock() {
+    logs();
+    let (https, http, admin) =
+        (common::process::free_addr(), common::process::free_addr(), common::process::free_addr());
+    let mut opts = PebbleOptions::new(http.port(), https.port());
+    // Three-day certificates, renewed with a day left; the relay's clock is 60 hours ahead,
+    // so every certificate it gets is already due by that clock.
+    opts.validity_secs = Some(3 * 86400);
+    let pebble = Pebble::start(opts).await;
+    let storage = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[server]\nhttps = [\"{https}\"]\nhttp = [\"{http}\"]\nadmin = \"{admin}\"\npublic_https_port = 443\nstorage = \"{}\"\n\n\
+         [[site]]\nname = \"auth\"\nhostnames = [\"{HOST}\"]\n\n[site.tls]\nsource = \"acme\"\ndirectory = \"{}\"\n\
+         directory_ca_file = \"{}\"\nterms_agreed = true\nchallenge = \"tls-alpn-01\"\nretry_min = \"1s\"\nretry_max = \"1h\"\n",
+        storage.path().display(),
+        pebble.directory_url(),
+        pebble.ca_path().display()
+    );
+    let config = storage.path().join("relay.toml");
+    std::fs::write(&config, toml).unwrap();
+    let mut relay = common::process::RelayProcess::serve(&config, &[], |cmd| {
+        cmd.env("LD_PRELOAD", LIBFAKETIME).env("FAKETIME", "+60h").env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    });
+    let admin = relay.admin_addr().await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let r = common::client::plain_get(admin, "localhost", "/readyz").await;
+        if r.text().contains("warning: clock:") {
+            assert_eq!(r.status, 200, "a wrong clock is a warning, not a reason: {}", r.text());
+            break r.text().to_string();
+        }
+        assert!(Instant::now() < deadline, "no clock warning: {} {}\n{}", r.status, r.text(), relay.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.contains("this machine's clock ("), "{body}");
+    assert!(body.contains(" ahead of the CA's (a certificate issued now starts at "), "{body}");
+    let log = relay.log();
+    assert!(log.contains("renewing again no sooner than"), "{log}");
+    assert!(!log.contains("renew_when_left is at least its lifetime"), "the clock is blamed, not the config: {log}");
+    relay.stop().await;
+}
