@@ -313,6 +313,17 @@ pub fn status_report(config: &Config) -> String {
                     let _ = writeln!(out, "  certificate    unreadable ({e}); the relay orders a new one");
                 }
             }
+            if let Ok(Some(p)) = dir_store.load_pending(host) {
+                let _ = writeln!(
+                    out,
+                    "  pending order  {} (finalized {}; its certificate is downloaded at the next attempt)",
+                    p.order_url,
+                    time(p.finalized_at)
+                );
+            }
+            if let Some(w) = &status.clock_warning {
+                let _ = writeln!(out, "  warning        {w}");
+            }
             match (&status.last_error, status.last_error_at) {
                 (Some(e), Some(at)) => {
                     let _ = writeln!(

@@ -54,6 +54,9 @@ async fn an_attempt_cut_after_finalize_resumes_its_order_instead_of_ordering_aga
     let pending: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("pending.json")).unwrap()).unwrap();
     assert!(pending["order_url"].as_str().unwrap().starts_with(&format!("https://{}/", pebble.listen)));
     assert_eq!(crate::acme::mode(&dir.join("pending.json")), 0o600);
+    let report = oauth_relay::acme::status_report(&relay.config);
+    let pending_line = format!("  pending order  {} (finalized ", pending["order_url"].as_str().unwrap());
+    assert!(report.contains(&pending_line), "{report}");
 
     // The disk is fixed: the next attempt downloads the certificate of that same order.
     std::fs::remove_dir(dir.join("meta.json")).unwrap();
