@@ -6,7 +6,8 @@
 //! keeps what lasts across configurations: the file to re-read, the addresses bound at start,
 //! and the background tasks (certificate file watchers, ACME tasks, upstream probes) of the
 //! configuration in force. A reload builds the new `Live` beside the old one; only when every
-//! step worked are the old tasks cancelled and the new ones started, and the caller swaps the
+//! step worked are the old tasks cancelled and the new ones started (the ACME task of a hostname
+//! whose site did not change keeps running, with any order in flight), and the caller swaps the
 //! new `Live` in: the next connection and the next request (also on a connection already open)
 //! see it, requests in flight finish on the old one. A refused configuration is logged with
 //! every problem and the old one stays in force.
