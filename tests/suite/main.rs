@@ -11,6 +11,7 @@
 mod common;
 
 mod acme;
+mod acme_recovery;
 mod attacks;
 mod balancer;
 mod cli;
@@ -27,5 +28,6 @@ mod outbound;
 mod readiness;
 mod reload;
 mod routes;
+mod store;
 mod tls;
 mod upstream;
