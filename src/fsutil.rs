@@ -107,7 +107,9 @@ pub fn secure_file(file: &Path) -> Result<Checked, Exposure> {
     secure(file, false)
 }
 
-fn secure(path: &Path, dir: bool) -> Result<Checked, Exposure> {
+/// What [`secure_dir`] (`dir`) or [`secure_file`] would do to `path`, changing nothing: the
+/// verdict `doctor` reports ([`Checked::Tightened`] then holds the mode that would change).
+pub fn inspect(path: &Path, dir: bool) -> Result<Checked, Exposure> {
     let meta = if dir { fs::metadata(path)? } else { fs::symlink_metadata(path)? };
     match (dir, meta.is_dir(), meta.is_file()) {
         (true, false, _) => return Err(Exposure::Kind("folder")),
@@ -126,8 +128,15 @@ fn secure(path: &Path, dir: bool) -> Result<Checked, Exposure> {
     if mode & 0o077 == 0 || owner != me {
         return Ok(Checked::AlreadyPrivate);
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(if dir { 0o700 } else { 0o600 }))?;
     Ok(Checked::Tightened(mode))
+}
+
+fn secure(path: &Path, dir: bool) -> Result<Checked, Exposure> {
+    let verdict = inspect(path, dir)?;
+    if let Checked::Tightened(_) = verdict {
+        fs::set_permissions(path, fs::Permissions::from_mode(if dir { 0o700 } else { 0o600 }))?;
+    }
+    Ok(verdict)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! `{storage}/store-version` holds one number. A store without the file is a version-1 store
 //! (the layout this number was introduced with) and gets the file on first use.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::{Config, TlsSource};
 use crate::fsutil;
@@ -91,9 +91,34 @@ const MAX_DEPTH: usize = 4;
 pub fn secure(storage: &Path) -> Result<(), StorageError> {
     let io = |p: &Path, source| StorageError::Io { path: p.display().to_string(), source };
     fsutil::private_dir(storage).map_err(|e| io(storage, e))?;
+    walk(
+        storage,
+        |path, dir| if dir { fsutil::secure_dir(path) } else { fsutil::secure_file(path) },
+        &mut |path, mode| {
+            tracing::warn!(path = %path.display(), was = %format!("{mode:04o}"), "other users could read this store path; its mode is now private");
+        },
+    )
+}
+
+/// What [`secure`] would say of an existing store, changing nothing (for `doctor`): the
+/// refusal, or the paths it would make private with their present modes.
+pub fn audit(storage: &Path) -> Result<Vec<(PathBuf, u32)>, StorageError> {
+    let mut opened = Vec::new();
+    walk(storage, fsutil::inspect, &mut |path, mode| opened.push((path.to_path_buf(), mode)))?;
+    Ok(opened)
+}
+
+/// Judges `storage` and everything in it with `check` (a folder when its flag is set), down
+/// to [`MAX_DEPTH`]; `tightened` hears of each path whose mode was (or would be) narrowed.
+fn walk(
+    storage: &Path,
+    check: impl Fn(&Path, bool) -> Result<fsutil::Checked, fsutil::Exposure>,
+    tightened: &mut dyn FnMut(&Path, u32),
+) -> Result<(), StorageError> {
+    let io = |p: &Path, source| StorageError::Io { path: p.display().to_string(), source };
     let mut pending = vec![(storage.to_path_buf(), 0usize)];
     while let Some((dir, depth)) = pending.pop() {
-        judge(&dir, fsutil::secure_dir(&dir))?;
+        judge(&dir, check(&dir, true), tightened)?;
         if depth >= MAX_DEPTH {
             continue;
         }
@@ -102,18 +127,22 @@ pub fn secure(storage: &Path) -> Result<(), StorageError> {
             if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
                 pending.push((path, depth + 1));
             } else {
-                judge(&path, fsutil::secure_file(&path))?;
+                judge(&path, check(&path, false), tightened)?;
             }
         }
     }
     Ok(())
 }
 
-fn judge(path: &Path, checked: Result<fsutil::Checked, fsutil::Exposure>) -> Result<(), StorageError> {
+fn judge(
+    path: &Path,
+    checked: Result<fsutil::Checked, fsutil::Exposure>,
+    tightened: &mut dyn FnMut(&Path, u32),
+) -> Result<(), StorageError> {
     match checked {
         Ok(fsutil::Checked::AlreadyPrivate) => Ok(()),
         Ok(fsutil::Checked::Tightened(mode)) => {
-            tracing::warn!(path = %path.display(), was = %format!("{mode:04o}"), "other users could read this store path; its mode is now private");
+            tightened(path, mode);
             Ok(())
         }
         // Gone between listing and judging (a replica renamed a temp file): nothing to judge.
