@@ -193,6 +193,14 @@ impl Validator<'_> {
             }
         }
 
+        if callback_mode == Some(Mode::Proxy) && !raw.callback.fragment_page {
+            self.warn(
+                &at2("callback", "fragment_page"),
+                "false while the callback is proxy: with response_mode=fragment the code never reaches \
+                 the broker (only the browser sees a fragment, and the relay forwards the callback without it)",
+            );
+        }
+
         if self.problems.len() != before {
             return None;
         }

@@ -84,6 +84,8 @@ struct SiteRoutes {
     callback_base: UpstreamBase,
     authorize_base: UpstreamBase,
     token_base: UpstreamBase,
+    /// The browser routes in `proxy` mode: where an upstream `Location` may be rewritten to.
+    proxied: Vec<rewrite::ProxiedRoute>,
     /// The `Allow` value of the callback route.
     callback_allow: &'static str,
     token_allow: http::HeaderValue,
@@ -111,6 +113,7 @@ impl Relay {
             let base =
                 |url: &url::Url| UpstreamBase::new(url).ok_or_else(|| UpstreamError::Base { url: url.to_string() });
             let token_allow = site.token.methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+            let (callback_base, authorize_base) = (base(&site.callback.upstream)?, base(&site.authorize.upstream)?);
             sites.push(SiteRoutes {
                 callback_path: path::normalised_route(&site.callback.path),
                 authorize_paths: site.authorize.paths.iter().map(|p| path::normalised_route(p)).collect(),
@@ -118,8 +121,9 @@ impl Relay {
                 callback_target: target(&site.callback.upstream, &site.callback.path),
                 authorize_targets: site.authorize.paths.iter().map(|p| target(&site.authorize.upstream, p)).collect(),
                 client: UpstreamClient::new(site, &config.outbound, &config.limits)?,
-                callback_base: base(&site.callback.upstream)?,
-                authorize_base: base(&site.authorize.upstream)?,
+                proxied: rewrite::ProxiedRoute::of_site(site, &callback_base, &authorize_base),
+                callback_base,
+                authorize_base,
                 token_base: base(&site.token.upstream)?,
                 callback_allow: if site.callback.form_post { "GET, HEAD, POST" } else { "GET, HEAD" },
                 token_allow: http::HeaderValue::from_str(&token_allow).expect("method names are valid header text"),
@@ -284,7 +288,7 @@ impl Relay {
             host: &host,
             conn,
             limits: &self.config.limits,
-            rewrite: !token,
+            rewrite: (!token).then_some(routes.proxied.as_slice()),
             public_https_port: self.config.server.public_https_port,
         };
         let mut resp = ctx.send(req, outcome).await;

@@ -136,6 +136,9 @@ fn decide<B>(req: &Request<B>, path: &str, routes: &SiteRoutes) -> (RouteName, A
         let action = match cb.mode {
             Mode::Redirect if get => Action::Respond(redirect::callback_get(req, routes)),
             Mode::Redirect if post => Action::Respond(redirect::callback_form_post(req, routes)),
+            Mode::Proxy if get && redirect::wants_fragment_page(req, routes) => {
+                Action::Respond(redirect::fragment_page_to_relay(routes))
+            }
             Mode::Proxy if get => Action::Forward(Upstream::Callback),
             Mode::Proxy if post && redirect::is_form(req) => Action::Forward(Upstream::Callback),
             Mode::Proxy if post => Action::Respond(redirect::not_a_form()),
