@@ -60,6 +60,13 @@ impl Validator<'_> {
             }
             other => other.and_then(Result::ok),
         };
+        if !raw.log.redact {
+            self.warn(
+                &[Seg::Key("log"), Seg::Key("redact")],
+                "false: every access line carries the raw path and query, with authorization codes and \
+                 `state`; for debugging on your own machine only, never in production",
+            );
+        }
         if raw.site.is_empty() {
             self.error(&[Seg::Key("site")], "at least one [[site]] is needed");
         }
