@@ -87,6 +87,13 @@ pub fn report(c: &Config) -> String {
             site.token.upstream.as_str().trim_end_matches('/'),
             site.token.path_prefix
         );
+        if !site.application_ids.is_empty() {
+            let _ = writeln!(
+                out,
+                "  publisher domain    /.well-known/microsoft-identity-association.json for {}",
+                site.application_ids.join(", ")
+            );
+        }
         register(&mut out, site, s.public_https_port);
     }
     if !c.warnings.is_empty() {

@@ -200,6 +200,7 @@ impl Validator<'_> {
             }
         }
 
+        let application_ids = self.application_ids(&at("application_ids"), &raw.application_ids);
         if callback_mode == Some(Mode::Proxy) && !raw.callback.fragment_page {
             self.warn(
                 &at2("callback", "fragment_page"),
@@ -224,6 +225,7 @@ impl Validator<'_> {
             connect_timeout: raw.connect_timeout,
             response_timeout: raw.response_timeout,
             tls: tls?,
+            application_ids,
             callback: Callback {
                 path: raw.callback.path,
                 mode: callback_mode?,
@@ -241,6 +243,26 @@ impl Validator<'_> {
             token: Token { path_prefix: raw.token.path_prefix, methods, upstream: sub(token_up) },
             upstream,
         })
+    }
+
+    /// Entra application (client) ids: GUIDs (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, hex),
+    /// kept in lower case, each once.
+    fn application_ids(&mut self, key: &[Seg], list: &[String]) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        for (j, id) in list.iter().enumerate() {
+            let mut at = key.to_vec();
+            at.push(Seg::Index(j));
+            let groups: Vec<&str> = id.split('-').collect();
+            let shape = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]);
+            if !shape || !groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit())) {
+                self.error(&at, format!("`{id}` is not an application (client) id: a GUID like 00000000-0000-0000-0000-000000000000 from the app registration's Overview"));
+            } else if ids.contains(&id.to_ascii_lowercase()) {
+                self.error(&at, format!("`{id}` is listed twice"));
+            } else {
+                ids.push(id.to_ascii_lowercase());
+            }
+        }
+        ids
     }
 
     fn hostnames(&mut self, key: &[Seg], list: &[String]) -> Vec<String> {

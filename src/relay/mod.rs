@@ -86,6 +86,9 @@ struct SiteRoutes {
     token_base: UpstreamBase,
     /// The browser routes in `proxy` mode: where an upstream `Location` may be rewritten to.
     proxied: Vec<rewrite::ProxiedRoute>,
+    /// The body of `/.well-known/microsoft-identity-association.json`, when the site lists
+    /// `application_ids`.
+    association: Option<String>,
     /// The `Allow` value of the callback route.
     callback_allow: &'static str,
     token_allow: http::HeaderValue,
@@ -125,6 +128,7 @@ impl Relay {
                 callback_base,
                 authorize_base,
                 token_base: base(&site.token.upstream)?,
+                association: route::identity_association(&site.application_ids),
                 callback_allow: if site.callback.form_post { "GET, HEAD, POST" } else { "GET, HEAD" },
                 token_allow: http::HeaderValue::from_str(&token_allow).expect("method names are valid header text"),
                 site: site.clone(),

@@ -525,6 +525,34 @@ async fn callback_proxy_serves_the_fragment_page_which_comes_back_to_the_relay()
     assert_eq!(upstream.last().target, "/v1/auth/callback?code=c%2B1&state=s");
 }
 
+// ---- 5b. Publisher domain verification --------------------------------------------------------
+
+/// Entra's "Verify a new domain" reads this document on the domain, exactly in this shape and
+/// as `application/json`; without `application_ids` the relay serves no such path.
+#[tokio::test]
+async fn microsoft_identity_association_lists_the_configured_application_ids() {
+    let kit = Kit::new();
+    let ids = "application_ids = [\"6731DE76-14A6-49AE-97BC-6EBA6914391E\", \"0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d\"]";
+    let relay = kit.relay(Conf { site: ids, ..Conf::default() }).await;
+    let reply = relay.get("/.well-known/microsoft-identity-association.json").await;
+    assert_eq!((reply.status, reply.header("content-type")), (200, "application/json"));
+    assert_eq!(
+        reply.text(),
+        r#"{"associatedApplications":[{"applicationId":"6731de76-14a6-49ae-97bc-6eba6914391e"},{"applicationId":"0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"}]}"#
+    );
+    let parsed: serde_json::Value = serde_json::from_str(reply.text()).unwrap();
+    assert_eq!(parsed["associatedApplications"][1]["applicationId"], "0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d");
+    let post = relay.send("POST", "/.well-known/microsoft-identity-association.json", &[], "").await;
+    assert_eq!((post.status, post.header("allow")), (405, "GET, HEAD"));
+
+    let plain = kit.relay(Conf::default()).await;
+    assert_eq!(plain.get("/.well-known/microsoft-identity-association.json").await.status, 404);
+
+    let bad = kit.toml(&Conf { site: "application_ids = [\"not-a-guid\"]", ..Conf::default() });
+    let err = Config::parse("t.toml", &bad).unwrap_err().to_string();
+    assert!(err.contains("site[0].application_ids[0]: `not-a-guid` is not an application (client) id"), "{err}");
+}
+
 // ---- 6. Token -------------------------------------------------------------------------------
 
 #[tokio::test]
