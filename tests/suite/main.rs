@@ -13,6 +13,7 @@ mod common;
 mod acme;
 mod attacks;
 mod balancer;
+mod browser;
 mod cli;
 mod config;
 mod deploy;
