@@ -28,4 +28,5 @@ mod readiness;
 mod reload;
 mod routes;
 mod tls;
+mod tls_scan;
 mod upstream;
