@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HOST: &str = "auth.example.test";
 const AURINKO: &str = "https://api.aurinko.io";
+/// Authorize and callback both in `proxy` mode.
+const BOTH_PROXIED: &str = "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n";
 
 /// What a test changes in a one-site configuration; everything else is what an Aurinko user
 /// gets by default.
@@ -328,12 +330,7 @@ async fn authorize_proxy_rewrites_location_and_cookie_domains() {
     let kit = Kit::new();
     let (upstream, url) = authorize_upstream(&kit).await;
     let relay = kit
-        .relay(Conf {
-            upstream: &url,
-            server: "public_https_port = 443",
-            tables: "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n",
-            ..Conf::default()
-        })
+        .relay(Conf { upstream: &url, server: "public_https_port = 443", tables: BOTH_PROXIED, ..Conf::default() })
         .await;
     let reply = relay.get("/v1/auth/authorizeUser?clientId=abc&state=s%2B1").await;
     assert_eq!(reply.status, 302);
@@ -367,8 +364,7 @@ async fn authorize_proxy_rewrites_location_and_cookie_domains() {
 async fn authorize_proxy_leaves_redirects_to_unrouted_broker_pages_on_the_broker() {
     let kit = Kit::new();
     let (_upstream, url) = authorize_upstream(&kit).await;
-    let tables = "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n";
-    let relay = kit.relay(Conf { upstream: &url, tables, ..Conf::default() }).await;
+    let relay = kit.relay(Conf { upstream: &url, tables: BOTH_PROXIED, ..Conf::default() }).await;
     for to in ["login", "relative"] {
         let reply = relay.get(&format!("/v1/auth/authorize?to={to}")).await;
         assert_eq!((reply.status, reply.header("location")), (302, format!("{url}/v1/auth/login?x=1").as_str()));
@@ -402,8 +398,9 @@ async fn authorize_proxy_rewrites_locations_and_domains_in_any_case_and_spacing(
     });
     let (_upstream, url) = kit.upstream(&[b"http/1.1"], behaviour).await;
     origin.set(url.clone()).unwrap();
-    let tables = "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n";
-    let relay = kit.relay(Conf { upstream: &url, server: "public_https_port = 443", tables, ..Conf::default() }).await;
+    let relay = kit
+        .relay(Conf { upstream: &url, server: "public_https_port = 443", tables: BOTH_PROXIED, ..Conf::default() })
+        .await;
     let reply = relay.get("/v1/auth/authorize?clientId=abc").await;
     assert_eq!(reply.status, 302);
     assert_eq!(reply.header("location"), "https://auth.example.test/v1/auth/callback?x=A%2Fb");
@@ -424,8 +421,7 @@ async fn authorize_proxy_rewrites_locations_and_domains_in_any_case_and_spacing(
 async fn authorize_proxy_joins_http2_cookie_crumbs_into_one_line() {
     let kit = Kit::new();
     let (upstream, url) = authorize_upstream(&kit).await;
-    let tables = "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n";
-    let relay = kit.relay(Conf { upstream: &url, tables, ..Conf::default() }).await;
+    let relay = kit.relay(Conf { upstream: &url, tables: BOTH_PROXIED, ..Conf::default() }).await;
     let h2 = TlsClient::new(relay.relay.https, kit.pki.client_config(&[b"h2"]));
     let crumbs = [("cookie", "sid=a%3Db"), ("cookie", "lb=7"), ("cookie", "theme=dark")];
     let reply = h2.send_h2(HOST, "GET", "/v1/auth/authorizeUser?clientId=abc", &crumbs, "").await;
@@ -446,12 +442,7 @@ async fn authorize_proxy_location_carries_a_non_default_public_port() {
     let kit = Kit::new();
     let (_upstream, url) = authorize_upstream(&kit).await;
     let relay = kit
-        .relay(Conf {
-            upstream: &url,
-            server: "public_https_port = 8443",
-            tables: "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n",
-            ..Conf::default()
-        })
+        .relay(Conf { upstream: &url, server: "public_https_port = 8443", tables: BOTH_PROXIED, ..Conf::default() })
         .await;
     let reply = relay.get("/v1/auth/authorize?clientId=abc").await;
     assert_eq!(reply.status, 302);
@@ -468,7 +459,7 @@ fn check_warns_about_mode_combinations_that_cannot_work() {
     assert_eq!(split[0].key, "site[0].authorize.mode");
     assert!(split[0].message.contains("two domains"), "{}", split[0].message);
     assert_eq!(warnings("[site.callback]\nmode = \"proxy\"\n").len(), 1);
-    assert!(warnings("[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n").is_empty());
+    assert!(warnings(BOTH_PROXIED).is_empty());
 
     // Fragment response mode cannot work through a proxied callback without the page.
     let no_page =
@@ -485,8 +476,7 @@ fn check_warns_about_mode_combinations_that_cannot_work() {
 async fn callback_proxy_forwards_query_and_form_body_verbatim() {
     let kit = Kit::new();
     let (upstream, url) = kit.upstream(&[b"h2", b"http/1.1"], UpstreamBehaviour::fixed(200, &[], "signed in\n")).await;
-    let both_proxied = "[site.callback]\nmode = \"proxy\"\n[site.authorize]\nmode = \"proxy\"\n";
-    let relay = kit.relay(Conf { upstream: &url, tables: both_proxied, ..Conf::default() }).await;
+    let relay = kit.relay(Conf { upstream: &url, tables: BOTH_PROXIED, ..Conf::default() }).await;
     let query = "code=c%2B1&state=a+b%20c&k=&k=2";
     let reply = relay.get(&format!("/v1/auth/callback?{query}")).await;
     assert_eq!((reply.status, reply.text()), (200, "signed in\n"));
@@ -510,8 +500,7 @@ async fn callback_proxy_forwards_query_and_form_body_verbatim() {
 async fn callback_proxy_serves_the_fragment_page_which_comes_back_to_the_relay() {
     let kit = Kit::new();
     let (upstream, url) = kit.upstream(&[b"http/1.1"], UpstreamBehaviour::fixed(200, &[], "signed in\n")).await;
-    let both_proxied = "[site.callback]\nmode = \"proxy\"\n[site.authorize]\nmode = \"proxy\"\n";
-    let relay = kit.relay(Conf { upstream: &url, tables: both_proxied, ..Conf::default() }).await;
+    let relay = kit.relay(Conf { upstream: &url, tables: BOTH_PROXIED, ..Conf::default() }).await;
     for target in ["/v1/auth/callback", "/v1/auth/callback?"] {
         let page = relay.get(target).await;
         assert_eq!((page.status, page.header("content-type")), (200, "text/html; charset=utf-8"), "{target}");
