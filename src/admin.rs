@@ -16,6 +16,9 @@ pub fn handle<B>(req: Request<B>, live: &Live, reload: &ReloadHandle) -> Reply {
         if method != Method::POST {
             return Reply::ready(method_not_allowed("POST"));
         }
+        if let Some(refused) = other_file(req.uri().query(), &live.config().file) {
+            return Reply::ready(refused);
+        }
         let reload = reload.clone();
         return Reply::Later(Box::pin(async move { reloaded(reload.reload().await) }));
     }
@@ -26,6 +29,23 @@ pub fn handle<B>(req: Request<B>, live: &Live, reload: &ReloadHandle) -> Reply {
         Some((_, r)) => Reply::ready(r),
         None => Reply::ready(plain(StatusCode::NOT_FOUND, "not found\n")),
     }
+}
+
+/// `409` when `POST /reload?file=PATH` (what `oauth-relay reload --config PATH` sends) names
+/// another file than the one this relay runs: a reload re-reads the relay's own file, so
+/// "reloaded" would be a lie about PATH. Files are compared by their canonical paths (a symlink
+/// or a relative path naming the same file is the same file). Without `file`, any reload goes.
+fn other_file(query: Option<&str>, own: &str) -> Option<http::Response<crate::response::RelayBody>> {
+    let given = url::form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == "file")?.1;
+    let canonical = |p: &str| std::fs::canonicalize(p).ok();
+    if canonical(own).is_some_and(|own| canonical(&given).is_some_and(|given| given == own)) {
+        return None;
+    }
+    let body = format!(
+        "not reloaded: this relay runs {own}, not {given}; a reload re-reads the relay's own file. Edit {own} and \
+         reload again, or restart the relay with --config {given}\n"
+    );
+    Some(uncached_text(StatusCode::CONFLICT, "text/plain; charset=utf-8", body))
 }
 
 /// `GET /metrics`: every series, with the expiry of each certificate served now.

@@ -6,7 +6,8 @@
 //! keeps what lasts across configurations: the file to re-read, the addresses bound at start,
 //! and the background tasks (certificate file watchers, ACME tasks, upstream probes) of the
 //! configuration in force. A reload builds the new `Live` beside the old one; only when every
-//! step worked are the old tasks cancelled and the new ones started, and the caller swaps the
+//! step worked are the old tasks cancelled and the new ones started (the ACME task of a hostname
+//! whose site did not change keeps running, with any order in flight), and the caller swaps the
 //! new `Live` in: the next connection and the next request (also on a connection already open)
 //! see it, requests in flight finish on the old one. A refused configuration is logged with
 //! every problem and the old one stays in force.
@@ -108,7 +109,11 @@ impl Live {
 /// the readiness checks keep their results.
 pub fn build(config: Arc<Config>, previous: Option<&Live>, id: u64) -> Result<Live, BuildError> {
     crate::storage::check(&config)?;
-    let challenges = Arc::new(Challenges::new(&config.server.storage));
+    // The same answers across a reload: an order in flight keeps publishing into them.
+    let challenges = previous
+        .filter(|p| p.config().server.storage == config.server.storage)
+        .map(|p| p.challenges.clone())
+        .unwrap_or_else(|| Arc::new(Challenges::new(&config.server.storage)));
     let store = Arc::new(CertStore::new(&config, challenges.clone()));
     if let Some(prev) = previous {
         carry_certificates(prev, &config, &store);
@@ -139,12 +144,13 @@ fn carry_certificates(prev: &Live, config: &Config, store: &CertStore) {
     }
 }
 
-/// The background tasks of a configuration, under `token`.
-fn start_tasks(live: &Live, token: &CancellationToken) {
+/// The background tasks of a configuration, under `token`; ACME tasks in `acme`, which keeps
+/// those of unchanged sites running across reloads.
+fn start_tasks(live: &Live, token: &CancellationToken, acme: &acme::Running) {
     let config = live.config();
     tls::spawn_file_watchers(config, &live.store, token.clone());
     // Never awaited: a CA that is down delays only its own hostnames, never serving.
-    acme::spawn(config, &live.store, &live.challenges, token.clone());
+    acme::spawn(config, &live.store, &live.challenges, acme);
     live.health.spawn(token);
 }
 
@@ -167,6 +173,8 @@ pub struct App {
     stop: CancellationToken,
     /// Cancels the background tasks of the configuration in force.
     tasks: CancellationToken,
+    /// The ACME tasks, which outlive a reload when their site is unchanged.
+    acme: acme::Running,
     next_id: u64,
 }
 
@@ -185,11 +193,12 @@ impl App {
         let source = (config.file != config::EMBEDDED_NAME).then(|| PathBuf::from(&config.file));
         let live = build(with_bound_port(config, https_port), None, 0)?;
         let tasks = stop.child_token();
-        start_tasks(&live, &tasks);
+        let acme = acme::Running::new(stop);
+        start_tasks(&live, &tasks, &acme);
         for w in &live.config().warnings {
             tracing::warn!("{w}");
         }
-        Ok((App { source, bound, stop: stop.clone(), tasks, next_id: 1 }, live))
+        Ok((App { source, bound, stop: stop.clone(), tasks, acme, next_id: 1 }, live))
     }
 
     /// Re-reads the file and, when it is good, starts its tasks and returns it for the caller to
@@ -233,10 +242,10 @@ impl App {
         let (previous, id) = (current.clone(), self.next_id);
         let live = tokio::task::spawn_blocking(move || build(config, Some(&previous), id)).await??;
         self.next_id += 1;
-        // Old tasks first: the new ACME tasks then find no order of ours in progress.
+        // Old tasks first; ACME tasks of unchanged sites keep running (with any order in flight).
         self.tasks.cancel();
         self.tasks = self.stop.child_token();
-        start_tasks(&live, &self.tasks);
+        start_tasks(&live, &self.tasks, &self.acme);
         Ok((live, Reloaded { warnings }))
     }
 

@@ -224,13 +224,13 @@ pub fn reload(path: &Path) -> ExitCode {
         .enable_all()
         .build()
         .context("starting the runtime")
-        .and_then(|rt| rt.block_on(post_reload(admin)));
+        .and_then(|rt| rt.block_on(post_reload(admin, path)));
     match answer {
         Ok(Answer { status: 200, plain: true, body }) if body.starts_with("reloaded\n") => {
             print!("{body}");
             ExitCode::SUCCESS
         }
-        Ok(Answer { status: status @ (400 | 503), plain: true, body }) => {
+        Ok(Answer { status: status @ (400 | 409 | 503), plain: true, body }) => {
             eprint!("the relay refused the reload ({status}):\n{body}");
             ExitCode::FAILURE
         }
@@ -259,8 +259,10 @@ struct Answer {
     body: String,
 }
 
-/// One `POST /reload` over plain HTTP/1.1, within 30 s.
-async fn post_reload(admin: SocketAddr) -> anyhow::Result<Answer> {
+/// One `POST /reload?file=PATH` over plain HTTP/1.1, within 30 s. `file` names the file this
+/// command was given (made absolute), so a relay that runs another file refuses (`409`) rather
+/// than reload its own and answer "reloaded".
+async fn post_reload(admin: SocketAddr, file: &Path) -> anyhow::Result<Answer> {
     use http_body_util::{BodyExt, Empty};
     let mut addr = admin;
     // A wildcard listen address is reached on loopback.
@@ -271,7 +273,10 @@ async fn post_reload(admin: SocketAddr) -> anyhow::Result<Answer> {
         let tcp = tokio::net::TcpStream::connect(addr).await.context("connect")?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
-        let req = http::Request::post("/reload")
+        let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+        let query: String =
+            url::form_urlencoded::Serializer::new(String::new()).append_pair("file", &file.to_string_lossy()).finish();
+        let req = http::Request::post(format!("/reload?{query}"))
             .header(http::header::HOST, addr.to_string())
             .body(Empty::<bytes::Bytes>::new())?;
         let resp = sender.send_request(req).await?;

@@ -7,7 +7,7 @@
 
 pub mod redis;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::{Config, TlsSource};
 use crate::fsutil;
@@ -26,6 +26,12 @@ pub enum StorageError {
         path: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{path}: refusing to use the certificate store: {source}")]
+    Exposed {
+        path: String,
+        #[source]
+        source: fsutil::Exposure,
     },
     #[error("{path}: `{found}` is not a store format version (a number such as {FORMAT_VERSION})")]
     Garbled { path: String, found: String },
@@ -51,8 +57,9 @@ pub fn check(config: &Config) -> Result<Option<u32>, StorageError> {
     check_folder(&config.server.storage).map(Some)
 }
 
-/// [`check`] for one folder.
+/// [`check`] for one folder: its privacy (see [`secure`]), then its format version.
 pub fn check_folder(storage: &Path) -> Result<u32, StorageError> {
+    secure(storage)?;
     let path = storage.join(VERSION_FILE);
     let shown = || path.display().to_string();
     let found = match std::fs::read_to_string(&path) {
@@ -72,6 +79,78 @@ pub fn check_folder(storage: &Path) -> Result<u32, StorageError> {
         write(&path)?;
     }
     Ok(found)
+}
+
+/// How deep [`secure`] looks: `acme/{directory}/{hostname}/{file}` and
+/// `acme/challenges/{kind}/{file}` are four levels below the store.
+const MAX_DEPTH: usize = 4;
+
+/// Checks the store folder and everything in it, as ssh checks `~/.ssh`: every folder and file
+/// owned by the relay's user (or root) and writable by no one else, else start is refused with
+/// the path and what to do. Folders and files others can merely read are tightened to 0700 and
+/// 0600 (logged). Symlinks to folders are judged by their target; a symlink to anything else is
+/// refused (the store never writes one). A missing store is created, mode 0700.
+pub fn secure(storage: &Path) -> Result<(), StorageError> {
+    let io = |p: &Path, source| StorageError::Io { path: p.display().to_string(), source };
+    fsutil::private_dir(storage).map_err(|e| io(storage, e))?;
+    walk(
+        storage,
+        |path, dir| if dir { fsutil::secure_dir(path) } else { fsutil::secure_file(path) },
+        &mut |path, mode| {
+            tracing::warn!(path = %path.display(), was = %format!("{mode:04o}"), "other users could read this store path; its mode is now private");
+        },
+    )
+}
+
+/// What [`secure`] would say of an existing store, changing nothing (for `doctor`): the
+/// refusal, or the paths it would make private with their present modes.
+pub fn audit(storage: &Path) -> Result<Vec<(PathBuf, u32)>, StorageError> {
+    let mut opened = Vec::new();
+    walk(storage, fsutil::inspect, &mut |path, mode| opened.push((path.to_path_buf(), mode)))?;
+    Ok(opened)
+}
+
+/// Judges `storage` and everything in it with `check` (a folder when its flag is set), down
+/// to [`MAX_DEPTH`]; `tightened` hears of each path whose mode was (or would be) narrowed.
+fn walk(
+    storage: &Path,
+    check: impl Fn(&Path, bool) -> Result<fsutil::Checked, fsutil::Exposure>,
+    tightened: &mut dyn FnMut(&Path, u32),
+) -> Result<(), StorageError> {
+    let io = |p: &Path, source| StorageError::Io { path: p.display().to_string(), source };
+    let mut pending = vec![(storage.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = pending.pop() {
+        judge(&dir, check(&dir, true), tightened)?;
+        if depth >= MAX_DEPTH {
+            continue;
+        }
+        for entry in std::fs::read_dir(&dir).map_err(|e| io(&dir, e))? {
+            let path = entry.map_err(|e| io(&dir, e))?.path();
+            if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+                pending.push((path, depth + 1));
+            } else {
+                judge(&path, check(&path, false), tightened)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn judge(
+    path: &Path,
+    checked: Result<fsutil::Checked, fsutil::Exposure>,
+    tightened: &mut dyn FnMut(&Path, u32),
+) -> Result<(), StorageError> {
+    match checked {
+        Ok(fsutil::Checked::AlreadyPrivate) => Ok(()),
+        Ok(fsutil::Checked::Tightened(mode)) => {
+            tightened(path, mode);
+            Ok(())
+        }
+        // Gone between listing and judging (a replica renamed a temp file): nothing to judge.
+        Err(fsutil::Exposure::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StorageError::Exposed { path: path.display().to_string(), source }),
+    }
 }
 
 fn write(path: &Path) -> Result<(), StorageError> {

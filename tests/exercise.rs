@@ -52,8 +52,9 @@ async fn a_built_relay_answers_every_route_and_workload_as_configured() {
     }
 }
 
-/// The upstream broker: tokens, a proxied authorize that sends the browser on to its login page
-/// with a cookie, a proxied callback that sends it back to the application.
+/// The upstream broker: tokens, a proxied authorize that sends the browser on to its own
+/// callback (a route the relay proxies, so the `Location` is rewritten onto the relay) with a
+/// cookie, a proxied callback that sends it back to the application.
 fn broker(req: &Recorded) -> Response<Full<Bytes>> {
     let host = req.headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or_default();
     let path = req.target.split('?').next().unwrap_or_default();
@@ -67,7 +68,7 @@ fn broker(req: &Recorded) -> Response<Full<Bytes>> {
         }
         "/v1/auth/authorize" => r
             .status(302)
-            .header("location", format!("http://{host}/v1/auth/login?step=1"))
+            .header("location", format!("http://{host}/v1/auth/callback?code=C&state=S"))
             .header("set-cookie", "sid=1; Domain=127.0.0.1; Path=/; HttpOnly"),
         "/v1/auth/callback" => r.status(302).header("location", "https://app.example.test/done"),
         _ => r.status(404),
@@ -159,8 +160,8 @@ impl Relay {
             }
         }
         let proxied = self.h1.get("proxied.test", "/v1/auth/authorize?clientId=c").await;
-        let login = format!("https://proxied.test:{}/v1/auth/login?step=1", self.https.port());
-        assert_eq!(proxied.header("location"), login);
+        let callback = format!("https://proxied.test:{}/v1/auth/callback?code=C&state=S", self.https.port());
+        assert_eq!(proxied.header("location"), callback);
         let foreign = self.h1.send("relay.test", "GET", CALLBACK, &[("host", "other.test")], "").await;
         assert_eq!(foreign.status, 421);
         assert_eq!(self.tls12.get("relay.test", CALLBACK).await.status, 302);

@@ -19,6 +19,8 @@ use crate::tls::AlpnChallenges;
 
 /// A TLS-ALPN-01 answer: the key authorization digest and the certificate that carries it.
 struct AlpnAnswer {
+    /// The challenge token this answer is for: only its own order withdraws it.
+    token: String,
     digest: Vec<u8>,
     key: Arc<CertifiedKey>,
     /// Published by this process (trusted as is) or read from the store (re-checked each time).
@@ -86,15 +88,21 @@ impl Challenges {
         Ok(())
     }
 
-    /// Answers `acme-tls/1` handshakes for `host` with a certificate carrying `digest`.
-    pub fn publish_tls_alpn01(&self, host: &str, digest: &[u8]) -> Result<(), ChallengeError> {
+    /// Answers `acme-tls/1` handshakes for `host` with a certificate carrying `digest`, the
+    /// answer to challenge `token`. The CA's handshake names only the host, so the latest
+    /// answer for a host is served; the token keeps an older order from withdrawing it.
+    pub fn publish_tls_alpn01(&self, host: &str, token: &str, digest: &[u8]) -> Result<(), ChallengeError> {
         if !valid_host(host) {
             return Err(ChallengeError::BadName(host.into()));
         }
+        if !valid_token(token) {
+            return Err(ChallengeError::BadName(token.into()));
+        }
         let key = alpn_certificate(host, digest)?;
-        write(&self.alpn_path(host), hex(digest).as_bytes())?;
+        write(&self.alpn_path(host), format!("{token} {}", hex(digest)).as_bytes())?;
         if let Ok(mut m) = self.alpn.lock() {
-            m.insert(host.to_string(), AlpnAnswer { digest: digest.to_vec(), key, own: true });
+            let answer = AlpnAnswer { token: token.into(), digest: digest.to_vec(), key, own: true };
+            m.insert(host.to_string(), answer);
         }
         Ok(())
     }
@@ -109,13 +117,20 @@ impl Challenges {
         }
     }
 
-    /// Stops answering TLS-ALPN-01 for `host`.
-    pub fn withdraw_tls_alpn01(&self, host: &str) {
-        if let Ok(mut m) = self.alpn.lock() {
+    /// Stops answering TLS-ALPN-01 challenge `token` for `host`; an answer published since
+    /// for another token (a later order) stays.
+    pub fn withdraw_tls_alpn01(&self, host: &str, token: &str) {
+        if let Ok(mut m) = self.alpn.lock()
+            && m.get(host).is_some_and(|a| a.token == token)
+        {
             m.remove(host);
         }
         if valid_host(host) {
-            let _ = std::fs::remove_file(self.alpn_path(host));
+            let path = self.alpn_path(host);
+            let ours = std::fs::read_to_string(&path).is_ok_and(|t| t.split_whitespace().next() == Some(token));
+            if ours {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 
@@ -142,13 +157,14 @@ impl Challenges {
         }
         // Another process published it: the file is the truth, the memory only a cache.
         let text = tokio::fs::read_to_string(self.alpn_path(&host)).await.ok()?;
-        let digest = unhex(text.trim())?;
+        let (token, digest) = text.trim().split_once(' ')?;
+        let (token, digest) = (token.to_string(), unhex(digest)?);
         let mut map = self.alpn.lock().ok()?;
         if let Some(a) = map.get(&host).filter(|a| a.digest == digest) {
             return Some(a.key.clone());
         }
         let key = alpn_certificate(&host, &digest).ok()?;
-        map.insert(host, AlpnAnswer { digest, key: key.clone(), own: false });
+        map.insert(host, AlpnAnswer { token, digest, key: key.clone(), own: false });
         Some(key)
     }
 }
@@ -224,7 +240,7 @@ mod tests {
         let publisher = Challenges::new(dir.path());
         let responder = Challenges::new(dir.path());
         publisher.publish_http01("tok-1", "tok-1.thumb").unwrap();
-        publisher.publish_tls_alpn01("relay.test", &[7u8; 32]).unwrap();
+        publisher.publish_tls_alpn01("relay.test", "tok-a", &[7u8; 32]).unwrap();
         assert_eq!(responder.http01("tok-1").await.as_deref(), Some("tok-1.thumb"));
         let key = responder.tls_alpn01("relay.test").await.expect("alpn answer");
         assert_eq!(key.cert.len(), 1);
@@ -233,7 +249,12 @@ mod tests {
         );
         assert_eq!(mode & 0o777, 0o600);
         publisher.withdraw_http01("tok-1");
-        publisher.withdraw_tls_alpn01("relay.test");
+        // A later order's answer for the same host is not withdrawn by the earlier order.
+        publisher.publish_tls_alpn01("relay.test", "tok-b", &[8u8; 32]).unwrap();
+        publisher.withdraw_tls_alpn01("relay.test", "tok-a");
+        assert!(responder.tls_alpn01("relay.test").await.is_some());
+        assert!(publisher.tls_alpn01("relay.test").await.is_some());
+        publisher.withdraw_tls_alpn01("relay.test", "tok-b");
         assert_eq!(responder.http01("tok-1").await, None);
         assert!(responder.tls_alpn01("relay.test").await.is_none());
         assert_eq!(unhex(&hex(&[0, 255, 16])), Some(vec![0, 255, 16]));

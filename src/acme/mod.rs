@@ -167,36 +167,89 @@ fn acme_sites(config: &Config) -> impl Iterator<Item = (usize, &crate::config::S
     })
 }
 
-/// Serves the stored certificate of every ACME hostname at once (no network), then starts one
-/// task per hostname that orders, renews and re-reads the store until `stop`, publishing its
-/// challenge answers in `challenges`.
-pub fn spawn(config: &Config, store: &Arc<CertStore>, challenges: &Arc<Challenges>, stop: CancellationToken) {
+/// The ACME tasks running in this process, by hostname, across reloads: a reload that leaves a
+/// hostname's site and storage as they were keeps its task, with any order in flight (cancelling
+/// it would withdraw a challenge answer the CA may be checking, and the next task would place a
+/// second order).
+pub struct Running {
+    /// The process's stop: every task ends with it.
+    stop: CancellationToken,
+    tasks: std::sync::Mutex<HashMap<String, RunningTask>>,
+}
+
+struct RunningTask {
+    storage: std::path::PathBuf,
+    settings: AcmeSettings,
+    slot: Arc<arc_swap::ArcSwap<crate::tls::Slot>>,
+    stop: CancellationToken,
+}
+
+impl Running {
+    pub fn new(stop: &CancellationToken) -> Running {
+        Running { stop: stop.clone(), tasks: std::sync::Mutex::new(HashMap::new()) }
+    }
+}
+
+/// Serves the stored certificate of every ACME hostname at once (no network), then makes sure
+/// one task per hostname orders, renews and re-reads the store, publishing its challenge
+/// answers in `challenges`. Tasks of `running` whose hostname, settings and storage are
+/// unchanged keep running and serve into the new slots; the others are stopped or started.
+pub fn spawn(config: &Config, store: &Arc<CertStore>, challenges: &Arc<Challenges>, running: &Running) {
     let owner = lock::new_owner();
     let mut accounts: HashMap<String, Arc<AccountCell>> = HashMap::new();
+    let Ok(mut tasks) = running.tasks.lock() else { return };
+    let mut wanted = std::collections::HashSet::new();
     for (i, site, settings) in acme_sites(config) {
-        let settings = Arc::new(settings.clone());
+        let shared = Arc::new(settings.clone());
         let dir_store = Arc::new(AcmeStore::new(&config.server.storage, &settings.directory));
         let account = accounts
             .entry(dir_store.directory().to_string())
-            .or_insert_with(|| Arc::new(AccountCell::new(settings.clone(), dir_store.clone(), owner.clone())))
+            .or_insert_with(|| Arc::new(AccountCell::new(shared.clone(), dir_store.clone(), owner.clone())))
             .clone();
         for slot in store.site_slots(i) {
+            wanted.insert(slot.hostname.clone());
+            let unchanged = |t: &&RunningTask| {
+                t.settings == *settings && t.storage == config.server.storage && !t.stop.is_cancelled()
+            };
+            if let Some(t) = tasks.get(&slot.hostname).filter(unchanged) {
+                if slot.current().is_none() {
+                    slot.set_waiting(format!("ordering its first certificate from {}", settings.directory));
+                }
+                t.slot.store(slot.clone());
+                tracing::debug!(hostname = %slot.hostname, "site unchanged; its certificate task keeps running");
+                continue;
+            }
+            if let Some(old) = tasks.remove(&slot.hostname) {
+                old.stop.cancel();
+            }
+            let cell = Arc::new(arc_swap::ArcSwap::new(slot.clone()));
             let mut task = HostTask::new(
                 slot.hostname.clone(),
-                settings.clone(),
+                shared.clone(),
                 dir_store.clone(),
                 account.clone(),
                 challenges.clone(),
-                Some(slot.clone()),
+                Some(cell.clone()),
                 owner.clone(),
             );
             if task.load_stored().is_none() {
                 slot.set_waiting(format!("waiting for its first certificate from {}", settings.directory));
             }
             tracing::info!(site = %site.name, hostname = %slot.hostname, directory = %settings.directory, store = %dir_store.root().display(), "automatic certificates (ACME) on");
+            let stop = running.stop.child_token();
             tokio::spawn(task.run(stop.clone()));
+            let entry =
+                RunningTask { storage: config.server.storage.clone(), settings: settings.clone(), slot: cell, stop };
+            tasks.insert(slot.hostname.clone(), entry);
         }
     }
+    tasks.retain(|host, t| {
+        let keep = wanted.contains(host);
+        if !keep {
+            t.stop.cancel();
+        }
+        keep
+    });
 }
 
 /// Renews `host` now, from this process, through the same lock as the relays; the running
@@ -259,6 +312,17 @@ pub fn status_report(config: &Config) -> String {
                 Err(e) => {
                     let _ = writeln!(out, "  certificate    unreadable ({e}); the relay orders a new one");
                 }
+            }
+            if let Ok(Some(p)) = dir_store.load_pending(host) {
+                let _ = writeln!(
+                    out,
+                    "  pending order  {} (finalized {}; its certificate is downloaded at the next attempt)",
+                    p.order_url,
+                    time(p.finalized_at)
+                );
+            }
+            if let Some(w) = &status.clock_warning {
+                let _ = writeln!(out, "  warning        {w}");
             }
             match (&status.last_error, status.last_error_at) {
                 (Some(e), Some(at)) => {

@@ -82,6 +82,41 @@ pub fn backoff(failures: u32, min: Duration, max: Duration, unit: f64) -> Durati
     half + half.mul_f64(unit.clamp(0.0, 1.0))
 }
 
+/// How far a new certificate's `notBefore` may lie behind this machine's clock: CAs backdate it
+/// (Let's Encrypt by an hour, some to the start of the day).
+pub const CLOCK_AHEAD_TOLERANCE: Duration = Duration::from_secs(25 * 3600);
+/// How far a new certificate's `notBefore` may lie ahead of this machine's clock.
+pub const CLOCK_BEHIND_TOLERANCE: Duration = Duration::from_secs(300);
+
+/// A warning when a certificate issued just now starts far from `now`: this machine's clock
+/// and the CA's disagree, and renewal times (computed from the certificate's dates on this
+/// clock) will be off by as much.
+pub fn clock_warning(not_before: SystemTime, now: SystemTime) -> Option<String> {
+    let at = |t: SystemTime| humantime::format_rfc3339_seconds(t);
+    let human = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs()));
+    if let Ok(ahead) = now.duration_since(not_before)
+        && ahead > CLOCK_AHEAD_TOLERANCE
+    {
+        return Some(format!(
+            "clock: this machine's clock ({}) is about {} ahead of the CA's (a certificate issued now starts at {}); fix the clock (NTP)",
+            at(now),
+            human(ahead),
+            at(not_before)
+        ));
+    }
+    if let Ok(behind) = not_before.duration_since(now)
+        && behind > CLOCK_BEHIND_TOLERANCE
+    {
+        return Some(format!(
+            "clock: this machine's clock ({}) is about {} behind the CA's (a certificate issued now starts only at {}; clients with a right clock accept it, this relay calls it not valid yet); fix the clock (NTP)",
+            at(now),
+            human(behind),
+            at(not_before)
+        ));
+    }
+    None
+}
+
 /// A uniform draw in `[0, 1)` from the crypto provider's random source.
 pub fn random_unit() -> f64 {
     let mut b = [0u8; 8];
@@ -153,6 +188,21 @@ mod tests {
         assert_eq!(backoff(200, min, max, 0.0), max / 2);
         let d = backoff(3, min, max, random_unit());
         assert!(d >= Duration::from_secs(120) && d <= Duration::from_secs(240), "{d:?}");
+    }
+
+    #[test]
+    fn a_certificate_starting_far_from_this_clock_is_a_clock_warning() {
+        let now = t(100 * 86400);
+        assert_eq!(clock_warning(now - Duration::from_secs(3600), now), None, "backdated an hour");
+        assert_eq!(clock_warning(now - 24 * 3600 * Duration::from_secs(1), now), None, "to the start of the day");
+        assert_eq!(clock_warning(now + Duration::from_secs(60), now), None, "a minute of drift");
+        let ahead = clock_warning(now - 2 * DAY, now).unwrap();
+        assert!(
+            ahead.starts_with("clock: this machine's clock (1970-04-11T00:00:00Z) is about 2days ahead of the CA's"),
+            "{ahead}"
+        );
+        let behind = clock_warning(now + Duration::from_secs(3600), now).unwrap();
+        assert!(behind.contains("is about 1h behind the CA's"), "{behind}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! {storage}/acme/{directory}/{hostname}/meta.json the current certificate: files, dates, renewal time
 //! {storage}/acme/{directory}/{hostname}/chain-{serial}.pem, key-{serial}.pem
 //! {storage}/acme/{directory}/{hostname}/status.json last error, failures, next attempt
+//! {storage}/acme/{directory}/{hostname}/pending.json an order being finalized: its URL and key
 //! {storage}/acme/{directory}/{hostname}/order.lock held while one replica orders
 //! ```
 //!
@@ -86,6 +87,30 @@ pub struct HostStatus {
     /// No attempt before this time (backoff after failures), whichever replica tries.
     #[serde(default, with = "humantime_serde")]
     pub next_attempt: Option<SystemTime>,
+    /// Set when the latest certificate's dates say this machine's clock is far off the CA's
+    /// (a `/readyz` warning); cleared by the next issuance with sane dates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_warning: Option<String>,
+}
+
+/// An order about to be finalized whose certificate is not stored yet (`pending.json`, 0600).
+/// Written before the CSR is sent, so an attempt cut after that (a crash, a deploy, a timeout
+/// while the CA is still processing, a failed write) resumes this order and downloads its
+/// certificate instead of ordering again: a second order would burn one of the CA's duplicate
+/// certificates and, with ARI, fail with `alreadyReplaced`.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PendingOrder {
+    pub order_url: String,
+    /// The key the CSR is made with (PEM); never logged.
+    pub key_pem: String,
+    #[serde(with = "humantime_serde")]
+    pub finalized_at: SystemTime,
+}
+
+impl std::fmt::Debug for PendingOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingOrder").field("order_url", &self.order_url).finish_non_exhaustive()
+    }
 }
 
 /// A certificate loaded from the store, ready to install.
@@ -128,6 +153,20 @@ impl AcmeStore {
         self.root.join("account.lock")
     }
 
+    /// The locks of this directory's relays: files in this folder (`account.lock`,
+    /// `{hostname}/order.lock`).
+    pub fn locks(&self) -> std::sync::Arc<dyn super::lock::Locks> {
+        std::sync::Arc::new(super::lock::FileLocks::new(&self.root))
+    }
+
+    /// The name of the lock held while ordering for `host`.
+    pub fn order_lock(host: &str) -> String {
+        format!("{host}/order")
+    }
+
+    /// The name of the lock held while creating the account.
+    pub const ACCOUNT_LOCK: &str = "account";
+
     pub fn host_dir(&self, host: &str) -> PathBuf {
         self.root.join(host)
     }
@@ -142,6 +181,29 @@ impl AcmeStore {
 
     fn status_path(&self, host: &str) -> PathBuf {
         self.host_dir(host).join("status.json")
+    }
+
+    fn pending_path(&self, host: &str) -> PathBuf {
+        self.host_dir(host).join("pending.json")
+    }
+
+    /// The order of `host` being finalized, if an attempt was cut before storing its result.
+    pub fn load_pending(&self, host: &str) -> Result<Option<PendingOrder>, StoreError> {
+        read_json(&self.pending_path(host))
+    }
+
+    pub fn save_pending(&self, host: &str, pending: &PendingOrder) -> Result<(), StoreError> {
+        write_json(&self.pending_path(host), pending)
+    }
+
+    /// Forgets the pending order (its certificate is stored, or the CA no longer knows it).
+    pub fn clear_pending(&self, host: &str) {
+        let path = self.pending_path(host);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the record of a finished order");
+        }
     }
 
     /// The stored account credentials, `None` when there is no account yet.
@@ -176,7 +238,7 @@ impl AcmeStore {
         let dir = self.host_dir(host);
         let meta_path = self.meta_path(host).display().to_string();
         for f in [&meta.chain_file, &meta.key_file] {
-            if f.is_empty() || f.contains('/') || f.starts_with('.') {
+            if !plain_name(f) {
                 return Err(StoreError::BadFileName { path: meta_path, file: f.clone() });
             }
         }
@@ -191,22 +253,20 @@ impl AcmeStore {
         Ok(StoredCert { meta: meta.clone(), cert: Arc::new(cert), leaf_der })
     }
 
-    /// Writes a new chain and key, then commits them by replacing `meta.json`; older chain and
-    /// key files of the hostname are removed afterwards.
+    /// Writes a new chain and key, then commits them by replacing `meta.json`; afterwards the
+    /// chain and key the previous `meta.json` named are removed. Nothing else is: files this
+    /// commit did not replace may be another writer's pair, written but not yet committed.
     pub fn save_cert(&self, host: &str, chain_pem: &str, key_pem: &str, meta: &CertMeta) -> Result<(), StoreError> {
         let dir = self.host_dir(host);
+        let previous = read_json::<CertMeta>(&self.meta_path(host)).ok().flatten();
         write(&dir.join(&meta.key_file), key_pem.as_bytes())?;
         write(&dir.join(&meta.chain_file), chain_pem.as_bytes())?;
         write_json(&self.meta_path(host), meta)?;
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let old_pem = (name.starts_with("chain-") || name.starts_with("key-"))
-                    && name.ends_with(".pem")
-                    && name != meta.chain_file
-                    && name != meta.key_file;
-                if old_pem {
-                    let _ = std::fs::remove_file(e.path());
+        if let Some(old) = previous {
+            for f in [&old.chain_file, &old.key_file] {
+                let ours = *f == meta.chain_file || *f == meta.key_file;
+                if !ours && plain_name(f) {
+                    let _ = std::fs::remove_file(dir.join(f));
                 }
             }
         }
@@ -235,6 +295,11 @@ pub fn folder_name(directory: &Url) -> String {
         name.push_str(seg);
     }
     name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' }).collect()
+}
+
+/// A file name of the hostname's folder itself (no path, not hidden): all `meta.json` may name.
+fn plain_name(f: &str) -> bool {
+    !f.is_empty() && !f.contains('/') && !f.starts_with('.')
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, StoreError> {

@@ -6,6 +6,8 @@
 //! `status.json` so replicas back off together.
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
 use instant_acme::CertificateIdentifier;
@@ -14,19 +16,26 @@ use tokio_util::sync::CancellationToken;
 
 use super::challenge::Challenges;
 use super::client::AccountCell;
-use super::lock::{self, Acquire};
+use super::lock;
 use super::renew::{self, Basis};
-use super::store::{AcmeStore, CertMeta, HostStatus, StoredCert};
+use super::store::{AcmeStore, CertMeta, HostStatus, PendingOrder, StoredCert};
 use super::{AcmeError, order};
 use crate::config::AcmeSettings;
 use crate::tls::{LoadedCert, Slot};
 
 /// The longest one issuance may take, from order to download.
 const ISSUE_TIMEOUT: Duration = Duration::from_secs(300);
-/// `order.lock` expiry: longer than any issuance, so only a dead owner's lock expires.
-const ORDER_LOCK_TTL: Duration = Duration::from_secs(600);
+/// `order.lock` expiry. The holder renews it every third of this while it works, so only the
+/// lock of a relay that died or hung (on another machine: one on this machine is seen dead at
+/// once) waits this long to be taken over.
+const ORDER_LOCK_TTL: Duration = Duration::from_secs(90);
 /// How long to wait before asking the CA for renewal information again after it failed.
 const ARI_RETRY: Duration = Duration::from_secs(3600);
+/// How long a directory without ARI is believed: then its directory is read again (a CA may
+/// turn ARI on; an upgraded Pebble or step-ca does).
+const ARI_UNSUPPORTED_RECHECK: Duration = Duration::from_secs(24 * 3600);
+/// The longest `Retry-After` of a `rateLimited` answer that is honoured as given.
+const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What the CA's renewal information says about the stored certificate.
 struct Ari {
@@ -53,15 +62,19 @@ pub struct HostTask {
     pub store: Arc<AcmeStore>,
     pub account: Arc<AccountCell>,
     pub challenges: Arc<Challenges>,
-    /// The slot to serve from; `None` for `cert renew`, which only writes the store.
-    pub slot: Option<Arc<Slot>>,
+    /// The slot to serve from; `None` for `cert renew`, which only writes the store. Swapped
+    /// for the new configuration's slot when a reload keeps this task running.
+    pub slot: Option<Arc<ArcSwap<Slot>>>,
     pub owner: String,
     installed: Option<String>,
     last_store_error: Option<String>,
     ari: Option<Ari>,
-    ari_unsupported: bool,
+    /// The CA offered no ARI when last asked; asked again after this time.
+    ari_unsupported: Option<SystemTime>,
     ari_unit: f64,
     hold_until: Option<SystemTime>,
+    /// New certificates in a row that were due at once (a clock far ahead): drives their backoff.
+    early: u32,
 }
 
 impl HostTask {
@@ -71,7 +84,7 @@ impl HostTask {
         store: Arc<AcmeStore>,
         account: Arc<AccountCell>,
         challenges: Arc<Challenges>,
-        slot: Option<Arc<Slot>>,
+        slot: Option<Arc<ArcSwap<Slot>>>,
         owner: String,
     ) -> HostTask {
         HostTask {
@@ -85,9 +98,10 @@ impl HostTask {
             installed: None,
             last_store_error: None,
             ari: None,
-            ari_unsupported: false,
+            ari_unsupported: None,
             ari_unit: renew::random_unit(),
             hold_until: None,
+            early: 0,
         }
     }
 
@@ -116,7 +130,7 @@ impl HostTask {
             return;
         }
         if let Some(slot) = &self.slot {
-            slot.install(c.cert.clone());
+            slot.load().install(c.cert.clone());
         }
         self.installed = Some(c.meta.serial.clone());
         tracing::info!(
@@ -130,7 +144,7 @@ impl HostTask {
     fn waiting(&self, why: String) {
         if let Some(slot) = &self.slot {
             if self.installed.is_none() {
-                slot.set_waiting(why);
+                slot.load().set_waiting(why);
             }
         }
     }
@@ -150,8 +164,17 @@ impl HostTask {
 
     /// Asks the CA for renewal information (RFC 9773) when it is time to, and the CA offers it.
     async fn refresh_ari(&mut self, c: &StoredCert, now: SystemTime) {
-        if self.settings.renew_when_left.is_some() || self.ari_unsupported {
+        if self.settings.renew_when_left.is_some() {
             return;
+        }
+        match self.ari_unsupported {
+            Some(until) if now < until => return,
+            Some(_) => {
+                // Read the directory again: the CA may offer ARI now.
+                self.ari_unsupported = None;
+                self.account.reload().await;
+            }
+            None => {}
         }
         if self.ari.as_ref().is_some_and(|a| a.serial == c.meta.serial && now < a.recheck) {
             return;
@@ -168,7 +191,7 @@ impl HostTask {
         };
         let der = CertificateDer::from(c.leaf_der.clone());
         let Ok(id) = CertificateIdentifier::try_from(&der) else {
-            self.ari_unsupported = true;
+            self.ari_unsupported = Some(now + ARI_UNSUPPORTED_RECHECK);
             return;
         };
         match account.renewal_info(&id).await {
@@ -181,13 +204,14 @@ impl HostTask {
                     window_start = %humantime::format_rfc3339_seconds(start),
                     window_end = %humantime::format_rfc3339_seconds(end),
                     renew_at = %humantime::format_rfc3339_seconds(at),
+                    explanation = info.explanation_url.as_deref().unwrap_or("-"),
                     "ACME renewal information"
                 );
                 self.ari = Some(Ari { serial, at: Some(at), recheck: now + renew::ari_recheck(retry_after) });
             }
             Err(instant_acme::Error::Unsupported(_)) => {
                 tracing::debug!(hostname = %self.host, "the directory offers no renewal information; renewing at one third");
-                self.ari_unsupported = true;
+                self.ari_unsupported = Some(now + ARI_UNSUPPORTED_RECHECK);
             }
             Err(e) => {
                 tracing::warn!(hostname = %self.host, error = %e, "renewal information unavailable; keeping the current schedule");
@@ -252,30 +276,68 @@ impl HostTask {
         }
     }
 
+    /// Checks a new certificate's dates against this machine's clock, and holds off when it is
+    /// due at once: a clock far ahead of the CA's makes every new certificate look old, and the
+    /// wait before the next one grows (as after failures) instead of ordering one every
+    /// `retry_min`.
     fn after_issue(&mut self, c: &StoredCert) {
         let now = SystemTime::now();
+        let m = &c.meta;
+        let mut warning = renew::clock_warning(m.not_before, now);
         if self.due_at(Some(c), now) <= now {
-            let until = now + self.settings.retry_min;
-            tracing::warn!(
-                hostname = %self.host,
-                next = %humantime::format_rfc3339_seconds(until),
-                "the new certificate is due at once (renew_when_left is at least its lifetime); renewing again no sooner than retry_min"
-            );
+            self.early = self.early.saturating_add(1);
+            let wait =
+                renew::backoff(self.early, self.settings.retry_min, self.settings.retry_max, renew::random_unit());
+            let until = now + wait;
+            let next = humantime::format_rfc3339_seconds(until);
+            let lifetime = m.not_after.duration_since(m.not_before).unwrap_or_default();
+            if self.settings.renew_when_left.is_some_and(|left| left >= lifetime) {
+                tracing::warn!(hostname = %self.host, %next, "the new certificate is due at once: renew_when_left is at least its lifetime; renewing again no sooner than {next}");
+            } else {
+                warning.get_or_insert_with(|| {
+                    format!(
+                        "clock: {} certificate issued now is already due for renewal by this machine's clock ({}); \
+                         is the clock far ahead? (the certificate starts at {})",
+                        self.host,
+                        humantime::format_rfc3339_seconds(now),
+                        humantime::format_rfc3339_seconds(m.not_before)
+                    )
+                });
+            }
             self.hold_until = Some(until);
         } else {
+            self.early = 0;
             self.hold_until = None;
+        }
+        if let Some(w) = &warning {
+            match self.hold_until {
+                Some(until) => {
+                    tracing::warn!(hostname = %self.host, early_renewals = self.early, "{w}; renewing again no sooner than {}", humantime::format_rfc3339_seconds(until))
+                }
+                None => tracing::warn!(hostname = %self.host, "{w}"),
+            }
+        }
+        let mut status = self.store.load_status(&self.host);
+        if status.clock_warning != warning {
+            status.clock_warning = warning;
+            if let Err(e) = self.store.save_status(&self.host, &status) {
+                tracing::warn!(hostname = %self.host, error = %e, "cannot record the clock warning");
+            }
         }
     }
 
     /// One attempt under the hostname's order lock. `force` renews even when not due. A
     /// failure comes with the time of the next attempt.
     pub async fn attempt(&mut self, force: bool) -> Result<Attempt, (AcmeError, SystemTime)> {
-        let path = self.store.order_lock_path(&self.host);
-        let acquired = lock::try_acquire(&path, &self.owner, "order a certificate", ORDER_LOCK_TTL)
-            .map_err(|source| AcmeError::Io { path: path.display().to_string(), source });
+        let locks = self.store.locks();
+        let name = AcmeStore::order_lock(&self.host);
+        let acquired =
+            lock::acquire(&locks, &name, &self.owner, "order a certificate", ORDER_LOCK_TTL).await.map_err(|source| {
+                AcmeError::Io { path: self.store.order_lock_path(&self.host).display().to_string(), source }
+            });
         let guard = match acquired {
-            Ok(Acquire::Held(g)) => g,
-            Ok(Acquire::Busy { owner, .. }) => {
+            Ok(Ok(g)) => g,
+            Ok(Err((owner, _))) => {
                 tracing::info!(hostname = %self.host, %owner, "another relay holds the order lock; waiting for its certificate");
                 return Ok(Attempt::Busy { owner });
             }
@@ -303,19 +365,79 @@ impl HostTask {
             Err(AcmeError::Busy { owner, .. }) => Ok(Attempt::Busy { owner }),
             Err(e) => Err(self.record_failure(e)),
         };
-        guard.release();
+        if guard.lost() {
+            tracing::warn!(hostname = %self.host, "the order lock was taken over while this relay held it (it stalled past the expiry)");
+        }
+        guard.release().await;
         outcome
     }
 
+    /// Gets a certificate: from the order an interrupted attempt left pending, else from a new
+    /// order. When the CA no longer knows the stored account, registers a new one (once).
     async fn issue(&mut self, stored: Option<&StoredCert>) -> Result<StoredCert, AcmeError> {
+        match self.issue_with_account(stored).await {
+            Err(AcmeError::Acme { source, step }) if order::is_problem(&source, "accountDoesNotExist") => {
+                let lost = self.account.get().await?.id().to_string();
+                tracing::warn!(hostname = %self.host, directory = %self.store.directory(), account = %lost, %step, error = %source, "the CA no longer knows the stored ACME account (its database was reset or the account deactivated); registering a new one");
+                self.account.replace_lost(&lost).await?;
+                self.issue_with_account(stored).await
+            }
+            r => r,
+        }
+    }
+
+    async fn issue_with_account(&mut self, stored: Option<&StoredCert>) -> Result<StoredCert, AcmeError> {
         let account = self.account.get().await?;
+        if let Some(issued) = self.resume_pending(&account).await? {
+            let stored = self.store_issued(issued);
+            if let Err(AcmeError::Certificate(_)) = &stored {
+                // Not usable with the recorded key: resuming again would fail the same way.
+                self.store.clear_pending(&self.host);
+            }
+            return stored;
+        }
         let replaces = match stored {
             Some(c) if self.ari.as_ref().is_some_and(|a| a.at.is_some()) => {
                 CertificateIdentifier::try_from(&CertificateDer::from(c.leaf_der.clone())).ok().map(|i| i.into_owned())
             }
             _ => None,
         };
-        let issued = order::issue(&account, &self.host, &self.settings, &self.challenges, replaces).await?;
+        let (store, host) = (self.store.clone(), self.host.clone());
+        let record = |url: &str, key_pem: &str| {
+            let pending =
+                PendingOrder { order_url: url.into(), key_pem: key_pem.into(), finalized_at: SystemTime::now() };
+            store.save_pending(&host, &pending).map_err(AcmeError::from)
+        };
+        let issued = order::issue(&account, &self.host, &self.settings, &self.challenges, replaces, record).await?;
+        self.store_issued(issued)
+    }
+
+    /// The certificate of the order an interrupted attempt left in `pending.json`, when the CA
+    /// still has it; `None` when there is none (or it is gone, which is logged and forgotten).
+    async fn resume_pending(&self, account: &instant_acme::Account) -> Result<Option<order::Issued>, AcmeError> {
+        let pending = match self.store.load_pending(&self.host) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(hostname = %self.host, error = %e, "the record of an interrupted order is unreadable; ordering afresh");
+                self.store.clear_pending(&self.host);
+                return Ok(None);
+            }
+        };
+        tracing::info!(hostname = %self.host, order = %pending.order_url, "resuming the order an interrupted attempt finalized");
+        match order::resume(account, &self.host, &pending.order_url, &pending.key_pem).await? {
+            order::Resumed::Issued(i) => Ok(Some(i)),
+            order::Resumed::Gone(why) => {
+                tracing::warn!(hostname = %self.host, order = %pending.order_url, %why, "the interrupted order cannot be resumed; ordering afresh");
+                self.store.clear_pending(&self.host);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stores a certificate just issued (or downloaded for a resumed order) and forgets the
+    /// pending order.
+    fn store_issued(&mut self, issued: order::Issued) -> Result<StoredCert, AcmeError> {
         let loaded = LoadedCert::from_pem(&self.host, issued.chain_pem.as_bytes(), issued.key_pem.as_bytes())
             .map_err(AcmeError::Certificate)?;
         let (renew_at, basis) =
@@ -335,6 +457,7 @@ impl HostTask {
             order_url: Some(issued.order_url.clone()),
         };
         self.store.save_cert(&self.host, &issued.chain_pem, &issued.key_pem, &meta)?;
+        self.store.clear_pending(&self.host);
         tracing::info!(
             hostname = %self.host,
             order = %issued.order_url,
@@ -358,7 +481,12 @@ impl HostTask {
         status.failures = status.failures.saturating_add(1);
         let delay =
             renew::backoff(status.failures, self.settings.retry_min, self.settings.retry_max, renew::random_unit());
-        let next = now + delay;
+        let mut next = now + delay;
+        // A rate limit says when to come back; sooner would only be refused again.
+        let ca_wait = e.rate_limited().and_then(|_| self.account.hints().take_retry_after());
+        if let Some(at) = ca_wait {
+            next = next.max(at.min(now + MAX_RATE_LIMIT_WAIT));
+        }
         status.next_attempt = Some(next);
         status.last_error = Some(e.to_string());
         status.last_error_at = Some(now);
@@ -371,6 +499,7 @@ impl HostTask {
                 hostname = %self.host,
                 detail = p.detail.as_deref().unwrap_or("-"),
                 retry_at = %next_text,
+                ca_retry_after = ca_wait.map(|t| humantime::format_rfc3339_seconds(t).to_string()).unwrap_or_else(|| "-".into()),
                 failures = status.failures,
                 "the CA rate-limited this order; keeping the current certificate"
             ),

@@ -234,6 +234,9 @@ pub struct Site {
     /// apart).
     pub upstream_keepalive: bool,
     pub tls: TlsSource,
+    /// Entra application (client) ids, lower-case GUIDs, that may name this site's domain as
+    /// their publisher domain; empty: no `/.well-known/microsoft-identity-association.json`.
+    pub application_ids: Vec<String>,
     pub callback: Callback,
     pub authorize: Authorize,
     pub token: Token,

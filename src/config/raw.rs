@@ -218,6 +218,10 @@ pub struct RawSite {
     pub connect_timeout: Duration,
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
+    /// Application (client) ids of Entra app registrations that name this site's domain as
+    /// their publisher domain: served as `/.well-known/microsoft-identity-association.json`.
+    #[serde(default)]
+    pub application_ids: Vec<String>,
     #[serde(default)]
     pub upstream_keepalive: bool,
     #[serde(default)]

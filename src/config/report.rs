@@ -62,6 +62,7 @@ pub fn report(c: &Config) -> String {
         "  max header {} B, max query {} B, max body {} B, max connections {} ({} per client address)",
         l.max_header_bytes, l.max_query_bytes, l.max_body_bytes, l.max_connections, l.max_connections_per_ip
     );
+    log_and_health(&mut out, c);
     for site in &c.sites {
         let _ = writeln!(out, "\nsite {}{}", site.name, if site.default { " (default)" } else { "" });
         let _ = writeln!(out, "  hostnames           {}", site.hostnames.join(", "));
@@ -105,6 +106,13 @@ pub fn report(c: &Config) -> String {
             site.token.upstream.as_str().trim_end_matches('/'),
             site.token.path_prefix
         );
+        if !site.application_ids.is_empty() {
+            let _ = writeln!(
+                out,
+                "  publisher domain    /.well-known/microsoft-identity-association.json for {}",
+                site.application_ids.join(", ")
+            );
+        }
         register(&mut out, site, s.public_https_port);
     }
     if !c.warnings.is_empty() {
@@ -114,6 +122,45 @@ pub fn report(c: &Config) -> String {
         }
     }
     out
+}
+
+/// The `[log]` and `[health]` blocks: what the logs carry, and what `/readyz` checks.
+fn log_and_health(out: &mut String, c: &Config) {
+    let (log, h) = (&c.log, &c.health);
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let _ = writeln!(out, "\nlog");
+    let _ = writeln!(out, "  access lines        {}", if log.access { "on (target access)" } else { "off" });
+    let redaction = if log.redact {
+        "on (no path, query, code, state, token or header value)"
+    } else {
+        "OFF: codes and state are written to the log as `uri` (debugging only)"
+    };
+    let _ = writeln!(out, "  redaction           {redaction}");
+    let key = if log.flow_key.is_some() { "set" } else { "random per process" };
+    let _ = writeln!(out, "  flow key            {key}");
+    let _ = writeln!(out, "\nhealth");
+    let _ = writeln!(
+        out,
+        "  certificate margin  not ready when one expires within {} and nothing renews it",
+        d(h.cert_expiry_margin)
+    );
+    let probe = match h.upstream_probe_interval {
+        Some(every) => format!(
+            "every {}, path {}, timeout {}; not ready after {} unreachable",
+            d(every),
+            h.upstream_probe_path,
+            d(h.upstream_probe_timeout),
+            d(h.upstream_unreachable_window)
+        ),
+        None => "off".to_string(),
+    };
+    let _ = writeln!(out, "  upstream probe      {probe}");
+    let _ = writeln!(
+        out,
+        "  clock skew          reported above {}, not ready above {}",
+        d(h.clock_skew_warn),
+        d(h.clock_skew_fail)
+    );
 }
 
 /// Addresses or networks as one comma-separated line.

@@ -63,6 +63,13 @@ impl Validator<'_> {
             }
             other => other.and_then(Result::ok),
         };
+        if !raw.log.redact {
+            self.warn(
+                &[Seg::Key("log"), Seg::Key("redact")],
+                "false: every access line carries the raw path and query, with authorization codes and \
+                 `state`; for debugging on your own machine only, never in production",
+            );
+        }
         if raw.site.is_empty() {
             self.error(&[Seg::Key("site")], "at least one [[site]] is needed");
         }
@@ -190,6 +197,15 @@ impl Validator<'_> {
             }
         }
 
+        let application_ids = self.application_ids(&at("application_ids"), &raw.application_ids);
+        if callback_mode == Some(Mode::Proxy) && !raw.callback.fragment_page {
+            self.warn(
+                &at2("callback", "fragment_page"),
+                "false while the callback is proxy: with response_mode=fragment the code never reaches \
+                 the broker (only the browser sees a fragment, and the relay forwards the callback without it)",
+            );
+        }
+
         if self.problems.len() != before {
             return None;
         }
@@ -207,6 +223,7 @@ impl Validator<'_> {
             response_timeout: raw.response_timeout,
             upstream_keepalive: raw.upstream_keepalive,
             tls: tls?,
+            application_ids,
             callback: Callback {
                 path: raw.callback.path,
                 mode: callback_mode?,
@@ -224,6 +241,26 @@ impl Validator<'_> {
             token: Token { path_prefix: raw.token.path_prefix, methods, upstream: sub(token_up) },
             upstream,
         })
+    }
+
+    /// Entra application (client) ids: GUIDs (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, hex),
+    /// kept in lower case, each once.
+    fn application_ids(&mut self, key: &[Seg], list: &[String]) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        for (j, id) in list.iter().enumerate() {
+            let mut at = key.to_vec();
+            at.push(Seg::Index(j));
+            let groups: Vec<&str> = id.split('-').collect();
+            let shape = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]);
+            if !shape || !groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit())) {
+                self.error(&at, format!("`{id}` is not an application (client) id: a GUID like 00000000-0000-0000-0000-000000000000 from the app registration's Overview"));
+            } else if ids.contains(&id.to_ascii_lowercase()) {
+                self.error(&at, format!("`{id}` is listed twice"));
+            } else {
+                ids.push(id.to_ascii_lowercase());
+            }
+        }
+        ids
     }
 
     fn hostnames(&mut self, key: &[Seg], list: &[String]) -> Vec<String> {

@@ -1,5 +1,6 @@
-//! The certificate store folder (`server.storage`): it exists or can be created, other users
-//! cannot read it, and this user can write in it.
+//! The certificate store folder (`server.storage`): it exists or can be created, `serve` will
+//! accept it (owners and modes judged as ssh judges `~/.ssh`, by the same code, changing
+//! nothing), and this user can write in it.
 //!
 //! Nothing is left behind: a missing folder is not created (the relay makes it, mode 0700, at
 //! start); creatability is proven with a temporary folder beside it, writability with a
@@ -7,7 +8,6 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use super::Finding;
@@ -23,7 +23,7 @@ pub fn check(dir: &Path) -> Vec<Finding> {
             format!("{shown} exists but is not a folder"),
             "set `server.storage` to a folder path",
         )],
-        Ok(m) => vec![mode(dir, m.permissions().mode()), writable(dir)],
+        Ok(_) => vec![private(dir), writable(dir)],
         // Not a directory: some ancestor is a file, which `creatable` names.
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => vec![creatable(dir)],
         Err(e) => vec![Finding::error(
@@ -34,35 +34,43 @@ pub fn check(dir: &Path) -> Vec<Finding> {
     }
 }
 
-/// Other users must not list or read the store (keys are 0600, but names and certificates
-/// would show).
-pub fn mode(dir: &Path, mode: u32) -> Finding {
+/// What `serve` will say of the store at start: refused (another user owns or can write a
+/// path: someone could plant or swap a key), or private, possibly after narrowing paths
+/// others can read now.
+pub fn private(dir: &Path) -> Finding {
     let shown = dir.display();
-    if mode & 0o007 == 0 {
-        Finding::ok(CHECK, format!("{shown} is private (mode {:04o})", mode & 0o7777))
-    } else {
-        Finding::warning(
+    match crate::storage::audit(dir) {
+        Ok(opened) if opened.is_empty() => Finding::ok(CHECK, format!("{shown} is private")),
+        Ok(opened) => {
+            let (path, mode) = &opened[0];
+            let more = if opened.len() > 1 { format!(" and {} more", opened.len() - 1) } else { String::new() };
+            Finding::warning(
+                CHECK,
+                format!("{} (mode {mode:04o}){more} can be read by other users", path.display()),
+                "the relay makes them private (0700 folders, 0600 files) when it starts; or chmod them now",
+            )
+        }
+        Err(e) => Finding::error(
             CHECK,
-            format!("{shown} is open to other users (mode {:04o})", mode & 0o7777),
-            format!("chmod 0700 {shown}"),
-        )
+            format!("serve would refuse the store: {e}"),
+            "fix the owner or mode of that path as the message says",
+        ),
     }
 }
 
 /// Creates and removes a temporary file in `dir`, as the store does for every write.
 pub fn writable(dir: &Path) -> Finding {
-    let probe = dir.join(format!(".doctor-probe-{}", std::process::id()));
-    let result = fs::OpenOptions::new().write(true).create_new(true).open(&probe).and_then(|_| fs::remove_file(&probe));
-    match result {
-        Ok(()) => Finding::ok(CHECK, format!("{} is writable", dir.display())),
-        Err(e) => {
-            let _ = fs::remove_file(&probe);
-            Finding::error(
-                CHECK,
-                format!("{} is not writable by this user: {e}", dir.display()),
-                format!("chown the folder to the relay's user and chmod 0700 {}", dir.display()),
-            )
+    // A random name, created exclusively (as the store writes): nothing planted is followed.
+    match tempfile::Builder::new().prefix(".doctor-probe-").tempfile_in(dir) {
+        Ok(probe) => {
+            drop(probe);
+            Finding::ok(CHECK, format!("{} is writable", dir.display()))
         }
+        Err(e) => Finding::error(
+            CHECK,
+            format!("{} is not writable by this user: {e}", dir.display()),
+            format!("chown the folder to the relay's user and chmod 0700 {}", dir.display()),
+        ),
     }
 }
 

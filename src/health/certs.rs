@@ -45,6 +45,8 @@ pub(super) struct CertChecks {
     hosts: Vec<HostCheck>,
     /// ACME hostnames whose renewal is failing now; replaced whole by the background reader.
     failing: Arc<ArcSwap<HashMap<String, Failing>>>,
+    /// Clock warnings the ACME tasks recorded (a certificate's dates far from this clock).
+    clock: Arc<ArcSwap<Vec<String>>>,
     /// How often the ACME records are re-read: the shortest `reload_interval` of the ACME
     /// sites (the same cadence the ACME tasks re-read the store at). `None`: no ACME site.
     every: Option<Duration>,
@@ -66,12 +68,20 @@ impl CertChecks {
             };
             hosts.push(HostCheck { slot: slot.clone(), renewer });
         }
-        CertChecks { hosts, failing: Arc::new(ArcSwap::from_pointee(HashMap::new())), every }
+        let clock = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        CertChecks { hosts, failing: Arc::new(ArcSwap::from_pointee(HashMap::new())), clock, every }
     }
 
     /// Keeps what `previous` last read until the first read of this configuration.
     pub(super) fn adopt(&self, previous: &CertChecks) {
         self.failing.store(previous.failing.load_full());
+        self.clock.store(previous.clock.load_full());
+    }
+
+    /// The clock warnings of the ACME hostnames (notes: a wrong clock does not stop serving,
+    /// but renewals happen at the wrong time).
+    pub(super) fn notes(&self, notes: &mut Vec<String>) {
+        notes.extend(self.clock.load().iter().cloned());
     }
 
     /// Re-reads the ACME renewal records at once and then every `every`, until `stop`.
@@ -85,18 +95,20 @@ impl CertChecks {
                 _ => None,
             })
             .collect();
-        let (failing, stop) = (self.failing.clone(), stop.clone());
+        let (failing, clock, stop) = (self.failing.clone(), self.clock.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
-                let now: HashMap<String, Failing> = acme
-                    .iter()
-                    .filter_map(|(host, store)| {
-                        let s = store.load_status(host);
-                        let failing = Failing { failures: s.failures, last_error: s.last_error? };
-                        (s.failures > 0).then(|| (host.clone(), failing))
-                    })
-                    .collect();
+                let mut now: HashMap<String, Failing> = HashMap::new();
+                let mut warnings = Vec::new();
+                for (host, store) in &acme {
+                    let s = store.load_status(host);
+                    warnings.extend(s.clock_warning);
+                    if let Some(last_error) = s.last_error.filter(|_| s.failures > 0) {
+                        now.insert(host.clone(), Failing { failures: s.failures, last_error });
+                    }
+                }
                 failing.store(Arc::new(now));
+                clock.store(Arc::new(warnings));
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}

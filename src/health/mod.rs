@@ -89,6 +89,7 @@ impl Health {
         let now = SystemTime::now();
         let mut r = Readiness { reasons: self.store.not_ready(now), notes: Vec::new() };
         self.certs.check(&self.settings, now, &mut r.reasons);
+        self.certs.notes(&mut r.notes);
         for t in &self.upstreams {
             t.check(&self.settings, &mut r);
         }

@@ -18,7 +18,7 @@ use prometheus_client::metrics::family::Family;
 use crate::response::RouteName;
 
 /// Every route, in the order of [`route_index`].
-pub const ROUTES: [RouteName; 8] = [
+pub const ROUTES: [RouteName; 9] = [
     RouteName::Callback,
     RouteName::Authorize,
     RouteName::Token,
@@ -26,6 +26,7 @@ pub const ROUTES: [RouteName; 8] = [
     RouteName::Readyz,
     RouteName::HttpsRedirect,
     RouteName::AcmeChallenge,
+    RouteName::DomainVerification,
     RouteName::None,
 ];
 
@@ -40,7 +41,8 @@ pub fn route_index(r: RouteName) -> usize {
         RouteName::Readyz => 4,
         RouteName::HttpsRedirect => 5,
         RouteName::AcmeChallenge => 6,
-        RouteName::None => 7,
+        RouteName::DomainVerification => 7,
+        RouteName::None => 8,
     }
 }
 

@@ -134,6 +134,7 @@ pub struct Metrics {
     open_connections: [Gauge; Listener::ALL.len()],
     acme_orders: Family<Hostname, Counter>,
     acme_failures: Family<HostProblem, Counter>,
+    acme_reregistrations: Counter,
     reloads: [Counter; 2],
     last_reload_ok: Gauge,
     last_reload_success: Gauge,
@@ -234,6 +235,12 @@ impl Metrics {
             "Failed certificate attempts, by hostname and ACME problem type",
             acme_failures.clone(),
         );
+        let acme_reregistrations = Counter::default();
+        r.register(
+            "acme_account_reregistrations",
+            "New ACME accounts registered because the CA no longer knew the stored one",
+            acme_reregistrations.clone(),
+        );
 
         let reload_family = Family::<Label, Counter>::default();
         let reloads = precreate(&reload_family, "outcome", ["ok", "error"]);
@@ -266,6 +273,7 @@ impl Metrics {
             open_connections,
             acme_orders,
             acme_failures,
+            acme_reregistrations,
             reloads,
             last_reload_ok,
             last_reload_success,
@@ -329,6 +337,11 @@ impl Metrics {
     pub fn acme_order_failed(&self, hostname: &str, problem: String) {
         let labels = [("hostname", hostname.to_string()), ("problem", problem)];
         self.acme_failures.get_or_create(&labels).inc();
+    }
+
+    /// The CA answered `accountDoesNotExist` and a new account was registered.
+    pub fn acme_account_reregistered(&self) {
+        self.acme_reregistrations.inc();
     }
 
     /// A configuration reload finished; `ok` is false when the new configuration was refused

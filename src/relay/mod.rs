@@ -84,6 +84,11 @@ struct SiteRoutes {
     callback_base: UpstreamBase,
     authorize_base: UpstreamBase,
     token_base: UpstreamBase,
+    /// The browser routes in `proxy` mode: where an upstream `Location` may be rewritten to.
+    proxied: Vec<rewrite::ProxiedRoute>,
+    /// The body of `/.well-known/microsoft-identity-association.json`, when the site lists
+    /// `application_ids`.
+    association: Option<String>,
     /// The `Allow` value of the callback route.
     callback_allow: &'static str,
     token_allow: http::HeaderValue,
@@ -111,6 +116,7 @@ impl Relay {
             let base =
                 |url: &url::Url| UpstreamBase::new(url).ok_or_else(|| UpstreamError::Base { url: url.to_string() });
             let token_allow = site.token.methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+            let (callback_base, authorize_base) = (base(&site.callback.upstream)?, base(&site.authorize.upstream)?);
             sites.push(SiteRoutes {
                 callback_path: path::normalised_route(&site.callback.path),
                 authorize_paths: site.authorize.paths.iter().map(|p| path::normalised_route(p)).collect(),
@@ -118,9 +124,11 @@ impl Relay {
                 callback_target: target(&site.callback.upstream, &site.callback.path),
                 authorize_targets: site.authorize.paths.iter().map(|p| target(&site.authorize.upstream, p)).collect(),
                 client: UpstreamClient::new(site, &config.outbound, &config.limits)?,
-                callback_base: base(&site.callback.upstream)?,
-                authorize_base: base(&site.authorize.upstream)?,
+                proxied: rewrite::ProxiedRoute::of_site(site, &callback_base, &authorize_base),
+                callback_base,
+                authorize_base,
                 token_base: base(&site.token.upstream)?,
+                association: route::identity_association(&site.application_ids),
                 callback_allow: if site.callback.form_post { "GET, HEAD, POST" } else { "GET, HEAD" },
                 token_allow: http::HeaderValue::from_str(&token_allow).expect("method names are valid header text"),
                 site: site.clone(),
@@ -284,7 +292,7 @@ impl Relay {
             host: &host,
             conn,
             limits: &self.config.limits,
-            rewrite: !token,
+            rewrite: (!token).then_some(routes.proxied.as_slice()),
             public_https_port: self.config.server.public_https_port,
         };
         let mut resp = ctx.send(req, outcome).await;

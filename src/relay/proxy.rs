@@ -24,8 +24,9 @@ pub struct Forward<'a> {
     pub host: &'a str,
     pub conn: &'a ConnInfo,
     pub limits: &'a Limits,
-    /// Rewrite `Location` and `Set-Cookie` domains to the relay's own origin.
-    pub rewrite: bool,
+    /// On a browser route, the site's routes in `proxy` mode: `Location`s naming one of them
+    /// and `Set-Cookie` domains are rewritten to the relay (`rewrite`). `None`: nothing is.
+    pub rewrite: Option<&'a [super::rewrite::ProxiedRoute]>,
     pub public_https_port: u16,
 }
 
@@ -61,6 +62,7 @@ impl Forward<'_> {
             Ok(u) => u,
             Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request target\n"),
         };
+        let requested = self.rewrite.map(|_| up.uri().clone());
         let headers = up.headers_mut();
         *headers = parts.headers;
         strip_hop_by_hop(headers);
@@ -83,8 +85,8 @@ impl Forward<'_> {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        if self.rewrite {
-            self.rewrite_headers(&mut parts.headers);
+        if let (Some(proxied), Some(requested)) = (self.rewrite, &requested) {
+            self.rewrite_headers(proxied, requested, &mut parts.headers);
         }
         let body = if declared_len(&parts.headers).is_some_and(|n| n <= BUFFERED_BODY_MAX) {
             // A small body of known length (a token response) is read whole before answering,

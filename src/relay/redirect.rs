@@ -36,6 +36,20 @@ pub fn callback_get<B>(req: &Request<B>, routes: &SiteRoutes) -> Response<RelayB
     }
 }
 
+/// Whether a callback `GET` in `proxy` mode gets the fragment page (it has no query) rather
+/// than going upstream: the broker needs the code in the query, and only the browser can read
+/// the fragment, so the page moves it into the query of the relay's own callback, which then
+/// goes upstream like any other.
+pub fn wants_fragment_page<B>(req: &Request<B>, routes: &SiteRoutes) -> bool {
+    routes.site.callback.fragment_page && req.uri().query().is_none_or(str::is_empty)
+}
+
+/// The fragment page of a callback in `proxy` mode: it goes on to the relay's own callback path
+/// (same origin), which forwards the query it then carries.
+pub fn fragment_page_to_relay(routes: &SiteRoutes) -> Response<RelayBody> {
+    fragment_page(&routes.site.callback.path)
+}
+
 /// Whether a POSTed callback is a form (Entra's `response_mode=form_post`).
 pub fn is_form<B>(req: &Request<B>) -> bool {
     req.headers()
@@ -59,9 +73,13 @@ pub fn callback_form_post<B>(req: &Request<B>, routes: &SiteRoutes) -> Response<
     }
 }
 
-/// A page that moves `location.hash` into the query and navigates to the (fixed) upstream
-/// callback. The target is a constant of the configuration; the fragment can only ever become
-/// the query of that URL.
+/// A page that moves `location.hash` into the query and navigates to the (fixed) callback
+/// `target`: the upstream's, or in `proxy` mode the relay's own path. The target is a constant
+/// of the configuration; the fragment can only ever become the query of that URL. Meanwhile
+/// the page says "Signing in…" (a slow broker otherwise leaves a blank page), in plain text:
+/// no style, image or font, so the CSP stays `default-src 'none'`. Without a fragment there is
+/// nothing to pass on, and going on would bring a `proxy` callback straight back here; the page
+/// says so and stays.
 fn fragment_page(target: &str) -> Response<RelayBody> {
     let mut nonce = [0u8; 18];
     if crate::crypto::provider().secure_random.fill(&mut nonce).is_err() {
@@ -72,9 +90,11 @@ fn fragment_page(target: &str) -> Response<RelayBody> {
     let target_js = serde_json_string(target);
     let html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><meta name=\"referrer\" content=\"no-referrer\">\
-<title>Signing in</title></head><body><noscript>JavaScript is needed to finish signing in.</noscript>\
+<title>Signing in</title></head><body><p id=\"m\">Signing in\u{2026}</p>\
+<noscript>JavaScript is needed to finish signing in.</noscript>\
 <script nonce=\"{nonce}\">(function(){{var f=window.location.hash.slice(1);\
-window.location.replace({target_js}+(f?\"?\"+f:\"\"));}})();</script></body></html>\n"
+if(!f){{document.getElementById(\"m\").textContent=\"{NO_ANSWER}\";return;}}\
+window.location.replace({target_js}+\"?\"+f);}})();</script></body></html>\n"
     );
     let csp = format!(
         "default-src 'none'; script-src 'nonce-{nonce}'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -88,6 +108,10 @@ window.location.replace({target_js}+(f?\"?\"+f:\"\"));}})();</script></body></ht
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::try_from(csp).expect("nonce is base64"));
     r
 }
+
+/// What the fragment page says when it was reached with neither a query nor a fragment.
+const NO_ANSWER: &str =
+    "This address carries no answer from the sign-in service. Start signing in again from the application.";
 
 /// `s` as a JavaScript string literal safe inside a `<script>` element.
 fn serde_json_string(s: &str) -> String {

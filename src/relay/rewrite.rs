@@ -1,17 +1,67 @@
 //! Headers the relay rewrites on their way through a forwarded route: the request's cookie
 //! crumbs become one `Cookie` line; in the answer on a browser route (authorize and callback
-//! in `proxy` mode), a `Location` on the upstream's origin and every cookie's `Domain` point at
-//! the relay instead. Everything else in those headers keeps its bytes.
+//! in `proxy` mode), every cookie's `Domain` points at the relay, and a `Location` points at
+//! the relay only when the relay forwards what it names. Everything else in those headers keeps
+//! its bytes.
+//!
+//! The `Location` policy: a redirect that names one of the site's routes in `proxy` mode, on
+//! the upstream that route forwards to, is rewritten onto the relay's public origin (the
+//! browser stays on the customer's domain, and the relay forwards it there again). Any other
+//! upstream page (a broker's login or consent page, an error page) keeps the upstream's origin:
+//! the relay does not serve it, so a relay URL for it could only answer `404`. A relative
+//! `Location`, which the browser would resolve against the relay, is first resolved against the
+//! upstream URL it came from, then the same rule applies.
+
+use std::borrow::Cow;
 
 use http::header::{self, HeaderMap, HeaderValue};
 
+use super::UpstreamBase;
 use super::proxy::Forward;
+use crate::config::{Mode, Site};
+
+/// A browser route the relay forwards (`proxy` mode): where it goes upstream, and its path.
+pub(super) struct ProxiedRoute {
+    /// The upstream's `scheme://host[:port]`.
+    origin: String,
+    /// The upstream base's path, without its trailing `/` (usually empty).
+    prefix: String,
+    /// The route's path, normalised as request paths are (`path`).
+    path: String,
+}
+
+impl ProxiedRoute {
+    /// The site's browser routes in `proxy` mode, each with the upstream it forwards to.
+    pub(super) fn of_site(site: &Site, callback: &UpstreamBase, authorize: &UpstreamBase) -> Vec<ProxiedRoute> {
+        let route = |base: &UpstreamBase, path: &str| ProxiedRoute {
+            origin: base.origin.clone(),
+            prefix: base.prefix().to_string(),
+            path: super::path::normalised_route(path),
+        };
+        let mut routes = Vec::new();
+        if site.callback.mode == Mode::Proxy {
+            routes.push(route(callback, &site.callback.path));
+        }
+        if site.authorize.mode == Mode::Proxy {
+            routes.extend(site.authorize.paths.iter().map(|p| route(authorize, p)));
+        }
+        routes
+    }
+
+    /// The path and what follows it in `url`, when `url` names this route on its upstream.
+    fn on_relay<'a>(&self, url: &'a str) -> Option<&'a str> {
+        let rest = after_origin(url, &self.origin)?.strip_prefix(self.prefix.as_str())?;
+        let path = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
+        (super::path::normalise(path).ok()? == self.path).then_some(rest)
+    }
+}
 
 impl Forward<'_> {
-    /// Points upstream-origin `Location`s at the relay and cookie domains at the relay's host.
-    pub(super) fn rewrite_headers(&self, headers: &mut HeaderMap) {
+    /// Points `Location`s at the relay where it forwards them (see the module's policy) and
+    /// cookie domains at the relay's host. `requested` is the upstream URL the answer came from.
+    pub(super) fn rewrite_headers(&self, proxied: &[ProxiedRoute], requested: &http::Uri, headers: &mut HeaderMap) {
         let location = headers.get(header::LOCATION).and_then(|v| v.to_str().ok());
-        if let Some(v) = location.and_then(|l| self.relay_location(l)) {
+        if let Some(v) = location.and_then(|l| self.relay_location(proxied, requested, l)) {
             headers.insert(header::LOCATION, v);
         }
         if headers.contains_key(header::SET_COOKIE) {
@@ -27,15 +77,40 @@ impl Forward<'_> {
         }
     }
 
-    /// `location` on the relay's public origin, when it is on the upstream's.
-    fn relay_location(&self, location: &str) -> Option<HeaderValue> {
-        let rest = after_origin(location, &self.base.origin)?;
+    /// The `Location` the browser gets instead of `location`, if it gets another: on the
+    /// relay's public origin for a route it forwards, absolute on the upstream for a relative
+    /// reference to anything else; `None`: as it was.
+    fn relay_location(&self, proxied: &[ProxiedRoute], requested: &http::Uri, location: &str) -> Option<HeaderValue> {
+        let absolute = absolute_location(location, &self.base.origin, requested)?;
+        let Some(rest) = proxied.iter().find_map(|r| r.on_relay(&absolute)) else {
+            return match absolute {
+                Cow::Owned(upstream) => HeaderValue::try_from(upstream).ok(),
+                Cow::Borrowed(_) => None,
+            };
+        };
         let relay = if self.public_https_port == 443 {
             format!("https://{}{rest}", self.host)
         } else {
             format!("https://{}:{}{rest}", self.host, self.public_https_port)
         };
         HeaderValue::try_from(relay).ok()
+    }
+}
+
+/// `location` as an absolute URL: borrowed when it already is one; an absolute path put after
+/// the upstream's `origin` as it is (its bytes kept); any other relative reference resolved
+/// against `requested` as RFC 3986 section 5 says. `None` for something that is neither.
+fn absolute_location<'a>(location: &'a str, origin: &str, requested: &http::Uri) -> Option<Cow<'a, str>> {
+    match url::Url::parse(location) {
+        Ok(_) => Some(Cow::Borrowed(location)),
+        Err(url::ParseError::RelativeUrlWithoutBase) if location.starts_with('/') && !location.starts_with("//") => {
+            Some(Cow::Owned(format!("{origin}{location}")))
+        }
+        Err(url::ParseError::RelativeUrlWithoutBase) => {
+            let base = url::Url::parse(&requested.to_string()).ok()?;
+            Some(Cow::Owned(base.join(location).ok()?.to_string()))
+        }
+        Err(_) => None,
     }
 }
 
@@ -148,6 +223,42 @@ mod tests {
             ("a=1; Domains=x; XDomain=y", None),
         ] {
             assert_eq!(rewrite_cookie_domain(cookie, "h").as_ref().map(|v| v.to_str().unwrap()), expected, "{cookie}");
+        }
+    }
+
+    #[test]
+    fn only_a_location_naming_a_proxied_route_on_its_upstream_goes_to_the_relay() {
+        let route = ProxiedRoute {
+            origin: "https://broker.example:8443".into(),
+            prefix: "/base".into(),
+            path: "/v1/auth/callback".into(),
+        };
+        for (location, expected) in [
+            ("https://broker.example:8443/base/v1/auth/callback?code=a%2Bb#f", Some("/v1/auth/callback?code=a%2Bb#f")),
+            ("HTTPS://Broker.Example:8443/base/v1/auth/c%61llback", Some("/v1/auth/c%61llback")),
+            ("https://broker.example:8443/base/v1/auth/callback/", None),
+            ("https://broker.example:8443/base/v1/auth/login?x=1", None),
+            ("https://broker.example:8443/v1/auth/callback", None),
+            ("https://broker.example:8443/basev1/auth/callback", None),
+            ("https://broker.example/base/v1/auth/callback", None),
+            ("https://login.microsoftonline.com/base/v1/auth/callback", None),
+        ] {
+            assert_eq!(route.on_relay(location), expected, "{location}");
+        }
+    }
+
+    #[test]
+    fn relative_locations_are_resolved_on_the_upstream_and_keep_their_bytes() {
+        let requested: http::Uri = "https://broker.example/base/v1/auth/authorize?x=1".parse().unwrap();
+        let origin = "https://broker.example";
+        for (location, expected) in [
+            ("https://idp.example/a?b='c'", Some("https://idp.example/a?b='c'")),
+            ("/v1/auth/login?next=%2F&q='x'", Some("https://broker.example/v1/auth/login?next=%2F&q='x'")),
+            ("login?x=1", Some("https://broker.example/base/v1/auth/login?x=1")),
+            ("//other.example/x", Some("https://other.example/x")),
+            ("http://[::1", None),
+        ] {
+            assert_eq!(absolute_location(location, origin, &requested).as_deref(), expected, "{location}");
         }
     }
 

@@ -9,7 +9,7 @@ use http_body::Body;
 use super::{ConnInfo, Relay, SiteRoutes, UpstreamBase, path, redirect};
 use crate::config::Mode;
 use crate::health;
-use crate::response::{RelayBody, RouteName, method_not_allowed, method_not_allowed_value, plain};
+use crate::response::{RelayBody, RouteName, method_not_allowed, method_not_allowed_value, plain, uncached_text};
 
 impl Relay {
     /// Picks the route and answers, or says which trip gets the answer.
@@ -125,17 +125,43 @@ enum Action {
     Forward(Upstream),
 }
 
+/// Where Microsoft Entra reads which app registrations may name a domain as their publisher
+/// domain ("Verify a new domain" under the app's Branding).
+const IDENTITY_ASSOCIATION: &str = "/.well-known/microsoft-identity-association.json";
+
+/// The document Entra expects at [`IDENTITY_ASSOCIATION`] for `ids`, `None` when there are
+/// none: `{"associatedApplications":[{"applicationId":"..."},...]}`.
+pub(super) fn identity_association(ids: &[String]) -> Option<String> {
+    if ids.is_empty() {
+        return None;
+    }
+    let apps: Vec<_> = ids.iter().map(|id| serde_json::json!({ "applicationId": id })).collect();
+    Some(serde_json::json!({ "associatedApplications": apps }).to_string())
+}
+
 /// Picks the route and what to do, from the normalised `path` and the method alone.
 fn decide<B>(req: &Request<B>, path: &str, routes: &SiteRoutes) -> (RouteName, Action) {
     let site = &routes.site;
     let method = req.method();
     let get = method == Method::GET || method == Method::HEAD;
+    if let Some(body) = routes.association.as_ref().filter(|_| path == IDENTITY_ASSOCIATION) {
+        let answer = if get {
+            // `application/json` exactly: Entra refuses other content types.
+            uncached_text(StatusCode::OK, "application/json", body.clone())
+        } else {
+            method_not_allowed("GET, HEAD")
+        };
+        return (RouteName::DomainVerification, Action::Respond(answer));
+    }
     if path == routes.callback_path {
         let cb = &site.callback;
         let post = method == Method::POST && cb.form_post;
         let action = match cb.mode {
             Mode::Redirect if get => Action::Respond(redirect::callback_get(req, routes)),
             Mode::Redirect if post => Action::Respond(redirect::callback_form_post(req, routes)),
+            Mode::Proxy if get && redirect::wants_fragment_page(req, routes) => {
+                Action::Respond(redirect::fragment_page_to_relay(routes))
+            }
             Mode::Proxy if get => Action::Forward(Upstream::Callback),
             Mode::Proxy if post && redirect::is_form(req) => Action::Forward(Upstream::Callback),
             Mode::Proxy if post => Action::Respond(redirect::not_a_form()),

@@ -104,6 +104,11 @@ impl UpstreamBase {
         Some(UpstreamBase { origin: url.origin().ascii_serialization(), scheme, authority, prefix })
     }
 
+    /// The base's path without its trailing `/` (usually empty).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The upstream URI for a request's path and query: the base's path, then the request's
     /// bytes as received.
     pub fn uri(&self, pq: Option<PathAndQuery>) -> Result<Uri, http::Error> {

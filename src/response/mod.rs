@@ -22,6 +22,8 @@ pub enum RouteName {
     Readyz,
     HttpsRedirect,
     AcmeChallenge,
+    /// `/.well-known/microsoft-identity-association.json` (publisher domain verification).
+    DomainVerification,
     None,
 }
 
@@ -36,6 +38,7 @@ impl RouteName {
             RouteName::Readyz => "readyz",
             RouteName::HttpsRedirect => "https_redirect",
             RouteName::AcmeChallenge => "acme_challenge",
+            RouteName::DomainVerification => "domain_verification",
             RouteName::None => "-",
         }
     }

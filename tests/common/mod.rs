@@ -5,6 +5,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod acme_front;
 pub mod client;
 pub mod pebble;
 pub mod pki;

@@ -51,6 +51,12 @@ impl RelayUnderTest {
         Self::spawn(parse(toml), listeners)
     }
 
+    /// Loads the configuration file at `path` and runs it on `listeners` bound beforehand;
+    /// `reload` re-reads that file.
+    pub fn load_on(path: &Path, listeners: Listeners) -> RelayUnderTest {
+        Self::spawn(Config::load(path).unwrap_or_else(|e| panic!("config: {e}")), listeners)
+    }
+
     fn spawn(config: Config, listeners: Listeners) -> RelayUnderTest {
         let config = Arc::new(config);
         let https = listeners.https[0].local_addr().unwrap();

@@ -19,9 +19,9 @@ use hyper_util::rt::TokioIo;
 use oauth_relay::{Config, Listeners};
 use tokio::net::TcpListener;
 
-const HOST: &str = "relay.test";
+pub(crate) const HOST: &str = "relay.test";
 
-fn logs() {
+pub(crate) fn logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -29,13 +29,13 @@ fn logs() {
 }
 
 /// Listeners bound before Pebble starts, so Pebble's VA can be told their ports.
-async fn bind_ports() -> Listeners {
+pub(crate) async fn bind_ports() -> Listeners {
     let bind = || async { TcpListener::bind("127.0.0.1:0").await.unwrap() };
     Listeners { https: vec![bind().await], http: vec![bind().await], admin: None }
 }
 
 /// The ports of pre-bound [`Listeners`] that Pebble's VA is told to dial.
-trait VaPorts {
+pub(crate) trait VaPorts {
     fn https_port(&self) -> u16;
     fn http_port(&self) -> u16;
 }
@@ -50,7 +50,14 @@ impl VaPorts for Listeners {
 }
 
 /// One ACME site for `relay.test` (plus `extra` TOML at the end).
-fn acme_config(storage: &Path, pebble_dir: &str, ca: &Path, challenge: &str, tls_extra: &str, extra: &str) -> String {
+pub(crate) fn acme_config(
+    storage: &Path,
+    pebble_dir: &str,
+    ca: &Path,
+    challenge: &str,
+    tls_extra: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -82,22 +89,22 @@ retry_max = "400ms"
 }
 
 /// The store folder of the Pebble directory, and the hostname folder in it.
-fn host_dir(storage: &Path, pebble: &Pebble) -> PathBuf {
+pub(crate) fn host_dir(storage: &Path, pebble: &Pebble) -> PathBuf {
     let url = url::Url::parse(&pebble.directory_url()).unwrap();
     storage.join("acme").join(oauth_relay::acme::store::folder_name(&url)).join(HOST)
 }
 
-fn meta(storage: &Path, pebble: &Pebble) -> serde_json::Value {
+pub(crate) fn meta(storage: &Path, pebble: &Pebble) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(host_dir(storage, pebble).join("meta.json")).unwrap()).unwrap()
 }
 
-fn mode(p: &Path) -> u32 {
+pub(crate) fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
 /// The certificate chain the relay serves for `HOST`, verified by a client trusting only
 /// Pebble's root: (leaf serial, chain length).
-async fn served_chain(relay_https: SocketAddr, client: &Arc<rustls::ClientConfig>) -> (String, usize) {
+pub(crate) async fn served_chain(relay_https: SocketAddr, client: &Arc<rustls::ClientConfig>) -> (String, usize) {
     let tls =
         TlsClient::new(relay_https, client.clone()).connect(HOST).await.expect("handshake trusting only Pebble's root");
     let chain = tls.get_ref().1.peer_certificates().expect("chain").to_vec();
@@ -221,7 +228,7 @@ async fn restart_serves_the_stored_certificate_without_ordering() {
 
 /// Binds the same ports again (Pebble's VA dials fixed ports); bounded retries while the old
 /// sockets close.
-async fn rebind(https: SocketAddr, http: SocketAddr) -> Listeners {
+pub(crate) async fn rebind(https: SocketAddr, http: SocketAddr) -> Listeners {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let (Ok(a), Ok(b)) = (TcpListener::bind(https).await, TcpListener::bind(http).await) {
@@ -334,7 +341,7 @@ async fn half_the_nonces_rejected_still_ends_in_a_certificate() {
 /// A loopback port held bound but not listening: a connection to it is refused, and no other
 /// test can be given it meanwhile (the socket has no `SO_REUSEADDR`), unlike a port that was
 /// free a moment ago.
-fn refusing_port() -> (tokio::net::TcpSocket, u16) {
+pub(crate) fn refusing_port() -> (tokio::net::TcpSocket, u16) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
     let port = socket.local_addr().unwrap().port();
@@ -345,7 +352,7 @@ fn refusing_port() -> (tokio::net::TcpSocket, u16) {
 /// relay's stored account. Pebble then has no valid authorization to hand a later order for
 /// the name, even on the draw that makes it reuse one despite `PEBBLE_AUTHZREUSE=0` (see
 /// common/pebble.rs): every later order must pass its challenge.
-async fn deactivate_stored_authorizations(storage: &Path, pebble: &Pebble) {
+pub(crate) async fn deactivate_stored_authorizations(storage: &Path, pebble: &Pebble) {
     use instant_acme::AuthorizationStatus;
     let url = url::Url::parse(&pebble.directory_url()).unwrap();
     let creds = oauth_relay::acme::AcmeStore::new(storage, &url).load_account().unwrap().expect("stored account");

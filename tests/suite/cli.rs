@@ -291,6 +291,49 @@ fn check_prints_warnings_for_plain_http_upstream_and_mixed_modes() {
 }
 
 #[test]
+fn check_shows_log_and_health_and_warns_when_redaction_is_off() {
+    let o = run(&["check", "--config", "config/example.toml"]);
+    let out = stdout(&o);
+    assert_eq!(
+        block(&out, "log", 4),
+        [
+            "log",
+            "access lines        on (target access)",
+            "redaction           on (no path, query, code, state, token or header value)",
+            "flow key            random per process"
+        ]
+    );
+    assert_eq!(
+        block(&out, "health", 4),
+        [
+            "health",
+            "certificate margin  not ready when one expires within 7days and nothing renews it",
+            "upstream probe      every 30s, path /, timeout 5s; not ready after 2m unreachable",
+            "clock skew          reported above 30s, not ready above 5m",
+        ]
+    );
+
+    let text = "[server]\nhttps = [\"127.0.0.1:8443\"]\n\n[log]\nredact = false\n\n[health]\nupstream_probe_interval = \"0s\"\n\n\
+                [[site]]\nhostnames = [\"auth.example.test\"]\n";
+    let (_d, path) = temp_config("debug.toml", text);
+    let o = run(&["check", "--config", &path]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("\n  redaction           OFF: codes and state are written to the log as `uri` (debugging only)\n"),
+        "{out}"
+    );
+    assert!(out.contains("\n  upstream probe      off\n"), "{out}");
+    assert!(
+        out.ends_with(&format!(
+            "warnings\n  {path}:5: log.redact: false: every access line carries the raw path and query, with \
+             authorization codes and `state`; for debugging on your own machine only, never in production\n"
+        )),
+        "{out}"
+    );
+}
+
+#[test]
 fn check_refuses_certificate_files_serve_could_not_load() {
     let pki = crate::common::Pki::new();
     let good = pki.leaf("good", &["auth.example.test"]);

@@ -249,23 +249,46 @@ fn storage_private_open_missing_and_uncreatable() {
     chmod(&private, 0o700);
     let f = storage::check(&private);
     assert_eq!(levels(&f), vec![Level::Ok, Level::Ok], "{f:?}");
-    assert_eq!(f[0].message, format!("{} is private (mode 0700)", private.display()));
+    assert_eq!(f[0].message, format!("{} is private", private.display()));
     assert_eq!(f[1].message, format!("{} is writable", private.display()));
     assert_eq!(std::fs::read_dir(&private).unwrap().count(), 0, "the write probe is removed");
 
     let open = dir.path().join("open");
     std::fs::create_dir(&open).unwrap();
     chmod(&open, 0o755);
+    std::fs::write(open.join("key.pem"), "x").unwrap();
+    chmod(&open.join("key.pem"), 0o644);
     let f = storage::check(&open);
     assert_eq!(levels(&f), vec![Level::Warning, Level::Ok], "{f:?}");
-    assert_eq!(f[0].fix.as_deref(), Some(format!("chmod 0700 {}", open.display()).as_str()));
+    assert!(
+        f[0].message.ends_with("(mode 0755) and 1 more can be read by other users")
+            || f[0].message.ends_with("(mode 0644) and 1 more can be read by other users"),
+        "{f:?}"
+    );
+    assert_eq!(
+        f[0].fix.as_deref(),
+        Some("the relay makes them private (0700 folders, 0600 files) when it starts; or chmod them now")
+    );
+    assert_eq!(std::fs::metadata(&open).unwrap().permissions().mode() & 0o777, 0o755, "doctor changes nothing");
+
+    // What serve refuses, doctor calls an error: a store others can write.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    chmod(&shared, 0o775);
+    let f = storage::check(&shared);
+    assert_eq!(levels(&f)[0], Level::Error, "{f:?}");
+    assert!(
+        f[0].message.starts_with(&format!("serve would refuse the store: {}: refusing", shared.display())),
+        "{f:?}"
+    );
+    assert!(f[0].message.contains("writable by other users (mode 0775)"), "{f:?}");
 
     let missing = dir.path().join("not/yet");
     let f = storage::check(&missing);
     assert_eq!(levels(&f), vec![Level::Ok], "{f:?}");
     assert!(f[0].message.ends_with("does not exist yet; the relay will create it (mode 0700)"), "{f:?}");
     assert!(!dir.path().join("not").exists(), "doctor creates nothing");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no probe left behind");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3, "no probe left behind");
 
     // Under a regular file nothing can be created, even by root.
     let file = dir.path().join("file");
@@ -479,7 +502,7 @@ async fn binary_exits_0_with_warnings_and_1_with_an_error_and_prints_what_to_pas
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(
-        text.contains(&format!("warning  storage       {} is open to other users (mode 0755)\n", store.display())),
+        text.contains(&format!("warning  storage       {} (mode 0755) can be read by other users\n", store.display())),
         "{text}"
     );
     assert!(text.contains("\n0 errors") || text.contains(", 0 errors\n"), "{text}");

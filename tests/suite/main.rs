@@ -11,8 +11,10 @@
 mod common;
 
 mod acme;
+mod acme_recovery;
 mod attacks;
 mod balancer;
+mod browser;
 mod cli;
 mod config;
 mod contract;
@@ -28,5 +30,7 @@ mod readiness;
 mod redis_store;
 mod reload;
 mod routes;
+mod store;
 mod tls;
+mod tls_scan;
 mod upstream;

@@ -146,6 +146,7 @@ fn seed_acme_store(pki: &Pki, directory: &str, left: Duration, failures: u32) {
         last_error_at: (failures > 0).then_some(now),
         failures,
         next_attempt: None,
+        ..HostStatus::default()
     };
     store.save_status(HOST, &status).expect("seed the status");
 }

@@ -461,6 +461,30 @@ async fn reload_command_talks_to_the_running_binary() {
     assert!(stderr.contains(&format!("{}: cannot read", setup.new_leaf.cert_path.display())), "{stderr}");
     assert_eq!(client.get(HOST, CALLBACK).await.status, 307);
 
+    // Another file naming the same admin listener: the relay runs its own file, so it
+    // refuses rather than re-read that one and answer "reloaded".
+    let other = setup.pki.dir.path().join("other.toml");
+    std::fs::write(&other, std::fs::read_to_string(&setup.path).unwrap()).unwrap();
+    let out = reload_cli(&other);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "the relay refused the reload (409):\nnot reloaded: this relay runs {own}, not {other}; a reload re-reads \
+             the relay's own file. Edit {own} and reload again, or restart the relay with --config {other}\n",
+            own = setup.path.display(),
+            other = other.display()
+        )
+    );
+    assert!(out.stdout.is_empty());
+    // The same file through a symlink is the same file.
+    setup.write(&Shape { callback_status: 307, ..shape.clone() });
+    let link = setup.pki.dir.path().join("link.toml");
+    std::os::unix::fs::symlink(&setup.path, &link).unwrap();
+    let out = reload_cli(&link);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "reloaded\n", "{}", String::from_utf8_lossy(&out.stderr));
+
     // No admin listener in the file: the command says to send SIGHUP.
     let no_admin = setup.pki.dir.path().join("no-admin.toml");
     let text = std::fs::read_to_string(&setup.path).unwrap();

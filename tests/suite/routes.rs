@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HOST: &str = "auth.example.test";
 const AURINKO: &str = "https://api.aurinko.io";
+/// Authorize and callback both in `proxy` mode.
+const BOTH_PROXIED: &str = "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n";
 
 /// What a test changes in a one-site configuration; everything else is what an Aurinko user
 /// gets by default.
@@ -257,6 +259,7 @@ async fn fragment_page_has_a_fresh_nonce_and_only_navigates_upstream() {
     );
     assert_eq!(page.matches("<script").count(), 1);
     assert!(page.contains("window.location.replace(\"https://api.aurinko.io/v1/auth/callback\"+"), "{page}");
+    assert!(page.contains("<p id=\"m\">Signing in\u{2026}</p>"), "a person sees what happens: {page}");
     assert_eq!(page.matches("://").count(), 1, "the upstream callback is the only URL: {page}");
     assert!(!page.contains("src=") && !page.contains("href="), "no external resources: {page}");
 
@@ -294,16 +297,19 @@ async fn authorize_redirects_every_path_with_the_raw_query() {
     assert_eq!(reply.header("allow"), "GET, HEAD");
 }
 
-/// An upstream authorize endpoint: a login redirect on its own origin (or, with `to=idp` in the
-/// query, to a third party) and two cookies scoped to its own domain.
+/// An upstream authorize endpoint: a redirect to its own callback (or, as the query's `to=`
+/// says, to its own login page, absolute or relative, or to a third party) and two cookies
+/// scoped to its own domain.
 async fn authorize_upstream(kit: &Kit) -> (Upstream, String) {
     let origin = Arc::new(OnceLock::<String>::new());
     let own = origin.clone();
     let behaviour = UpstreamBehaviour::respond(move |rec| {
-        let location = if rec.target.contains("to=idp") {
-            "https://login.microsoftonline.com/common/oauth2/v2.0/authorize?client_id=x".to_string()
-        } else {
-            format!("{}/v1/auth/login?x=1", own.get().expect("origin set"))
+        let own = own.get().expect("origin set");
+        let location = match rec.target.split_once("to=").map(|(_, to)| to) {
+            Some("idp") => "https://login.microsoftonline.com/common/oauth2/v2.0/authorize?client_id=x".to_string(),
+            Some("login") => format!("{own}/v1/auth/login?x=1"),
+            Some("relative") => "/v1/auth/login?x=1".to_string(),
+            _ => format!("{own}/v1/auth/callback?code=c%2B1&state=s%20'"),
         };
         Response::builder()
             .status(302)
@@ -324,16 +330,11 @@ async fn authorize_proxy_rewrites_location_and_cookie_domains() {
     let kit = Kit::new();
     let (upstream, url) = authorize_upstream(&kit).await;
     let relay = kit
-        .relay(Conf {
-            upstream: &url,
-            server: "public_https_port = 443",
-            tables: "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n",
-            ..Conf::default()
-        })
+        .relay(Conf { upstream: &url, server: "public_https_port = 443", tables: BOTH_PROXIED, ..Conf::default() })
         .await;
     let reply = relay.get("/v1/auth/authorizeUser?clientId=abc&state=s%2B1").await;
     assert_eq!(reply.status, 302);
-    assert_eq!(reply.header("location"), "https://auth.example.test/v1/auth/login?x=1");
+    assert_eq!(reply.header("location"), "https://auth.example.test/v1/auth/callback?code=c%2B1&state=s%20'");
     let cookies: Vec<&str> = reply.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect();
     assert_eq!(
         cookies,
@@ -356,6 +357,27 @@ async fn authorize_proxy_rewrites_location_and_cookie_domains() {
     assert_eq!(reply.header("location"), "https://login.microsoftonline.com/common/oauth2/v2.0/authorize?client_id=x");
 }
 
+/// A broker page the relay does not forward (its login page) stays on the broker's origin: on
+/// the relay it would be a `404`. A relative `Location` to it, which the browser would resolve
+/// against the relay, is made absolute on the broker.
+#[tokio::test]
+async fn authorize_proxy_leaves_redirects_to_unrouted_broker_pages_on_the_broker() {
+    let kit = Kit::new();
+    let (_upstream, url) = authorize_upstream(&kit).await;
+    let relay = kit.relay(Conf { upstream: &url, tables: BOTH_PROXIED, ..Conf::default() }).await;
+    for to in ["login", "relative"] {
+        let reply = relay.get(&format!("/v1/auth/authorize?to={to}")).await;
+        assert_eq!((reply.status, reply.header("location")), (302, format!("{url}/v1/auth/login?x=1").as_str()));
+        let landed = relay.get("/v1/auth/login?x=1").await;
+        assert_eq!(landed.status, 404, "the relay does not serve the login page");
+    }
+    // The callback, in redirect mode, is not forwarded by the relay: it stays on the broker too.
+    let split =
+        kit.relay(Conf { upstream: &url, tables: "[site.authorize]\nmode = \"proxy\"\n", ..Conf::default() }).await;
+    let reply = split.get("/v1/auth/authorize?clientId=abc").await;
+    assert_eq!(reply.header("location"), format!("{url}/v1/auth/callback?code=c%2B1&state=s%20'"));
+}
+
 /// Scheme and host are case-insensitive (RFC 3986 section 6.2.2.1), and a `Set-Cookie`
 /// attribute's name and value are trimmed and its name read in any case (RFC 6265 section 5.2):
 /// an upstream that writes `HTTPS://LOCALHOST:port` or `domain = x` is rewritten all the same.
@@ -367,7 +389,7 @@ async fn authorize_proxy_rewrites_locations_and_domains_in_any_case_and_spacing(
     let behaviour = UpstreamBehaviour::respond(move |_| {
         Response::builder()
             .status(302)
-            .header("location", format!("{}/v1/auth/Login?x=A%2Fb", own.get().unwrap().to_ascii_uppercase()))
+            .header("location", format!("{}/v1/auth/callback?x=A%2Fb", own.get().unwrap().to_ascii_uppercase()))
             .header("set-cookie", "sid=1; DOMAIN = localhost ; Path=/; Secure")
             .header("set-cookie", "lb=2; Path=/;\tdomain\t=\t.localhost")
             .header("set-cookie", "hostonly=3; Domain=; Path=/")
@@ -376,11 +398,12 @@ async fn authorize_proxy_rewrites_locations_and_domains_in_any_case_and_spacing(
     });
     let (_upstream, url) = kit.upstream(&[b"http/1.1"], behaviour).await;
     origin.set(url.clone()).unwrap();
-    let tables = "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n";
-    let relay = kit.relay(Conf { upstream: &url, server: "public_https_port = 443", tables, ..Conf::default() }).await;
+    let relay = kit
+        .relay(Conf { upstream: &url, server: "public_https_port = 443", tables: BOTH_PROXIED, ..Conf::default() })
+        .await;
     let reply = relay.get("/v1/auth/authorize?clientId=abc").await;
     assert_eq!(reply.status, 302);
-    assert_eq!(reply.header("location"), "https://auth.example.test/v1/auth/Login?x=A%2Fb");
+    assert_eq!(reply.header("location"), "https://auth.example.test/v1/auth/callback?x=A%2Fb");
     let cookies: Vec<&str> = reply.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect();
     assert_eq!(
         cookies,
@@ -398,8 +421,7 @@ async fn authorize_proxy_rewrites_locations_and_domains_in_any_case_and_spacing(
 async fn authorize_proxy_joins_http2_cookie_crumbs_into_one_line() {
     let kit = Kit::new();
     let (upstream, url) = authorize_upstream(&kit).await;
-    let tables = "[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n";
-    let relay = kit.relay(Conf { upstream: &url, tables, ..Conf::default() }).await;
+    let relay = kit.relay(Conf { upstream: &url, tables: BOTH_PROXIED, ..Conf::default() }).await;
     let h2 = TlsClient::new(relay.relay.https, kit.pki.client_config(&[b"h2"]));
     let crumbs = [("cookie", "sid=a%3Db"), ("cookie", "lb=7"), ("cookie", "theme=dark")];
     let reply = h2.send_h2(HOST, "GET", "/v1/auth/authorizeUser?clientId=abc", &crumbs, "").await;
@@ -420,20 +442,15 @@ async fn authorize_proxy_location_carries_a_non_default_public_port() {
     let kit = Kit::new();
     let (_upstream, url) = authorize_upstream(&kit).await;
     let relay = kit
-        .relay(Conf {
-            upstream: &url,
-            server: "public_https_port = 8443",
-            tables: "[site.authorize]\nmode = \"proxy\"\n",
-            ..Conf::default()
-        })
+        .relay(Conf { upstream: &url, server: "public_https_port = 8443", tables: BOTH_PROXIED, ..Conf::default() })
         .await;
     let reply = relay.get("/v1/auth/authorize?clientId=abc").await;
     assert_eq!(reply.status, 302);
-    assert_eq!(reply.header("location"), "https://auth.example.test:8443/v1/auth/login?x=1");
+    assert_eq!(reply.header("location"), "https://auth.example.test:8443/v1/auth/callback?code=c%2B1&state=s%20'");
 }
 
 #[test]
-fn check_warns_when_authorize_and_callback_modes_differ() {
+fn check_warns_about_mode_combinations_that_cannot_work() {
     let kit = Kit::new();
     let warnings =
         |tables: &str| Config::parse("t.toml", &kit.toml(&Conf { tables, ..Conf::default() })).unwrap().warnings;
@@ -442,7 +459,15 @@ fn check_warns_when_authorize_and_callback_modes_differ() {
     assert_eq!(split[0].key, "site[0].authorize.mode");
     assert!(split[0].message.contains("two domains"), "{}", split[0].message);
     assert_eq!(warnings("[site.callback]\nmode = \"proxy\"\n").len(), 1);
-    assert!(warnings("[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\n").is_empty());
+    assert!(warnings(BOTH_PROXIED).is_empty());
+
+    // Fragment response mode cannot work through a proxied callback without the page.
+    let no_page =
+        warnings("[site.authorize]\nmode = \"proxy\"\n[site.callback]\nmode = \"proxy\"\nfragment_page = false\n");
+    assert_eq!(no_page.len(), 1, "{no_page:?}");
+    assert_eq!(no_page[0].key, "site[0].callback.fragment_page");
+    assert!(no_page[0].message.contains("never reaches the broker"), "{}", no_page[0].message);
+    assert!(warnings("[site.callback]\nfragment_page = false\n").is_empty(), "a redirect keeps the fragment");
 }
 
 // ---- 5. Callback proxy mode -----------------------------------------------------------------
@@ -451,8 +476,7 @@ fn check_warns_when_authorize_and_callback_modes_differ() {
 async fn callback_proxy_forwards_query_and_form_body_verbatim() {
     let kit = Kit::new();
     let (upstream, url) = kit.upstream(&[b"h2", b"http/1.1"], UpstreamBehaviour::fixed(200, &[], "signed in\n")).await;
-    let both_proxied = "[site.callback]\nmode = \"proxy\"\n[site.authorize]\nmode = \"proxy\"\n";
-    let relay = kit.relay(Conf { upstream: &url, tables: both_proxied, ..Conf::default() }).await;
+    let relay = kit.relay(Conf { upstream: &url, tables: BOTH_PROXIED, ..Conf::default() }).await;
     let query = "code=c%2B1&state=a+b%20c&k=&k=2";
     let reply = relay.get(&format!("/v1/auth/callback?{query}")).await;
     assert_eq!((reply.status, reply.text()), (200, "signed in\n"));
@@ -467,6 +491,55 @@ async fn callback_proxy_forwards_query_and_form_body_verbatim() {
     assert_eq!(seen.headers["content-type"], "application/x-www-form-urlencoded");
     assert_eq!(&seen.body[..], body.as_bytes());
     assert_eq!(upstream.hits(), 2);
+}
+
+/// Fragment response mode in proxy mode: the callback with no query gets the fragment page,
+/// which goes on to the relay's own callback (same origin) with the fragment as its query; that
+/// request is forwarded. Nothing reaches the broker without a query.
+#[tokio::test]
+async fn callback_proxy_serves_the_fragment_page_which_comes_back_to_the_relay() {
+    let kit = Kit::new();
+    let (upstream, url) = kit.upstream(&[b"http/1.1"], UpstreamBehaviour::fixed(200, &[], "signed in\n")).await;
+    let relay = kit.relay(Conf { upstream: &url, tables: BOTH_PROXIED, ..Conf::default() }).await;
+    for target in ["/v1/auth/callback", "/v1/auth/callback?"] {
+        let page = relay.get(target).await;
+        assert_eq!((page.status, page.header("content-type")), (200, "text/html; charset=utf-8"), "{target}");
+        assert!(page.text().contains("window.location.replace(\"/v1/auth/callback\"+\"?\"+f)"), "{}", page.text());
+        assert!(!page.text().contains("://"), "no other origin: {}", page.text());
+        assert!(page.text().contains("Signing in\u{2026}"), "{}", page.text());
+    }
+    assert_eq!(upstream.hits(), 0);
+    let reply = relay.get("/v1/auth/callback?code=c%2B1&state=s").await;
+    assert_eq!((reply.status, reply.text()), (200, "signed in\n"));
+    assert_eq!(upstream.last().target, "/v1/auth/callback?code=c%2B1&state=s");
+}
+
+// ---- 5b. Publisher domain verification --------------------------------------------------------
+
+/// Entra's "Verify a new domain" reads this document on the domain, exactly in this shape and
+/// as `application/json`; without `application_ids` the relay serves no such path.
+#[tokio::test]
+async fn microsoft_identity_association_lists_the_configured_application_ids() {
+    let kit = Kit::new();
+    let ids = "application_ids = [\"6731DE76-14A6-49AE-97BC-6EBA6914391E\", \"0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d\"]";
+    let relay = kit.relay(Conf { site: ids, ..Conf::default() }).await;
+    let reply = relay.get("/.well-known/microsoft-identity-association.json").await;
+    assert_eq!((reply.status, reply.header("content-type")), (200, "application/json"));
+    assert_eq!(
+        reply.text(),
+        r#"{"associatedApplications":[{"applicationId":"6731de76-14a6-49ae-97bc-6eba6914391e"},{"applicationId":"0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"}]}"#
+    );
+    let parsed: serde_json::Value = serde_json::from_str(reply.text()).unwrap();
+    assert_eq!(parsed["associatedApplications"][1]["applicationId"], "0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d");
+    let post = relay.send("POST", "/.well-known/microsoft-identity-association.json", &[], "").await;
+    assert_eq!((post.status, post.header("allow")), (405, "GET, HEAD"));
+
+    let plain = kit.relay(Conf::default()).await;
+    assert_eq!(plain.get("/.well-known/microsoft-identity-association.json").await.status, 404);
+
+    let bad = kit.toml(&Conf { site: "application_ids = [\"not-a-guid\"]", ..Conf::default() });
+    let err = Config::parse("t.toml", &bad).unwrap_err().to_string();
+    assert!(err.contains("site[0].application_ids[0]: `not-a-guid` is not an application (client) id"), "{err}");
 }
 
 // ---- 6. Token -------------------------------------------------------------------------------
