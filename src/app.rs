@@ -39,6 +39,9 @@ pub enum BuildError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The storage key file cannot be used (also checked by `check`; it may have changed).
+    #[error("server.storage_key_file: {0}")]
+    StorageKey(#[from] crate::seal::SealError),
 }
 
 /// Why a reload was refused; the configuration in force stays.
@@ -90,6 +93,9 @@ pub struct Live {
     pub health: Arc<Health>,
     /// Pending ACME challenge answers (TLS-ALPN-01 in the handshake, HTTP-01 in the routes).
     challenges: Arc<Challenges>,
+    /// The store replicas share, kept in step with the storage folder (`None`: the folder is
+    /// the store).
+    shared: Option<Arc<crate::storage::shared::Shared>>,
 }
 
 impl Live {
@@ -109,23 +115,26 @@ impl Live {
 /// the readiness checks keep their results.
 pub fn build(config: Arc<Config>, previous: Option<&Live>, id: u64) -> Result<Live, BuildError> {
     crate::storage::check(&config)?;
+    let shared = crate::storage::shared::open(&config, previous.and_then(|p| p.shared.as_ref()))?;
     // The same answers across a reload: an order in flight keeps publishing into them.
     let challenges = previous
-        .filter(|p| p.config().server.storage == config.server.storage)
+        .filter(|p| {
+            p.config().server.storage == config.server.storage && p.config().server.shared == config.server.shared
+        })
         .map(|p| p.challenges.clone())
-        .unwrap_or_else(|| Arc::new(Challenges::new(&config.server.storage)));
+        .unwrap_or_else(|| Arc::new(Challenges::new(&config.server.storage).with_shared(shared.clone())));
     let store = Arc::new(CertStore::new(&config, challenges.clone()));
     if let Some(prev) = previous {
         carry_certificates(prev, &config, &store);
     }
     tls::load_site_certificates(&config, &store)?;
-    let health = Arc::new(Health::new(&config, store.clone()));
+    let health = Arc::new(Health::new(&config, store.clone(), shared.clone()));
     if let Some(prev) = previous {
         health.adopt(&prev.health);
     }
     let tls = tls::server_config(store.clone(), config.server.tls13_only);
     let relay = Arc::new(Relay::new(config, challenges.clone(), health.clone())?);
-    Ok(Live { id, relay, store, tls, health, challenges })
+    Ok(Live { id, relay, store, tls, health, challenges, shared })
 }
 
 /// Installs in `store` the certificate each hostname already serves, when its site's source
@@ -149,8 +158,12 @@ fn carry_certificates(prev: &Live, config: &Config, store: &CertStore) {
 fn start_tasks(live: &Live, token: &CancellationToken, acme: &acme::Running) {
     let config = live.config();
     tls::spawn_file_watchers(config, &live.store, token.clone());
+    // Keeps the folder in step with the shared store while this configuration is in force.
+    if let Some(shared) = &live.shared {
+        tokio::spawn(shared.clone().follow(vec!["acme/".into()], token.clone()));
+    }
     // Never awaited: a CA that is down delays only its own hostnames, never serving.
-    acme::spawn(config, &live.store, &live.challenges, acme);
+    acme::spawn(config, &live.store, &live.challenges, acme, live.shared.as_ref());
     live.health.spawn(token);
 }
 

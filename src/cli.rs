@@ -297,12 +297,24 @@ fn escaped(c: char) -> Vec<char> {
 
 /// `cert status`: per ACME hostname, what the store holds.
 pub fn cert_status(path: &Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(config) => {
-            print!("{}", crate::acme::status_report(&config));
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return config_failed(&e),
+    };
+    let report = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| Ok(rt.block_on(crate::acme::status_report(&config))?));
+    match report {
+        Ok(text) => {
+            print!("{text}");
             ExitCode::SUCCESS
         }
-        Err(e) => config_failed(&e),
+        Err(e) => {
+            eprintln!("cert status: {}", causes(&e));
+            ExitCode::FAILURE
+        }
     }
 }
 

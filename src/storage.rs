@@ -6,6 +6,7 @@
 //! (the layout this number was introduced with) and gets the file on first use.
 
 pub mod redis;
+pub mod shared;
 
 use std::path::{Path, PathBuf};
 

@@ -15,6 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 
 use crate::fsutil;
+use crate::storage::shared::{Shared, SharedError};
 use crate::tls::AlpnChallenges;
 
 /// A TLS-ALPN-01 answer: the key authorization digest and the certificate that carries it.
@@ -27,11 +28,24 @@ struct AlpnAnswer {
     own: bool,
 }
 
+/// How long a challenge answer stays in the shared store: longer than any validation.
+const CHALLENGE_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Which challenge answer to copy to the shared store once published.
+pub enum Answer {
+    Http01(String),
+    TlsAlpn01(String),
+}
+
 /// Pending challenge answers by HTTP-01 token and by TLS-ALPN-01 hostname.
 pub struct Challenges {
     dir: PathBuf,
     http: Mutex<HashMap<String, String>>,
     alpn: Mutex<HashMap<String, AlpnAnswer>>,
+    /// Where the files also go when replicas share a store without a shared disk.
+    shared: Option<Arc<Shared>>,
+    /// Held while an answer is fetched from the shared store; when the last fetch found nothing.
+    fetching: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Challenges {
@@ -64,6 +78,36 @@ impl Challenges {
             dir: storage.join("acme").join("challenges"),
             http: Mutex::new(HashMap::new()),
             alpn: Mutex::new(HashMap::new()),
+            shared: None,
+            fetching: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// These answers also copied to `shared`, for the replicas the CA's validation may reach.
+    pub fn with_shared(mut self, shared: Option<Arc<Shared>>) -> Challenges {
+        self.shared = shared;
+        self
+    }
+
+    /// Copies a just published answer to the shared store (with an expiry: an order that dies
+    /// leaves nothing behind for long). Nothing to do without one.
+    pub async fn share(&self, answer: Answer) -> Result<(), SharedError> {
+        let Some(shared) = &self.shared else { return Ok(()) };
+        let name = match answer {
+            Answer::Http01(token) => format!("acme/challenges/http-01/{token}"),
+            Answer::TlsAlpn01(host) => format!("acme/challenges/tls-alpn-01/{host}"),
+        };
+        shared.push(&name, Some(CHALLENGE_TTL)).await
+    }
+
+    /// Removes a withdrawn answer from the shared store, in the background (it also expires).
+    fn unshare(&self, name: String) {
+        if let (Some(shared), Ok(rt)) = (self.shared.clone(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                if let Err(e) = shared.push(&name, None).await {
+                    tracing::debug!(%name, error = %e, "cannot remove a withdrawn challenge answer from the shared store; it expires");
+                }
+            });
         }
     }
 
@@ -114,6 +158,7 @@ impl Challenges {
         }
         if valid_token(token) {
             let _ = std::fs::remove_file(self.http_path(token));
+            self.unshare(format!("acme/challenges/http-01/{token}"));
         }
     }
 
@@ -130,6 +175,7 @@ impl Challenges {
             let ours = std::fs::read_to_string(&path).is_ok_and(|t| t.split_whitespace().next() == Some(token));
             if ours {
                 let _ = std::fs::remove_file(path);
+                self.unshare(format!("acme/challenges/tls-alpn-01/{host}"));
             }
         }
     }
@@ -142,8 +188,33 @@ impl Challenges {
         if let Some(k) = self.http.lock().ok().and_then(|m| m.get(token).cloned()) {
             return Some(k);
         }
-        let bytes = tokio::fs::read(self.http_path(token)).await.ok()?;
+        let path = self.http_path(token);
+        if !path.exists() {
+            self.fetch(&format!("acme/challenges/http-01/{token}"), &path).await;
+        }
+        let bytes = tokio::fs::read(path).await.ok()?;
         String::from_utf8(bytes).ok()
+    }
+
+    /// Copies one answer from the shared store into `path`, when another replica placed the
+    /// order and the CA's validation came here before the change feed did. One fetch at a
+    /// time (the CA validates from several places at once: the others wait for the first and
+    /// find the file), and none for 100 ms after one that found nothing, so requests for
+    /// answers nobody published cannot turn into a stream of Redis calls.
+    async fn fetch(&self, name: &str, path: &Path) {
+        let Some(shared) = &self.shared else { return };
+        let mut last_miss = self.fetching.lock().await;
+        if path.exists() || last_miss.is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(100)) {
+            return;
+        }
+        match shared.pull_name(name).await {
+            Ok(true) => {}
+            Ok(false) => *last_miss = Some(std::time::Instant::now()),
+            Err(e) => {
+                *last_miss = Some(std::time::Instant::now());
+                tracing::debug!(%name, error = %e, "cannot fetch a challenge answer from the shared store");
+            }
+        }
     }
 
     /// The challenge certificate for `host`, from memory or from the shared store.
@@ -156,6 +227,10 @@ impl Challenges {
             return Some(a);
         }
         // Another process published it: the file is the truth, the memory only a cache.
+        let path = self.alpn_path(&host);
+        if !path.exists() {
+            self.fetch(&format!("acme/challenges/tls-alpn-01/{host}"), &path).await;
+        }
         let text = tokio::fs::read_to_string(self.alpn_path(&host)).await.ok()?;
         let (token, digest) = text.trim().split_once(' ')?;
         let (token, digest) = (token.to_string(), unhex(digest)?);

@@ -253,6 +253,9 @@ impl AccountCell {
             crate::metrics::global().acme_account_reregistered();
         }
         self.store.save_account(&creds)?;
+        if !self.store.share_account(&self.owner).await? {
+            tracing::warn!(directory = %dir, "the account lock was lost before the new account reached the shared store");
+        }
         tracing::info!(directory = %dir, account = %account.id(), path = %self.store.account_path().display(), "ACME account created and stored");
         Ok(account)
     }
@@ -260,6 +263,8 @@ impl AccountCell {
 
 impl AccountCell {
     async fn load_stored(&self, lost: Option<&str>) -> Result<Option<Account>, AcmeError> {
+        // Another replica may have registered it (or registered anew).
+        self.store.sync_account().await?;
         let Some(creds) = self.store.load_account()? else { return Ok(None) };
         let account = self
             .builder()?

@@ -23,6 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
+
+use crate::storage::redis::Taken;
+use crate::storage::shared::Shared;
 use serde::{Deserialize, Serialize};
 
 /// What a lock says.
@@ -158,6 +161,50 @@ impl Drop for LockGuard {
                 let _ = locks.release(&name, &owner).await;
             });
         }
+    }
+}
+
+/// Locks in the shared store (Redis), named `{base}/{name}`: taken with an expiry, renewed and
+/// released only by their owner, each in one server-side step. A holder's death is seen at
+/// the expiry (90 s for an order), since its process may be on any machine.
+#[derive(Debug, Clone)]
+pub struct SharedLocks {
+    shared: Arc<Shared>,
+    base: String,
+}
+
+impl SharedLocks {
+    pub fn new(shared: Arc<Shared>, base: &str) -> SharedLocks {
+        SharedLocks { shared, base: base.to_string() }
+    }
+
+    fn name(&self, name: &str) -> String {
+        format!("{}/{name}", self.base)
+    }
+}
+
+impl Locks for SharedLocks {
+    fn try_acquire<'a>(
+        &'a self,
+        name: &'a str,
+        owner: &'a str,
+        _purpose: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, io::Result<Acquire>> {
+        Box::pin(async move {
+            match self.shared.try_lock(&self.name(name), owner, ttl).await.map_err(io::Error::other)? {
+                Taken::Held => Ok(Acquire::Held),
+                Taken::Busy { owner, expires } => Ok(Acquire::Busy { owner, expires }),
+            }
+        })
+    }
+
+    fn renew<'a>(&'a self, name: &'a str, owner: &'a str, ttl: Duration) -> BoxFuture<'a, io::Result<bool>> {
+        Box::pin(async move { self.shared.renew(&self.name(name), owner, ttl).await.map_err(io::Error::other) })
+    }
+
+    fn release<'a>(&'a self, name: &'a str, owner: &'a str) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move { self.shared.release(&self.name(name), owner).await.map(drop).map_err(io::Error::other) })
     }
 }
 

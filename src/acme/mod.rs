@@ -31,6 +31,7 @@ pub use challenge::{ChallengeError, Challenges};
 pub use store::{AcmeStore, CertMeta, HostStatus, StoreError};
 
 use crate::config::{AcmeSettings, Config, TlsSource};
+use crate::storage::shared::Shared;
 use crate::tls::CertStore;
 use client::AccountCell;
 use task::{Attempt, HostTask};
@@ -70,6 +71,8 @@ pub enum AcmeError {
     Timeout(Duration),
     #[error("`{0}` is not a hostname of an acme site in this configuration")]
     UnknownHost(String),
+    #[error(transparent)]
+    Shared(#[from] crate::storage::shared::SharedError),
 }
 
 /// The prefix of every ACME problem type (RFC 8555 section 6.7).
@@ -101,6 +104,7 @@ impl AcmeError {
             AcmeError::Key(_) => "key",
             AcmeError::Busy { .. } => "busy",
             AcmeError::UnknownHost(_) => "unknown_host",
+            AcmeError::Shared(_) => "shared_store",
         };
         local.to_string()
     }
@@ -179,6 +183,7 @@ pub struct Running {
 
 struct RunningTask {
     storage: std::path::PathBuf,
+    shared: Option<crate::config::RedisStorage>,
     settings: AcmeSettings,
     slot: Arc<arc_swap::ArcSwap<crate::tls::Slot>>,
     stop: CancellationToken,
@@ -194,14 +199,21 @@ impl Running {
 /// one task per hostname orders, renews and re-reads the store, publishing its challenge
 /// answers in `challenges`. Tasks of `running` whose hostname, settings and storage are
 /// unchanged keep running and serve into the new slots; the others are stopped or started.
-pub fn spawn(config: &Config, store: &Arc<CertStore>, challenges: &Arc<Challenges>, running: &Running) {
+pub fn spawn(
+    config: &Config,
+    store: &Arc<CertStore>,
+    challenges: &Arc<Challenges>,
+    running: &Running,
+    shared_store: Option<&Arc<Shared>>,
+) {
     let owner = lock::new_owner();
     let mut accounts: HashMap<String, Arc<AccountCell>> = HashMap::new();
     let Ok(mut tasks) = running.tasks.lock() else { return };
     let mut wanted = std::collections::HashSet::new();
     for (i, site, settings) in acme_sites(config) {
         let shared = Arc::new(settings.clone());
-        let dir_store = Arc::new(AcmeStore::new(&config.server.storage, &settings.directory));
+        let dir_store =
+            Arc::new(AcmeStore::new(&config.server.storage, &settings.directory).with_shared(shared_store.cloned()));
         let account = accounts
             .entry(dir_store.directory().to_string())
             .or_insert_with(|| Arc::new(AccountCell::new(shared.clone(), dir_store.clone(), owner.clone())))
@@ -209,7 +221,10 @@ pub fn spawn(config: &Config, store: &Arc<CertStore>, challenges: &Arc<Challenge
         for slot in store.site_slots(i) {
             wanted.insert(slot.hostname.clone());
             let unchanged = |t: &&RunningTask| {
-                t.settings == *settings && t.storage == config.server.storage && !t.stop.is_cancelled()
+                t.settings == *settings
+                    && t.storage == config.server.storage
+                    && t.shared == config.server.shared
+                    && !t.stop.is_cancelled()
             };
             if let Some(t) = tasks.get(&slot.hostname).filter(unchanged) {
                 if slot.current().is_none() {
@@ -238,8 +253,13 @@ pub fn spawn(config: &Config, store: &Arc<CertStore>, challenges: &Arc<Challenge
             tracing::info!(site = %site.name, hostname = %slot.hostname, directory = %settings.directory, store = %dir_store.root().display(), "automatic certificates (ACME) on");
             let stop = running.stop.child_token();
             tokio::spawn(task.run(stop.clone()));
-            let entry =
-                RunningTask { storage: config.server.storage.clone(), settings: settings.clone(), slot: cell, stop };
+            let entry = RunningTask {
+                storage: config.server.storage.clone(),
+                shared: config.server.shared.clone(),
+                settings: settings.clone(),
+                slot: cell,
+                stop,
+            };
             tasks.insert(slot.hostname.clone(), entry);
         }
     }
@@ -261,9 +281,10 @@ pub async fn renew_now(config: &Config, host: &str) -> Result<CertMeta, AcmeErro
     };
     let settings = Arc::new(settings.clone());
     let owner = lock::new_owner();
-    let dir_store = Arc::new(AcmeStore::new(&config.server.storage, &settings.directory));
+    let shared = connect_shared(config).await?;
+    let dir_store = Arc::new(AcmeStore::new(&config.server.storage, &settings.directory).with_shared(shared.clone()));
     let account = Arc::new(AccountCell::new(settings.clone(), dir_store.clone(), owner.clone()));
-    let challenges = Arc::new(Challenges::new(&config.server.storage));
+    let challenges = Arc::new(Challenges::new(&config.server.storage).with_shared(shared));
     let mut task = HostTask::new(host, settings, dir_store, account, challenges, None, owner);
     match task.attempt(true).await {
         Ok(Attempt::Issued(c) | Attempt::Loaded(c)) => Ok(c.meta),
@@ -272,12 +293,25 @@ pub async fn renew_now(config: &Config, host: &str) -> Result<CertMeta, AcmeErro
     }
 }
 
+/// The shared store of `config`, connected, for a command run beside the relays (`cert
+/// renew`, `cert status`); `None` without one.
+async fn connect_shared(config: &Config) -> Result<Option<Arc<Shared>>, AcmeError> {
+    let shared = crate::storage::shared::open(config, None).map_err(crate::storage::shared::SharedError::from)?;
+    if let Some(s) = &shared {
+        s.redis().await?;
+    }
+    Ok(shared)
+}
+
 /// What `cert status` prints: per ACME hostname, the stored certificate, its next renewal and
-/// the last error. Reads only the store.
-pub fn status_report(config: &Config) -> String {
+/// the last error. Reads the store (with a shared store, what it holds now).
+pub async fn status_report(config: &Config) -> Result<String, AcmeError> {
     use std::fmt::Write;
     let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
     let mut out = String::new();
+    if let Some(shared) = connect_shared(config).await? {
+        shared.pull("acme/").await?;
+    }
     for (_, site, settings) in acme_sites(config) {
         let dir_store = AcmeStore::new(&config.server.storage, &settings.directory);
         for host in &site.hostnames {
@@ -345,7 +379,7 @@ pub fn status_report(config: &Config) -> String {
     if out.is_empty() {
         out.push_str("no site uses source = \"acme\"\n");
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]

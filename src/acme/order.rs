@@ -7,7 +7,7 @@ use instant_acme::{
     Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder, OrderStatus, RetryPolicy,
 };
 
-use super::challenge::Challenges;
+use super::challenge::{Answer, Challenges};
 use super::{AcmeError, counters};
 use crate::config::{AcmeChallenge, AcmeKeyType, AcmeSettings};
 
@@ -62,7 +62,7 @@ pub async fn issue(
     settings: &AcmeSettings,
     challenges: &Challenges,
     replaces: Option<CertificateIdentifier<'static>>,
-    before_finalize: impl FnOnce(&str, &str) -> Result<(), AcmeError>,
+    before_finalize: impl AsyncFnOnce(&str, &str) -> Result<(), AcmeError>,
 ) -> Result<Issued, AcmeError> {
     let directory = settings.directory.as_str();
     let identifiers = [Identifier::Dns(host.to_string())];
@@ -98,7 +98,7 @@ pub async fn issue(
     tracing::info!(hostname = %host, order = %url, "validated; finalizing");
 
     let (key, key_pem) = new_key(settings.key_type)?;
-    before_finalize(&url, &key_pem)?;
+    before_finalize(&url, &key_pem).await?;
     finalize(&mut order, host, &key).await?;
     let chain_pem = download(&mut order).await?;
     tracing::info!(hostname = %host, order = %url, "certificate issued");
@@ -134,10 +134,12 @@ async fn validate(
             AcmeChallenge::Http01 => {
                 challenges.publish_http01(&challenge.token, key_auth.as_str())?;
                 published.http_tokens.push(challenge.token.clone());
+                challenges.share(Answer::Http01(challenge.token.clone())).await?;
             }
             AcmeChallenge::TlsAlpn01 => {
                 challenges.publish_tls_alpn01(host, &challenge.token, key_auth.digest().as_ref())?;
                 published.alpn_hosts.push((host.to_string(), challenge.token.clone()));
+                challenges.share(Answer::TlsAlpn01(host.to_string())).await?;
             }
         }
         challenge

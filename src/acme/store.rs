@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::fsutil;
+use crate::storage::shared::{Shared, SharedError};
 use crate::tls::LoadedCert;
 
 /// A store file that could not be read, parsed or written; always names the path.
@@ -122,17 +123,99 @@ pub struct StoredCert {
     pub leaf_der: Vec<u8>,
 }
 
-/// The store folder of one ACME directory.
+/// The store folder of one ACME directory, and the shared store it is kept in step with when
+/// replicas share one (every method reads and writes the folder; the `share_*` and `sync_*`
+/// ones copy between the folder and the shared store, and do nothing without one).
 #[derive(Debug, Clone)]
 pub struct AcmeStore {
     root: PathBuf,
     directory: String,
+    /// `acme/{folder}`: the names of this directory's files in the shared store.
+    base: String,
+    shared: Option<Arc<Shared>>,
 }
 
 impl AcmeStore {
     /// The folder for `directory` under `{storage}/acme/`.
     pub fn new(storage: &Path, directory: &Url) -> AcmeStore {
-        AcmeStore { root: storage.join("acme").join(folder_name(directory)), directory: directory.to_string() }
+        let folder = folder_name(directory);
+        AcmeStore {
+            root: storage.join("acme").join(&folder),
+            directory: directory.to_string(),
+            base: format!("acme/{folder}"),
+            shared: None,
+        }
+    }
+
+    /// This store kept in step with `shared` (replicas without a shared disk).
+    pub fn with_shared(mut self, shared: Option<Arc<Shared>>) -> AcmeStore {
+        self.shared = shared;
+        self
+    }
+
+    /// The shared store, if replicas share one.
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
+    /// The name in the shared store of `file` in `host`'s folder (`None`: the directory's).
+    fn name(&self, host: Option<&str>, file: &str) -> String {
+        match host {
+            Some(h) => format!("{}/{h}/{file}", self.base),
+            None => format!("{}/{file}", self.base),
+        }
+    }
+
+    /// Copies `host`'s files from the shared store into the folder (another replica may have
+    /// renewed). Without a shared store, nothing to do.
+    pub async fn sync_host(&self, host: &str) -> Result<(), SharedError> {
+        match &self.shared {
+            Some(s) => s.pull(&format!("{}/{host}/", self.base)).await.map(drop),
+            None => Ok(()),
+        }
+    }
+
+    /// Copies the account from the shared store into the folder.
+    pub async fn sync_account(&self) -> Result<(), SharedError> {
+        match &self.shared {
+            Some(s) => s.pull_name(&self.name(None, "account.json")).await.map(drop),
+            None => Ok(()),
+        }
+    }
+
+    /// Copies `host`'s newly committed certificate (its `meta.json`, the pair it names, and
+    /// the removal of the pairs in `removed`) to the shared store, only while `owner` holds the
+    /// host's order lock. False: the lock was lost, and the shared store keeps what the next
+    /// holder wrote.
+    pub async fn share_cert(&self, host: &str, owner: &str, removed: &[String]) -> Result<bool, SharedError> {
+        let Some(s) = &self.shared else { return Ok(true) };
+        let Some(meta) = read_json::<CertMeta>(&self.meta_path(host)).ok().flatten() else { return Ok(false) };
+        let mut names: Vec<String> =
+            [&meta.key_file, &meta.chain_file].iter().map(|f| self.name(Some(host), f)).collect();
+        names.extend(removed.iter().map(|f| self.name(Some(host), f)));
+        names.push(self.name(Some(host), "meta.json"));
+        s.push_fenced(&names, &self.name(None, &Self::order_lock(host)), owner).await
+    }
+
+    /// Copies `host`'s pending order (or its removal) to the shared store under the order lock.
+    pub async fn share_pending(&self, host: &str, owner: &str) -> Result<bool, SharedError> {
+        let Some(s) = &self.shared else { return Ok(true) };
+        let names = [self.name(Some(host), "pending.json")];
+        s.push_fenced(&names, &self.name(None, &Self::order_lock(host)), owner).await
+    }
+
+    /// Copies `host`'s attempt record to the shared store (every replica may write it).
+    pub async fn share_status(&self, host: &str) -> Result<(), SharedError> {
+        match &self.shared {
+            Some(s) => s.push(&self.name(Some(host), "status.json"), None).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Copies the account to the shared store under the account lock.
+    pub async fn share_account(&self, owner: &str) -> Result<bool, SharedError> {
+        let Some(s) = &self.shared else { return Ok(true) };
+        s.push_fenced(&[self.name(None, "account.json")], &self.name(None, Self::ACCOUNT_LOCK), owner).await
     }
 
     /// The directory folder.
@@ -153,10 +236,13 @@ impl AcmeStore {
         self.root.join("account.lock")
     }
 
-    /// The locks of this directory's relays: files in this folder (`account.lock`,
-    /// `{hostname}/order.lock`).
-    pub fn locks(&self) -> std::sync::Arc<dyn super::lock::Locks> {
-        std::sync::Arc::new(super::lock::FileLocks::new(&self.root))
+    /// The locks of this directory's relays: in the shared store when replicas share one,
+    /// else files in this folder (`account.lock`, `{hostname}/order.lock`).
+    pub fn locks(&self) -> Arc<dyn super::lock::Locks> {
+        match &self.shared {
+            Some(s) => Arc::new(super::lock::SharedLocks::new(s.clone(), &self.base)),
+            None => Arc::new(super::lock::FileLocks::new(&self.root)),
+        }
     }
 
     /// The name of the lock held while ordering for `host`.
@@ -256,21 +342,30 @@ impl AcmeStore {
     /// Writes a new chain and key, then commits them by replacing `meta.json`; afterwards the
     /// chain and key the previous `meta.json` named are removed. Nothing else is: files this
     /// commit did not replace may be another writer's pair, written but not yet committed.
-    pub fn save_cert(&self, host: &str, chain_pem: &str, key_pem: &str, meta: &CertMeta) -> Result<(), StoreError> {
+    /// Returns the files it removed.
+    pub fn save_cert(
+        &self,
+        host: &str,
+        chain_pem: &str,
+        key_pem: &str,
+        meta: &CertMeta,
+    ) -> Result<Vec<String>, StoreError> {
         let dir = self.host_dir(host);
         let previous = read_json::<CertMeta>(&self.meta_path(host)).ok().flatten();
         write(&dir.join(&meta.key_file), key_pem.as_bytes())?;
         write(&dir.join(&meta.chain_file), chain_pem.as_bytes())?;
         write_json(&self.meta_path(host), meta)?;
+        let mut removed = Vec::new();
         if let Some(old) = previous {
             for f in [&old.chain_file, &old.key_file] {
                 let ours = *f == meta.chain_file || *f == meta.key_file;
                 if !ours && plain_name(f) {
                     let _ = std::fs::remove_file(dir.join(f));
+                    removed.push(f.clone());
                 }
             }
         }
-        Ok(())
+        Ok(removed)
     }
 
     /// The shared attempt record of `host` (empty when missing or unreadable).

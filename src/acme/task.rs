@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use instant_acme::CertificateIdentifier;
 use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::challenge::Challenges;
@@ -75,6 +76,10 @@ pub struct HostTask {
     hold_until: Option<SystemTime>,
     /// New certificates in a row that were due at once (a clock far ahead): drives their backoff.
     early: u32,
+    /// Wakes when the shared store brought changes into the folder (`None`: no shared store).
+    changes: Option<watch::Receiver<u64>>,
+    /// The files the last stored certificate replaced, for the shared store to remove too.
+    replaced: Vec<String>,
 }
 
 impl HostTask {
@@ -90,7 +95,6 @@ impl HostTask {
         HostTask {
             host,
             settings,
-            store,
             account,
             challenges,
             slot,
@@ -102,6 +106,9 @@ impl HostTask {
             ari_unit: renew::random_unit(),
             hold_until: None,
             early: 0,
+            changes: store.shared().map(|s| s.subscribe()),
+            replaced: Vec::new(),
+            store,
         }
     }
 
@@ -246,7 +253,7 @@ impl HostTask {
                 };
                 match outcome {
                     Ok(Attempt::Issued(c)) => {
-                        self.after_issue(&c);
+                        self.after_issue(&c).await;
                         pause = Duration::ZERO;
                     }
                     Ok(Attempt::Loaded(_)) => pause = Duration::ZERO,
@@ -269,9 +276,20 @@ impl HostTask {
             if pause.is_zero() {
                 continue;
             }
+            let changes = async {
+                let changed = match self.changes.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => false,
+                };
+                if !changed {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
+                // Another replica renewed (or failed): look at the store again now.
+                () = changes => {}
             }
         }
     }
@@ -280,7 +298,7 @@ impl HostTask {
     /// due at once: a clock far ahead of the CA's makes every new certificate look old, and the
     /// wait before the next one grows (as after failures) instead of ordering one every
     /// `retry_min`.
-    fn after_issue(&mut self, c: &StoredCert) {
+    async fn after_issue(&mut self, c: &StoredCert) {
         let now = SystemTime::now();
         let m = &c.meta;
         let mut warning = renew::clock_warning(m.not_before, now);
@@ -323,6 +341,23 @@ impl HostTask {
             if let Err(e) = self.store.save_status(&self.host, &status) {
                 tracing::warn!(hostname = %self.host, error = %e, "cannot record the clock warning");
             }
+            self.share_status().await;
+        }
+    }
+
+    /// Copies the attempt record to the shared store, if there is one (logged on failure: the
+    /// folder keeps it, and the next attempt writes it again).
+    async fn share_status(&self) {
+        if let Err(e) = self.store.share_status(&self.host).await {
+            tracing::warn!(hostname = %self.host, error = %e, "cannot copy the attempt record to the shared store");
+        }
+    }
+
+    /// Forgets the pending order, in the shared store too.
+    async fn forget_pending(&self) {
+        self.store.clear_pending(&self.host);
+        if let Err(e) = self.store.share_pending(&self.host, &self.owner).await {
+            tracing::warn!(hostname = %self.host, error = %e, "cannot remove the pending order from the shared store");
         }
     }
 
@@ -341,9 +376,13 @@ impl HostTask {
                 tracing::info!(hostname = %self.host, %owner, "another relay holds the order lock; waiting for its certificate");
                 return Ok(Attempt::Busy { owner });
             }
-            Err(e) => return Err(self.record_failure(e)),
+            Err(e) => return Err(self.record_failure(e).await),
         };
         // Under the lock the store is the truth: another replica may have renewed meanwhile.
+        if let Err(e) = self.store.sync_host(&self.host).await {
+            guard.release().await;
+            return Err(self.record_failure(e.into()).await);
+        }
         let now = SystemTime::now();
         let stored = self.load_stored();
         if let Some(c) = stored.as_ref().filter(|c| !force && self.due_at(Some(c), now) > now) {
@@ -358,12 +397,23 @@ impl HostTask {
                 if let Err(e) = self.store.save_status(&self.host, &HostStatus::default()) {
                     tracing::warn!(hostname = %self.host, error = %e, "cannot clear the error record");
                 }
+                let replaced = std::mem::take(&mut self.replaced);
+                match self.store.share_cert(&self.host, &self.owner, &replaced).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(hostname = %self.host, "the order lock was lost before the new certificate reached the shared store; the certificate the next holder stored stands")
+                    }
+                    Err(e) => {
+                        tracing::warn!(hostname = %self.host, error = %e, "the new certificate could not be copied to the shared store; other replicas keep theirs")
+                    }
+                }
+                self.share_status().await;
                 self.install(&c, "new certificate in use for new handshakes");
                 Ok(Attempt::Issued(c))
             }
             // Another replica is creating the shared account: wait for it, no backoff.
             Err(AcmeError::Busy { owner, .. }) => Ok(Attempt::Busy { owner }),
-            Err(e) => Err(self.record_failure(e)),
+            Err(e) => Err(self.record_failure(e).await),
         };
         if guard.lost() {
             tracing::warn!(hostname = %self.host, "the order lock was taken over while this relay held it (it stalled past the expiry)");
@@ -389,10 +439,10 @@ impl HostTask {
     async fn issue_with_account(&mut self, stored: Option<&StoredCert>) -> Result<StoredCert, AcmeError> {
         let account = self.account.get().await?;
         if let Some(issued) = self.resume_pending(&account).await? {
-            let stored = self.store_issued(issued);
+            let stored = self.store_issued(issued).await;
             if let Err(AcmeError::Certificate(_)) = &stored {
                 // Not usable with the recorded key: resuming again would fail the same way.
-                self.store.clear_pending(&self.host);
+                self.forget_pending().await;
             }
             return stored;
         }
@@ -402,14 +452,19 @@ impl HostTask {
             }
             _ => None,
         };
-        let (store, host) = (self.store.clone(), self.host.clone());
-        let record = |url: &str, key_pem: &str| {
+        let (store, host, owner) = (self.store.clone(), self.host.clone(), self.owner.clone());
+        let record = async move |url: &str, key_pem: &str| {
             let pending =
                 PendingOrder { order_url: url.into(), key_pem: key_pem.into(), finalized_at: SystemTime::now() };
-            store.save_pending(&host, &pending).map_err(AcmeError::from)
+            store.save_pending(&host, &pending)?;
+            // Another replica resumes the order if this one is cut off after finalizing.
+            if !store.share_pending(&host, &owner).await? {
+                tracing::warn!(hostname = %host, "the order lock was lost before the pending order reached the shared store");
+            }
+            Ok(())
         };
         let issued = order::issue(&account, &self.host, &self.settings, &self.challenges, replaces, record).await?;
-        self.store_issued(issued)
+        self.store_issued(issued).await
     }
 
     /// The certificate of the order an interrupted attempt left in `pending.json`, when the CA
@@ -420,7 +475,7 @@ impl HostTask {
             Ok(None) => return Ok(None),
             Err(e) => {
                 tracing::warn!(hostname = %self.host, error = %e, "the record of an interrupted order is unreadable; ordering afresh");
-                self.store.clear_pending(&self.host);
+                self.forget_pending().await;
                 return Ok(None);
             }
         };
@@ -429,7 +484,7 @@ impl HostTask {
             order::Resumed::Issued(i) => Ok(Some(i)),
             order::Resumed::Gone(why) => {
                 tracing::warn!(hostname = %self.host, order = %pending.order_url, %why, "the interrupted order cannot be resumed; ordering afresh");
-                self.store.clear_pending(&self.host);
+                self.forget_pending().await;
                 Ok(None)
             }
         }
@@ -437,7 +492,7 @@ impl HostTask {
 
     /// Stores a certificate just issued (or downloaded for a resumed order) and forgets the
     /// pending order.
-    fn store_issued(&mut self, issued: order::Issued) -> Result<StoredCert, AcmeError> {
+    async fn store_issued(&mut self, issued: order::Issued) -> Result<StoredCert, AcmeError> {
         let loaded = LoadedCert::from_pem(&self.host, issued.chain_pem.as_bytes(), issued.key_pem.as_bytes())
             .map_err(AcmeError::Certificate)?;
         let (renew_at, basis) =
@@ -456,8 +511,8 @@ impl HostTask {
             renew_at,
             order_url: Some(issued.order_url.clone()),
         };
-        self.store.save_cert(&self.host, &issued.chain_pem, &issued.key_pem, &meta)?;
-        self.store.clear_pending(&self.host);
+        self.replaced = self.store.save_cert(&self.host, &issued.chain_pem, &issued.key_pem, &meta)?;
+        self.forget_pending().await;
         tracing::info!(
             hostname = %self.host,
             order = %issued.order_url,
@@ -474,7 +529,7 @@ impl HostTask {
 
     /// Records a failure in `status.json` (shared backoff) and logs it, with the CA's detail
     /// for a `rateLimited` problem.
-    fn record_failure(&self, e: AcmeError) -> (AcmeError, SystemTime) {
+    async fn record_failure(&self, e: AcmeError) -> (AcmeError, SystemTime) {
         crate::metrics::global().acme_order_failed(&self.host, e.problem());
         let now = SystemTime::now();
         let mut status = self.store.load_status(&self.host);
@@ -493,6 +548,7 @@ impl HostTask {
         if let Err(se) = self.store.save_status(&self.host, &status) {
             tracing::warn!(hostname = %self.host, error = %se, "cannot record the failure");
         }
+        self.share_status().await;
         let next_text = humantime::format_rfc3339_seconds(next);
         match e.rate_limited() {
             Some(p) => tracing::warn!(

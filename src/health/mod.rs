@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, HealthSettings};
 use crate::response::{RelayBody, RouteName, method_not_allowed, uncached_text};
+use crate::storage::shared::Shared;
 use crate::tls::CertStore;
 
 /// Everything `/readyz` knows for one configuration: the certificate store it serves from, the
@@ -33,6 +34,8 @@ pub struct Health {
     settings: HealthSettings,
     certs: certs::CertChecks,
     upstreams: Vec<Arc<probe::Target>>,
+    /// The store replicas share, whose outage is a note (the relay serves what it holds).
+    shared: Option<Arc<Shared>>,
 }
 
 impl std::fmt::Debug for Health {
@@ -53,12 +56,13 @@ pub struct Readiness {
 
 impl Health {
     /// The checks for `config`, served from `store`; nothing runs until [`Health::spawn`].
-    pub fn new(config: &Config, store: Arc<CertStore>) -> Health {
+    pub fn new(config: &Config, store: Arc<CertStore>, shared: Option<Arc<Shared>>) -> Health {
         Health {
             certs: certs::CertChecks::new(config, &store),
             upstreams: probe::targets(config),
             settings: config.health.clone(),
             store,
+            shared,
         }
     }
 
@@ -92,6 +96,12 @@ impl Health {
         self.certs.notes(&mut r.notes);
         for t in &self.upstreams {
             t.check(&self.settings, &mut r);
+        }
+        if let Some((since, why)) = self.shared.as_ref().and_then(|s| s.outage()) {
+            r.notes.push(format!(
+                "shared store unreachable since {} ({why}); serving the certificates this replica holds, renewals wait",
+                humantime::format_rfc3339_seconds(since)
+            ));
         }
         r
     }

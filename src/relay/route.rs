@@ -266,7 +266,7 @@ mod tests {
         let config = Arc::new(Config::parse("t.toml", &toml).expect("valid config"));
         let challenges = Arc::new(Challenges::new(&config.server.storage));
         let store = Arc::new(CertStore::new(&config, challenges.clone()));
-        let health = Arc::new(crate::health::Health::new(&config, store));
+        let health = Arc::new(crate::health::Health::new(&config, store, None));
         Arc::new(Relay::new(config, challenges, health).expect("relay"))
     }
 

@@ -96,13 +96,18 @@ end
 return 0";
 
 /// KEYS[1] the lock, KEYS[2..] the values' keys; ARGV[1] the owner, ARGV[2] the change channel,
-/// ARGV[3] the names changed (for the message), ARGV[4..] the values. Writes all or nothing.
+/// ARGV[3] the names changed (for the message), ARGV[4..] the values, an empty one removing
+/// its key. Writes all or nothing.
 const FENCED_PUT: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 for i = 2, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 2])
+  if ARGV[i + 2] == '' then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('SET', KEYS[i], ARGV[i + 2])
+  end
 end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1";
@@ -164,18 +169,27 @@ impl RedisStore {
         self.conn.clone().get(self.key(name)).await.map_err(self.err("GET"))
     }
 
-    /// Stores `value` under `name` (with no lease: data only one writer ever writes, such as a
-    /// status record) and announces it.
+    /// Stores `value` under `name` (with no lock: a record every replica may write, such as a
+    /// renewal status) and announces it.
     pub async fn put(&self, name: &str, value: &[u8]) -> Result<(), RedisStoreError> {
         let mut pipe = redis::pipe();
         pipe.atomic().set(self.key(name), value).ignore().publish(self.channel(), name).ignore();
         pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(self.err("SET"))
     }
 
+    /// Removes `name` and announces it.
+    pub async fn remove(&self, name: &str) -> Result<(), RedisStoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(self.key(name)).ignore().publish(self.channel(), name).ignore();
+        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(self.err("DEL"))
+    }
+
     /// Stores `value` under `name` for `ttl` (challenge answers: they must outlive a
     /// validation, not a crash of the replica that ordered).
     pub async fn put_for(&self, name: &str, value: &[u8], ttl: Duration) -> Result<(), RedisStoreError> {
-        self.conn.clone().pset_ex(self.key(name), value, millis(ttl)).await.map_err(self.err("SET PX"))
+        let mut pipe = redis::pipe();
+        pipe.atomic().pset_ex(self.key(name), value, millis(ttl)).ignore().publish(self.channel(), name).ignore();
+        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(self.err("SET PX"))
     }
 
     /// Removes `name`.
@@ -256,8 +270,8 @@ impl RedisStore {
         Ok(done == 1)
     }
 
-    /// Writes every `(name, value)` at once, only while `owner` holds the lock `lock`, and
-    /// announces them; false (nothing written) when the lock expired or another holder took
+    /// Writes every `(name, value)` at once (an empty value removes the name), only while
+    /// `owner` holds the lock `lock`, and announces them; false (nothing written) when the lock expired or another holder took
     /// it: a holder paused past its expiry can never overwrite what the next one wrote.
     pub async fn put_fenced(&self, lock: &str, owner: &str, values: &[(&str, &[u8])]) -> Result<bool, RedisStoreError> {
         let names: Vec<&str> = values.iter().map(|(n, _)| *n).collect();

@@ -26,6 +26,7 @@ pub struct Redis {
     child: ChildGuard,
     dir: tempfile::TempDir,
     pub tls: Option<Pki>,
+    args: Vec<String>,
 }
 
 impl Redis {
@@ -65,23 +66,40 @@ impl Redis {
             std::fs::write(&acl, rules).expect("write the ACL file");
             args.extend(["--aclfile".into(), acl.display().to_string()]);
         }
-        let log = |name: &str| Stdio::from(std::fs::File::create(dir.path().join(name)).expect("log file"));
+        let child = Self::spawn(dir.path(), &args);
+        let mut redis = Redis { port, child, dir, tls: opts.tls, args };
+        redis.wait_up().await;
+        redis
+    }
+
+    fn spawn(dir: &std::path::Path, args: &[String]) -> ChildGuard {
+        let log = |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).expect("log file"));
         let child = Command::new("redis-server")
-            .args(&args)
+            .args(args)
             .stdout(log("redis.log"))
             .stderr(log("redis.err"))
             .spawn()
             .expect("redis-server (scripts/test installs redis-server)");
-        let mut redis = Redis { port, child: ChildGuard(child), dir, tls: opts.tls };
+        ChildGuard(child)
+    }
+
+    async fn wait_up(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !redis.answers().await {
-            if let Ok(Some(status)) = redis.child.0.try_wait() {
-                panic!("redis-server exited ({status}): {}", redis.log());
+        while !self.answers().await {
+            if let Ok(Some(status)) = self.child.0.try_wait() {
+                panic!("redis-server exited ({status}): {}", self.log());
             }
-            assert!(Instant::now() < deadline, "redis-server did not answer within 10 s: {}", redis.log());
+            assert!(Instant::now() < deadline, "redis-server did not answer within 10 s: {}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        redis
+    }
+
+    /// Starts the server again on its port after [`Redis::kill`], empty (it keeps nothing on
+    /// disk), as a Redis that lost its data would come back.
+    pub async fn restart_empty(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.dir.path(), &self.args);
+        self.wait_up().await;
     }
 
     /// Whether the port takes connections (TLS or not, a TCP connect is enough to know the

@@ -420,7 +420,7 @@ async fn an_unvalidatable_challenge_keeps_the_current_certificate_and_retries() 
     // Still serving the old certificate, and ready (it is valid).
     assert_eq!(served_chain(relay.https, &client).await.0, serial);
     assert_eq!(relay.readyz().await, (200, "ready\n".to_string()));
-    let report = oauth_relay::acme::status_report(&config);
+    let report = oauth_relay::acme::status_report(&config).await.expect("cert status");
     assert!(report.contains(&format!("serial         {serial}")), "{report}");
     assert!(STEPS.iter().any(|s| report.contains(&format!("last error     {s}"))), "{report}");
     // Pebble's side: several orders, all failed; the only certificate is the first one.

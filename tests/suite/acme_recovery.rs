@@ -54,7 +54,7 @@ async fn an_attempt_cut_after_finalize_resumes_its_order_instead_of_ordering_aga
     let pending: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("pending.json")).unwrap()).unwrap();
     assert!(pending["order_url"].as_str().unwrap().starts_with(&format!("https://{}/", pebble.listen)));
     assert_eq!(crate::acme::mode(&dir.join("pending.json")), 0o600);
-    let report = oauth_relay::acme::status_report(&relay.config);
+    let report = oauth_relay::acme::status_report(&relay.config).await.expect("cert status");
     let pending_line = format!("  pending order  {} (finalized ", pending["order_url"].as_str().unwrap());
     assert!(report.contains(&pending_line), "{report}");
 
@@ -192,7 +192,7 @@ async fn a_rate_limited_order_waits_as_long_as_the_ca_says() {
     let next = humantime::parse_rfc3339(s["next_attempt"].as_str().unwrap()).unwrap();
     let wait = next.duration_since(std::time::SystemTime::now()).unwrap_or_default();
     assert!(wait > Duration::from_secs(3000), "next attempt in {wait:?}, the CA said 3600 s");
-    let report = oauth_relay::acme::status_report(&config);
+    let report = oauth_relay::acme::status_report(&config).await.expect("cert status");
     assert!(report.contains("  next attempt   "), "{report}");
     assert_eq!(front.new_orders().len(), 1);
     let (code, body) = relay.readyz().await;

@@ -29,6 +29,7 @@ mod outbound;
 mod readiness;
 mod redis_store;
 mod reload;
+mod replicas;
 mod routes;
 mod store;
 mod tls;

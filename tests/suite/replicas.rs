@@ -1,0 +1,196 @@
+//! Replicas that share no disk, only a Redis store: real relays, a real Pebble and a real
+//! `redis-server`. One account and one order per hostname across them, every replica serving
+//! the same certificate, a renewal reaching every replica within seconds, keys sealed in Redis,
+//! and serving (and starting) while Redis is away.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::acme::{HOST, VaPorts, acme_config, bind_ports, logs, served_chain};
+use crate::common::RelayUnderTest;
+use crate::common::pebble::{Pebble, PebbleOptions};
+use crate::common::redis::Redis;
+
+/// A relay config for the ACME site of [`acme_config`] on the shared store at `redis`, with
+/// `cache` as its own folder and private keys sealed with `key_file`.
+fn replica_config(pebble: &Pebble, redis: &Redis, cache: &Path, key_file: &Path) -> String {
+    let toml = acme_config(cache, &pebble.directory_url(), pebble.ca_path(), "tls-alpn-01", "", "");
+    let shared = format!("storage = \"{}\"\nstorage_key_file = \"{}\"", redis.url(), key_file.display());
+    let toml = toml.replace(&format!("storage = \"{}\"", cache.display()), &shared);
+    format!("{toml}\n[redis]\ncache = \"{}\"\n", cache.display())
+}
+
+/// A storage key file (0600) in `dir`.
+fn key_file(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("storage.key");
+    std::fs::write(&path, "ZmFrZS1idXQtMzItYnl0ZXMtbG9uZy1zdG9yYWdlLWs=\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Waits (at most `within`) until `relay` serves the certificate with `serial`.
+async fn serves(relay: &RelayUnderTest, client: &std::sync::Arc<rustls::ClientConfig>, serial: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (now, _) = served_chain(relay.https, client).await;
+        if now == serial {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} still serves {now}, not {serial}", relay.https);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_redis_make_one_account_one_order_and_serve_one_certificate() {
+    logs();
+    let redis = Redis::start().await;
+    let ports_a = bind_ports().await;
+    // Pebble validates against replica A only: whichever replica orders, A answers.
+    let pebble = Pebble::start(PebbleOptions::new(ports_a.http_port(), ports_a.https_port())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let caches: Vec<_> = (0..4).map(|i| dir.path().join(format!("cache-{i}"))).collect();
+    let a = RelayUnderTest::on(&replica_config(&pebble, &redis, &caches[0], &key), ports_a);
+    let b = RelayUnderTest::on(&replica_config(&pebble, &redis, &caches[1], &key), bind_ports().await);
+    let c = RelayUnderTest::on(&replica_config(&pebble, &redis, &caches[2], &key), bind_ports().await);
+    for r in [&a, &b, &c] {
+        r.wait_ready().await;
+    }
+    let client = pebble.client_config(&[b"http/1.1"]).await;
+    let (serial, _) = served_chain(a.https, &client).await;
+    for r in [&b, &c] {
+        assert_eq!(served_chain(r.https, &client).await.0, serial);
+    }
+    assert_eq!((pebble.orders(), pebble.accounts()), (1, 1), "one order and one account for three replicas");
+
+    // In Redis: the certificate, and its key and the account key sealed.
+    let folder = oauth_relay::acme::store::folder_name(&url::Url::parse(&pebble.directory_url()).unwrap());
+    let stored = |name: &str| redis.cli(&["GET", &format!("oauth-relay:acme/{folder}/{name}")]);
+    assert!(stored(&format!("{HOST}/chain-{serial}.pem")).starts_with("-----BEGIN CERTIFICATE-----"));
+    for secret in [format!("{HOST}/key-{serial}.pem"), "account.json".to_string()] {
+        let value = stored(&secret);
+        assert!(value.starts_with("oauth-relay-sealed:v1:"), "{secret}: {value}");
+        assert!(!value.contains("PRIVATE KEY") && !value.contains("\"d\""), "{secret} in clear");
+    }
+    assert_eq!(redis.cli(&["KEYS", "oauth-relay:lock:*"]).trim(), "", "every lock released");
+
+    // Serving asks Redis nothing: 60 handshakes and requests, and the only commands Redis
+    // counts meanwhile are the two INFO calls that read the count.
+    let processed = || -> u64 {
+        let info = redis.cli(&["INFO", "stats"]);
+        info.lines().find_map(|l| l.strip_prefix("total_commands_processed:")).unwrap().trim().parse().unwrap()
+    };
+    let before = processed();
+    for r in [&a, &b, &c].repeat(20) {
+        assert_eq!(served_chain(r.https, &client).await.0, serial);
+    }
+    assert_eq!(processed() - before, 1, "Redis calls per handshake: none");
+
+    // `cert renew` from a fourth process with a folder of its own: every replica serves the
+    // new certificate within seconds, and none orders another.
+    let config_path = dir.path().join("renew.toml");
+    std::fs::write(&config_path, replica_config(&pebble, &redis, &caches[3], &key)).unwrap();
+    let mut renew = std::process::Command::new(env!("CARGO_BIN_EXE_oauth-relay"));
+    renew.args(["cert", "renew", "--config"]).arg(&config_path).arg(HOST);
+    let out = tokio::task::spawn_blocking(move || renew.output()).await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "cert renew: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let renewed = stdout.split("serial ").nth(1).and_then(|s| s.split(',').next()).expect("a serial").to_string();
+    assert_ne!(renewed, serial);
+    for r in [&a, &b, &c] {
+        serves(r, &client, &renewed, Duration::from_secs(10)).await;
+    }
+    assert_eq!((pebble.orders(), pebble.accounts()), (2, 1), "only the CLI's order");
+
+    // `cert status` reads the shared store, from any folder.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_oauth-relay"))
+        .args(["cert", "status", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(&format!("  serial         {renewed}\n")), "{text}");
+    for mut r in [a, b, c] {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_keep_serving_without_redis_and_one_started_meanwhile_serves_its_cache() {
+    logs();
+    let mut redis = Redis::start().await;
+    let ports_a = bind_ports().await;
+    let pebble = Pebble::start(PebbleOptions::new(ports_a.http_port(), ports_a.https_port())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let (cache_a, cache_b, cache_c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    let a = RelayUnderTest::on(&replica_config(&pebble, &redis, &cache_a, &key), ports_a);
+    let mut b = RelayUnderTest::on(&replica_config(&pebble, &redis, &cache_b, &key), bind_ports().await);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let client = pebble.client_config(&[b"http/1.1"]).await;
+    let (serial, _) = served_chain(a.https, &client).await;
+
+    // Redis goes away: both keep serving and stay ready, saying why in a warning.
+    redis.kill();
+    let (status, body) = a
+        .wait_readyz("a note about the shared store", Duration::from_secs(90), |_, body| body.contains("shared store"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("ready\nwarning: shared store unreachable since "), "{body}");
+    assert_eq!(served_chain(b.https, &client).await.0, serial);
+
+    // A replica restarted meanwhile serves what its folder holds.
+    b.stop().await;
+    let b2 = RelayUnderTest::on(&replica_config(&pebble, &redis, &cache_b, &key), bind_ports().await);
+    b2.wait_ready().await;
+    assert_eq!(served_chain(b2.https, &client).await.0, serial);
+
+    // Redis comes back empty. A new replica with an empty folder orders exactly once, and the
+    // others take its certificate from the change feed.
+    redis.restart_empty().await;
+    let c = RelayUnderTest::on(&replica_config(&pebble, &redis, &cache_c, &key), bind_ports().await);
+    c.wait_ready().await;
+    let (fresh, _) = served_chain(c.https, &client).await;
+    assert_ne!(fresh, serial);
+    for r in [&a, &b2] {
+        serves(r, &client, &fresh, Duration::from_secs(90)).await;
+        let (status, body) = r.wait_readyz("no note", Duration::from_secs(60), |_, b| !b.contains("warning")).await;
+        assert_eq!((status, body.as_str()), (200, "ready\n"));
+    }
+    assert_eq!(pebble.orders(), 2, "one order at first, one after Redis lost everything");
+    for mut r in [a, b2, c] {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_another_storage_key_refuses_the_stored_keys_and_orders_nothing() {
+    logs();
+    let redis = Redis::start().await;
+    let ports_a = bind_ports().await;
+    let pebble = Pebble::start(PebbleOptions::new(ports_a.http_port(), ports_a.https_port())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let a = RelayUnderTest::on(&replica_config(&pebble, &redis, &dir.path().join("a"), &key), ports_a);
+    a.wait_ready().await;
+    assert_eq!(pebble.orders(), 1);
+
+    // Another key file (a new first line: the key that sealed everything is gone).
+    let other = dir.path().join("other.key");
+    std::fs::write(&other, "b3RoZXItYnV0LTMyLWJ5dGVzLWxvbmctc3RvcmFnZSE=\n").unwrap();
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let b = RelayUnderTest::on(&replica_config(&pebble, &redis, &dir.path().join("b"), &other), bind_ports().await);
+    let (status, body) = b
+        .wait_readyz("a reason naming the key", Duration::from_secs(20), |s, body| s == 503 && body.contains("key"))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("which the storage key file does not hold"), "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pebble.orders(), 1, "never a silently new certificate");
+    for mut r in [a, b] {
+        r.stop().await;
+    }
+}
