@@ -23,6 +23,7 @@ mod limits;
 mod logs;
 mod notify;
 mod outbound;
+mod package;
 mod readiness;
 mod reload;
 mod routes;
