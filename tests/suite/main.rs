@@ -21,6 +21,7 @@ mod layout;
 mod lifecycle;
 mod limits;
 mod logs;
+mod monitoring;
 mod notify;
 mod outbound;
 mod package;
