@@ -449,6 +449,30 @@ mod tests {
     }
 
     #[test]
+    fn readings_render_readiness_the_cap_and_each_probed_upstream() {
+        let r = Readings {
+            ready: false,
+            max_connections: 500,
+            upstreams: vec![
+                UpstreamReading { origin: "https://api.aurinko.io".into(), up: false, skew_secs: Some(-42.5) },
+                UpstreamReading { origin: "https://other.example".into(), up: true, skew_secs: None },
+            ],
+        };
+        let text = r.render();
+        for line in [
+            "oauth_relay_ready 0",
+            "oauth_relay_connections_max 500",
+            "oauth_relay_upstream_up{upstream=\"https://api.aurinko.io\"} 0",
+            "oauth_relay_upstream_up{upstream=\"https://other.example\"} 1",
+            "oauth_relay_upstream_clock_skew_seconds{upstream=\"https://api.aurinko.io\"} -42.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+        // No skew series for an upstream that never sent a Date header.
+        assert!(!text.contains("oauth_relay_upstream_clock_skew_seconds{upstream=\"https://other.example\"}"));
+    }
+
+    #[test]
     fn reloads_and_connections_move_their_series() {
         let m = Metrics::new();
         m.config_reload(false);
