@@ -186,7 +186,8 @@ fn deb_maintainer_scripts_create_the_user_and_start_nothing() {
     assert!(postinst.contains("if deb-systemd-helper --quiet was-enabled oauth-relay.service; then"), "{postinst}");
     assert!(postinst.contains("deb-systemd-invoke try-restart oauth-relay.service"), "{postinst}");
     let depends = read("control").lines().find_map(|l| l.strip_prefix("Depends: ").map(String::from));
-    assert!(depends.as_deref().is_some_and(|d| d.contains("systemd | systemd-standalone-sysusers")), "{depends:?}");
+    let needs = ["systemd | systemd-standalone-sysusers", "systemd | systemd-standalone-tmpfiles"];
+    assert!(depends.as_deref().is_some_and(|d| needs.iter().all(|n| d.contains(n))), "{depends:?}");
 }
 
 #[test]
