@@ -48,14 +48,16 @@ fn other_file(query: Option<&str>, own: &str) -> Option<http::Response<crate::re
     Some(uncached_text(StatusCode::CONFLICT, "text/plain; charset=utf-8", body))
 }
 
-/// `GET /metrics`: every series, with the expiry of each certificate served now.
+/// `GET /metrics`: every series, with the expiry of each certificate served now and the
+/// readiness, connection cap and upstream probe results in force.
 fn metrics(method: &Method, live: &Live) -> http::Response<crate::response::RelayBody> {
     if method != Method::GET && method != Method::HEAD {
         return method_not_allowed("GET, HEAD");
     }
     let certs: Vec<_> =
         live.store.slots().iter().filter_map(|s| Some((s.hostname.as_str(), s.current()?.not_after))).collect();
-    let text = crate::metrics::global().render(certs);
+    let mut text = crate::metrics::global().render(certs);
+    text.push_str(&live.health.readings(live.limits().max_connections).render());
     uncached_text(StatusCode::OK, prometheus_text::CONTENT_TYPE, text)
 }
 

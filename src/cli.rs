@@ -346,3 +346,33 @@ pub fn cert_renew(path: &Path, hostname: &str, log_format: LogFormat) -> ExitCod
         }
     }
 }
+
+/// The version `--version` prints: the crate's, and the commit it was built from when known
+/// (`build.rs`).
+pub const VERSION: &str = env!("OAUTH_RELAY_VERSION");
+
+/// `completions SHELL`: the completion script for `cmd` (the parsed command line's definition),
+/// on standard output.
+pub fn completions(mut cmd: clap::Command, shell: clap_complete::Shell) -> ExitCode {
+    use std::io::Write;
+    let name = cmd.get_name().to_string();
+    // Into memory first: the generator panics on a failed write (a closed pipe).
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    match std::io::stdout().write_all(&script) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// `man DIR`: one man page for `cmd` and one per visible subcommand (`oauth-relay-serve.1`...),
+/// written into `dir`, which must exist.
+pub fn man(cmd: clap::Command, dir: &Path) -> ExitCode {
+    match clap_mangen::generate_to(cmd, dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}: cannot write the man pages: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
+}

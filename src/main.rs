@@ -5,13 +5,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use oauth_relay::cli;
 use oauth_relay::logging::LogFormat;
 
 /// An OAuth broker's callback, authorize and token endpoints on your own domain, over HTTPS.
 #[derive(Parser)]
-#[command(name = "oauth-relay", version, about)]
+#[command(name = "oauth-relay", version = cli::VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,6 +55,15 @@ enum Command {
         #[command(subcommand)]
         action: CertCommand,
     },
+    /// Print the completion script for SHELL (the Debian package installs them).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (oauth-relay.1 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -87,5 +96,7 @@ fn main() -> ExitCode {
         Command::Cert { action: CertCommand::Renew { config, hostname, log_format } } => {
             cli::cert_renew(&config, &hostname, log_format)
         }
+        Command::Completions { shell } => cli::completions(Cli::command(), shell),
+        Command::Man { dir } => cli::man(Cli::command(), &dir),
     }
 }

@@ -107,6 +107,18 @@ impl Health {
     }
 }
 
+impl Health {
+    /// Readiness and the upstream probes' last results, for `/metrics`.
+    pub fn readings(&self, max_connections: usize) -> crate::metrics::Readings {
+        let probed = self.settings.upstream_probe_interval.is_some();
+        crate::metrics::Readings {
+            ready: self.readiness().reasons.is_empty(),
+            max_connections,
+            upstreams: if probed { self.upstreams.iter().map(|t| t.reading()).collect() } else { Vec::new() },
+        }
+    }
+}
+
 /// The health answer for `path`, or `None` when `path` is not a health path.
 pub fn answer(path: &str, method: &Method, health: &Health) -> Option<(RouteName, Response<RelayBody>)> {
     let route = match path {

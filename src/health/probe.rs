@@ -150,6 +150,16 @@ impl Target {
         }
     }
 
+    /// The last results, for `/metrics`.
+    pub(super) fn reading(&self) -> crate::metrics::UpstreamReading {
+        let s = self.state.load();
+        crate::metrics::UpstreamReading {
+            origin: self.origin.clone(),
+            up: s.failing_since.is_none(),
+            skew_secs: s.skew_secs,
+        }
+    }
+
     /// Records one probe's result and logs the changes an operator cares about.
     fn record(&self, result: Result<Observed, ProbeError>, settings: &HealthSettings) {
         let old = self.state.load_full();

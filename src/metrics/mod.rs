@@ -377,6 +377,61 @@ impl Metrics {
     }
 }
 
+/// What the relay's state says at scrape time, read by the admin listener like certificate
+/// expiry rather than counted: readiness, the connection cap in force, the upstream probes.
+#[derive(Debug, Default)]
+pub struct Readings {
+    /// Whether `/readyz` would answer 200 now.
+    pub ready: bool,
+    /// `limits.max_connections` of the configuration in force.
+    pub max_connections: usize,
+    /// One per probed upstream origin (none when `upstream_probe_interval` is off).
+    pub upstreams: Vec<UpstreamReading>,
+}
+
+/// The last probe results for one upstream origin.
+#[derive(Debug)]
+pub struct UpstreamReading {
+    /// The origin, `https://api.aurinko.io`.
+    pub origin: String,
+    /// False while its probes fail (from the first failure until a probe succeeds again).
+    pub up: bool,
+    /// Its clock minus ours, from the last probe answer with a `Date` header.
+    pub skew_secs: Option<f64>,
+}
+
+impl Readings {
+    /// The exposition text of these readings (appended after [`Metrics::render`]'s).
+    pub fn render(&self) -> String {
+        let mut r = Registry::with_prefix(PREFIX);
+        let ready = Gauge::<i64>::default();
+        ready.set(i64::from(self.ready));
+        r.register("ready", "1 when /readyz answers 200 (ready), 0 when it answers 503", ready);
+        let max = Gauge::<i64>::default();
+        max.set(i64::try_from(self.max_connections).unwrap_or(i64::MAX));
+        r.register("connections_max", "Connection slots of the public listeners (limits.max_connections)", max);
+        let up = Family::<[(&'static str, String); 1], Gauge>::default();
+        let skew = Family::<[(&'static str, String); 1], Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for u in &self.upstreams {
+            let label = [("upstream", u.origin.clone())];
+            up.get_or_create(&label).set(i64::from(u.up));
+            if let Some(s) = u.skew_secs {
+                skew.get_or_create(&label).set(s);
+            }
+        }
+        r.register("upstream_up", "1 unless the last readiness probe of the upstream failed", up);
+        r.register_with_unit(
+            "upstream_clock_skew",
+            "The upstream's clock minus this machine's, from its Date header at the last probe",
+            Unit::Seconds,
+            skew,
+        );
+        let mut out = String::with_capacity(1024);
+        let _ = prometheus_text::encode(&mut out, &r);
+        out
+    }
+}
+
 /// Marks a connection open; dropping it (however the connection ends) marks it closed.
 pub struct OpenConnection<'a>(&'a Gauge);
 
@@ -404,6 +459,30 @@ mod tests {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert_eq!(UpstreamErrorKind::of(&refused, true), UpstreamErrorKind::Connect);
         assert_eq!(UpstreamErrorKind::of(&refused, false), UpstreamErrorKind::Request);
+    }
+
+    #[test]
+    fn readings_render_readiness_the_cap_and_each_probed_upstream() {
+        let r = Readings {
+            ready: false,
+            max_connections: 500,
+            upstreams: vec![
+                UpstreamReading { origin: "https://api.aurinko.io".into(), up: false, skew_secs: Some(-42.5) },
+                UpstreamReading { origin: "https://other.example".into(), up: true, skew_secs: None },
+            ],
+        };
+        let text = r.render();
+        for line in [
+            "oauth_relay_ready 0",
+            "oauth_relay_connections_max 500",
+            "oauth_relay_upstream_up{upstream=\"https://api.aurinko.io\"} 0",
+            "oauth_relay_upstream_up{upstream=\"https://other.example\"} 1",
+            "oauth_relay_upstream_clock_skew_seconds{upstream=\"https://api.aurinko.io\"} -42.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+        // No skew series for an upstream that never sent a Date header.
+        assert!(!text.contains("oauth_relay_upstream_clock_skew_seconds{upstream=\"https://other.example\"}"));
     }
 
     #[test]

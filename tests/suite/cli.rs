@@ -70,10 +70,22 @@ fn block(text: &str, start: &str, n: usize) -> Vec<String> {
 }
 
 #[test]
-fn version_prints_name_and_version() {
+fn version_prints_name_version_and_commit() {
     let o = run(&["--version"]);
     assert_eq!(o.status.code(), Some(0));
-    assert_eq!(stdout(&o), "oauth-relay 0.1.0\n");
+    // The commit the binary was built from (build.rs); a tree without git has none to name.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let expected = match option_env!("OAUTH_RELAY_COMMIT").filter(|c| !c.is_empty()).map(String::from).or(head) {
+        Some(commit) => format!("oauth-relay 0.1.0 (commit {commit})\n"),
+        None => "oauth-relay 0.1.0\n".to_string(),
+    };
+    assert_eq!(stdout(&o), expected);
 }
 
 #[test]

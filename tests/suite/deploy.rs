@@ -393,7 +393,7 @@ fn systemd_unit_and_config_agree() {
     let entries = unit_entries(&unit);
     let get = |k: &str| entries.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
     let exec: Vec<String> = get("ExecStart").expect("ExecStart").split_whitespace().map(String::from).collect();
-    assert_eq!(exec[0], "/usr/local/bin/oauth-relay");
+    assert_eq!(exec[0], "/usr/bin/oauth-relay", "where the Debian package installs it");
     assert_cli_accepts("systemd ExecStart", &exec[1..]);
     assert_eq!(config_flag(&exec), format!("/etc/{}/config.toml", get("ConfigurationDirectory").expect("conf dir")));
 
@@ -429,7 +429,7 @@ fn systemd_unit_passes_systemd_analyze() {
     }
     // verify needs ExecStart's binary to exist: point a copy of the unit at the one just built.
     let unit = read("deploy/systemd/oauth-relay.service");
-    let patched = unit.replace("ExecStart=/usr/local/bin/oauth-relay ", &format!("ExecStart={BIN} "));
+    let patched = unit.replace("ExecStart=/usr/bin/oauth-relay ", &format!("ExecStart={BIN} "));
     assert_ne!(patched, unit, "ExecStart was rewritten");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("oauth-relay.service");
