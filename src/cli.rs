@@ -318,6 +318,47 @@ pub fn cert_status(path: &Path) -> ExitCode {
     }
 }
 
+/// `store copy FROM TO`: the store moved between a folder and the configuration's Redis.
+pub fn store_copy(path: &Path, from: &str, to: &str) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return config_failed(&e),
+    };
+    let Some(settings) = &config.server.shared else {
+        eprintln!("store copy: {}: server.storage is not a redis:// or rediss:// URL", path.display());
+        return ExitCode::from(64);
+    };
+    let url = settings.url.as_str().trim_end_matches('/');
+    let is_redis = |side: &str| side.trim_end_matches('/') == url;
+    let (folder, to_redis) = match (is_redis(from), is_redis(to)) {
+        (false, true) => (from, true),
+        (true, false) => (to, false),
+        _ => {
+            eprintln!("store copy: one of FROM and TO must be {url} (the configuration's storage), the other a folder");
+            return ExitCode::from(2);
+        }
+    };
+    let copied = crate::storage::shared::open_at(&config, settings, Path::new(folder))
+        .context("server.storage_key_file")
+        .and_then(|shared| {
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+            Ok(rt.block_on(async {
+                if to_redis { shared.copy_to_redis().await } else { shared.copy_from_redis().await }
+            })?)
+        });
+    match copied {
+        Ok(n) => {
+            println!("copied {n} names from {from} to {to}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("store copy: {}", causes(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `cert renew`: one hostname renewed now, through the same lock as the running relays.
 pub fn cert_renew(path: &Path, hostname: &str, log_format: LogFormat) -> ExitCode {
     let config = match Config::load(path) {

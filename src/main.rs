@@ -55,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         action: CertCommand,
     },
+    /// The certificate store: move it between a folder and Redis.
+    Store {
+        #[command(subcommand)]
+        action: StoreCommand,
+    },
     /// Print the completion script for SHELL (the Debian package installs them).
     #[command(hide = true)]
     Completions {
@@ -86,6 +91,21 @@ enum CertCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy the ACME account, certificates, keys and renewal records from FROM to TO, one a
+    /// folder and the other the Redis URL the configuration's `storage` names (its [redis]
+    /// settings and storage key apply). TO must hold no store yet.
+    Copy {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A folder, or the configuration's redis:// or rediss:// URL.
+        from: String,
+        /// A folder, or the configuration's redis:// or rediss:// URL.
+        to: String,
+    },
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve { config, log_format } => cli::serve(config.as_deref(), log_format),
@@ -96,6 +116,7 @@ fn main() -> ExitCode {
         Command::Cert { action: CertCommand::Renew { config, hostname, log_format } } => {
             cli::cert_renew(&config, &hostname, log_format)
         }
+        Command::Store { action: StoreCommand::Copy { config, from, to } } => cli::store_copy(&config, &from, &to),
         Command::Completions { shell } => cli::completions(Cli::command(), shell),
         Command::Man { dir } => cli::man(Cli::command(), &dir),
     }

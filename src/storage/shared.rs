@@ -51,6 +51,15 @@ pub enum SharedError {
     BadName(String),
 }
 
+/// Why `store copy` refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("{store} already holds a store ({names} names): copy into an empty one")]
+    NotEmpty { store: String, names: usize },
+    #[error(transparent)]
+    Shared(#[from] SharedError),
+}
+
 /// The shared store of one relay process.
 pub struct Shared {
     settings: RedisStorage,
@@ -89,11 +98,21 @@ pub fn open(config: &crate::config::Config, previous: Option<&Arc<Shared>>) -> R
     if let Some(p) = previous.filter(|p| p.same_as(settings, &config.server.storage)) {
         return Ok(Some(p.clone()));
     }
+    open_at(config, settings, &config.server.storage).map(Some)
+}
+
+/// The shared store `settings` (of `config`), mirrored in `folder`: the cache, or for
+/// `store copy` the folder a store is copied from or to.
+pub fn open_at(
+    config: &crate::config::Config,
+    settings: &RedisStorage,
+    folder: &Path,
+) -> Result<Arc<Shared>, SealError> {
     let protection = match &config.server.storage_key_file {
         Some(file) => Protection::Sealed(crate::seal::Sealer::load(file)?),
         None => Protection::Clear,
     };
-    Ok(Some(Shared::new(settings.clone(), config.server.storage.clone(), protection)))
+    Ok(Shared::new(settings.clone(), folder.to_path_buf(), protection))
 }
 
 impl Shared {
@@ -335,6 +354,66 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// The names of the store's state in the folder (`acme/`, challenge answers left out):
+    /// what `store copy` moves.
+    fn folder_names(&self) -> Result<Vec<String>, SharedError> {
+        let io = |p: &Path, source| SharedError::Io { path: p.display().to_string(), source };
+        let mut names = Vec::new();
+        let mut dirs = vec![self.root.join("acme")];
+        while let Some(dir) = dirs.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&dir, e)),
+            };
+            for entry in entries {
+                let path = entry.map_err(|e| io(&dir, e))?.path();
+                let name = path.strip_prefix(&self.root).unwrap_or(&path).to_string_lossy().into_owned();
+                if name.starts_with("acme/challenges") || !valid_name(&name) {
+                    continue;
+                }
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if !name.ends_with(".lock") && !name.ends_with(".mutex") {
+                    names.push(name);
+                }
+            }
+        }
+        names.sort_by_key(|n| (n.ends_with("/meta.json"), n.clone()));
+        Ok(names)
+    }
+
+    /// Copies the folder's store into Redis (which must hold none yet); the number of names.
+    pub async fn copy_to_redis(&self) -> Result<usize, CopyError> {
+        let redis = self.redis().await?;
+        let there = self.noted(redis.list("acme/").await)?;
+        if !there.is_empty() {
+            return Err(CopyError::NotEmpty { store: self.settings.url.to_string(), names: there.len() });
+        }
+        let names = self.folder_names()?;
+        for name in &names {
+            self.push(name, None).await?;
+        }
+        Ok(names.len())
+    }
+
+    /// Copies the store in Redis into the folder (which must hold none yet); the number of
+    /// names.
+    pub async fn copy_from_redis(&self) -> Result<usize, CopyError> {
+        let here = self.folder_names()?;
+        if !here.is_empty() {
+            return Err(CopyError::NotEmpty { store: self.root.display().to_string(), names: here.len() });
+        }
+        let redis = self.redis().await?;
+        let mut names = self.noted(redis.list("acme/").await)?;
+        names.retain(|n| !n.starts_with("acme/challenges/"));
+        names.sort_by_key(|n| (n.ends_with("/meta.json"), n.clone()));
+        for name in &names {
+            self.pull_name(name).await?;
+        }
+        Ok(names.len())
     }
 
     async fn pull_all(&self, folders: &[String]) -> Result<(), SharedError> {

@@ -121,7 +121,7 @@ fn deb_holds_the_binary_unit_config_man_pages_and_completions() {
         assert_eq!(mode(path), "-rw-r--r-- 0/0", "{path}");
     }
     // A man page for every subcommand an operator types (the generators' hidden ones have none).
-    for sub in ["serve", "check", "doctor", "reload", "cert", "cert-status", "cert-renew"] {
+    for sub in ["serve", "check", "doctor", "reload", "cert", "cert-status", "cert-renew", "store", "store-copy"] {
         mode(&format!("usr/share/man/man1/oauth-relay-{sub}.1.gz"));
     }
     assert!(!files.iter().any(|(_, _, p)| p.contains("completions.1") || p.ends_with("-man.1.gz")));

@@ -194,3 +194,66 @@ async fn a_replica_with_another_storage_key_refuses_the_stored_keys_and_orders_n
         r.stop().await;
     }
 }
+
+/// Runs `oauth-relay store copy --config CONFIG FROM TO`: exit status and output.
+async fn store_copy(config: &Path, from: &str, to: &str) -> (i32, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_oauth-relay"));
+    cmd.args(["store", "copy", "--config"]).arg(config).args([from, to]);
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_moves_a_folder_store_to_redis_and_back_without_ordering() {
+    logs();
+    let redis = Redis::start().await;
+    let ports = bind_ports().await;
+    let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let folder = dir.path().join("folder-store");
+
+    // A relay on a folder gets its certificate.
+    let folder_toml = acme_config(&folder, &pebble.directory_url(), pebble.ca_path(), "tls-alpn-01", "", "");
+    let mut solo = RelayUnderTest::on(&folder_toml, ports);
+    solo.wait_ready().await;
+    let client = pebble.client_config(&[b"http/1.1"]).await;
+    let (serial, _) = served_chain(solo.https, &client).await;
+    solo.stop().await;
+
+    // Folder to Redis; a replica on Redis with an empty folder serves that certificate.
+    let ports = bind_ports().await;
+    let redis_toml = dir.path().join("redis.toml");
+    std::fs::write(&redis_toml, replica_config(&pebble, &redis, &dir.path().join("cache"), &key)).unwrap();
+    let url = redis.url();
+    let (code, text) = store_copy(&redis_toml, &folder.display().to_string(), &url).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.starts_with("copied ") && text.contains(&format!(" names from {} to {url}", folder.display())),
+        "{text}"
+    );
+    let (code, text) = store_copy(&redis_toml, &folder.display().to_string(), &url).await;
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("already holds a store"), "{text}");
+    let replica = RelayUnderTest::on(&std::fs::read_to_string(&redis_toml).unwrap(), ports);
+    replica.wait_ready().await;
+    assert_eq!(served_chain(replica.https, &client).await.0, serial);
+
+    // Redis back to a new folder: the same account, certificate and key.
+    let back = dir.path().join("back");
+    let (code, text) = store_copy(&redis_toml, &url, &back.display().to_string()).await;
+    assert_eq!(code, 0, "{text}");
+    let original = crate::acme::host_dir(&folder, &pebble);
+    let copied = crate::acme::host_dir(&back, &pebble);
+    for file in ["meta.json".to_string(), format!("key-{serial}.pem"), format!("chain-{serial}.pem")] {
+        assert_eq!(std::fs::read(copied.join(&file)).unwrap(), std::fs::read(original.join(&file)).unwrap(), "{file}");
+    }
+    assert_eq!(
+        std::fs::read(copied.parent().unwrap().join("account.json")).unwrap(),
+        std::fs::read(original.parent().unwrap().join("account.json")).unwrap()
+    );
+    assert_eq!((pebble.orders(), pebble.accounts()), (1, 1), "no order, no account: the store moved");
+    let mut replica = replica;
+    replica.stop().await;
+}
