@@ -96,6 +96,8 @@ pub struct Live {
     /// The store replicas share, kept in step with the storage folder (`None`: the folder is
     /// the store).
     shared: Option<Arc<crate::storage::shared::Shared>>,
+    /// The session ticket keys replicas share (with a shared store).
+    tickets: Option<Arc<tls::tickets::SharedTicketer>>,
 }
 
 impl Live {
@@ -132,9 +134,16 @@ pub fn build(config: Arc<Config>, previous: Option<&Live>, id: u64) -> Result<Li
     if let Some(prev) = previous {
         health.adopt(&prev.health);
     }
-    let tls = tls::server_config(store.clone(), config.server.tls13_only);
+    // One ticketer for the process while the shared store stays the same: a reload keeps the
+    // keys, and replicas share them through the store.
+    let tickets = shared.as_ref().map(|s| {
+        previous
+            .and_then(|p| p.tickets.clone().filter(|_| p.shared.as_ref().is_some_and(|ps| Arc::ptr_eq(ps, s))))
+            .unwrap_or_else(tls::tickets::SharedTicketer::new)
+    });
+    let tls = tls::server_config(store.clone(), config.server.tls13_only, tickets.clone());
     let relay = Arc::new(Relay::new(config, challenges.clone(), health.clone())?);
-    Ok(Live { id, relay, store, tls, health, challenges, shared })
+    Ok(Live { id, relay, store, tls, health, challenges, shared, tickets })
 }
 
 /// Installs in `store` the certificate each hostname already serves, when its site's source
@@ -160,7 +169,10 @@ fn start_tasks(live: &Live, token: &CancellationToken, acme: &acme::Running) {
     tls::spawn_file_watchers(config, &live.store, token.clone());
     // Keeps the folder in step with the shared store while this configuration is in force.
     if let Some(shared) = &live.shared {
-        tokio::spawn(shared.clone().follow(vec!["acme/".into()], token.clone()));
+        tokio::spawn(shared.clone().follow(vec!["acme/".into(), "tls/".into()], token.clone()));
+        if let Some(tickets) = &live.tickets {
+            tokio::spawn(tls::tickets::follow(shared.clone(), tickets.clone(), token.clone()));
+        }
     }
     // Never awaited: a CA that is down delays only its own hostnames, never serving.
     acme::spawn(config, &live.store, &live.challenges, acme, live.shared.as_ref());

@@ -82,7 +82,11 @@ impl std::fmt::Debug for Shared {
 /// order (its key). These are sealed in Redis when a storage key is set.
 pub fn is_secret(name: &str) -> bool {
     let file = name.rsplit('/').next().unwrap_or(name);
-    file == "account.json" || file == "pending.json" || file.starts_with("key-") || file.ends_with(".key")
+    file == "account.json"
+        || file == "pending.json"
+        || file == "tickets.json"
+        || file.starts_with("key-")
+        || file.ends_with(".key")
 }
 
 /// A name the folder may hold: relative, plain segments (no `..`, no hidden files).
@@ -132,6 +136,11 @@ impl Shared {
     /// Whether this is the same server and folder as `other` (a reload keeps the connection).
     pub fn same_as(&self, settings: &RedisStorage, root: &Path) -> bool {
         self.settings == *settings && self.root == root
+    }
+
+    /// The folder this replica keeps its copy of the store in.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Wakes after every pull that changed the folder.

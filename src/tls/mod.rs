@@ -79,7 +79,12 @@ pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 
 /// The one server configuration: TLS 1.3 and 1.2 (1.3 alone with `tls13_only`), ALPN h2,
 /// http/1.1 and http/1.0, certificates from the store picked by SNI at handshake time.
-pub fn server_config(store: Arc<CertStore>, tls13_only: bool) -> Arc<ServerConfig> {
+/// `tickets`: the shared ticketer of replicas that share a store; `None`: this process's own.
+pub fn server_config(
+    store: Arc<CertStore>,
+    tls13_only: bool,
+    tickets: Option<Arc<tickets::SharedTicketer>>,
+) -> Arc<ServerConfig> {
     let versions: &[&'static rustls::SupportedProtocolVersion] =
         if tls13_only { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
     let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
@@ -90,8 +95,13 @@ pub fn server_config(store: Arc<CertStore>, tls13_only: bool) -> Arc<ServerConfi
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec(), ALPN_HTTP10.to_vec()];
     // One ticket is enough for a browser to resume; the default of two doubles the work.
     config.send_tls13_tickets = 1;
-    if let Some(ticketer) = ticketer() {
-        config.ticketer = ticketer;
+    match tickets {
+        Some(shared) => config.ticketer = shared,
+        None => {
+            if let Some(ticketer) = ticketer() {
+                config.ticketer = ticketer;
+            }
+        }
     }
     Arc::new(config)
 }

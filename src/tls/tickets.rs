@@ -169,6 +169,80 @@ impl ProducesTickets for SharedTicketer {
     }
 }
 
+/// The store name of the shared ticket keys (sealed like a private key).
+pub const STORE_NAME: &str = "tls/tickets.json";
+/// The lock the replica that rotates the keys holds.
+const ROTATE_LOCK: &str = "tls/tickets";
+/// How often the keys are looked at (a rotation is due every [`PERIOD`]).
+const CHECK_EVERY: Duration = Duration::from_secs(600);
+
+/// Keeps `ticketer` fed with the keys in the shared store until `stop`: installs them at start
+/// and whenever another replica changed them, and rotates them (under a lock, so one replica
+/// does) when the list is missing or due.
+pub async fn follow(
+    shared: Arc<crate::storage::shared::Shared>,
+    ticketer: Arc<SharedTicketer>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let path = shared.root().join(STORE_NAME);
+    let mut changes = shared.subscribe();
+    let owner = format!("tickets/{}/{:x}", std::process::id(), rand_u64());
+    loop {
+        let mut keys = read(&path);
+        let now = SystemTime::now();
+        if rotate(&keys, now, PERIOD) != keys {
+            match rotate_shared(&shared, &path, &owner, now).await {
+                Ok(fresh) => keys = fresh,
+                Err(e) => tracing::debug!(error = %e, "session ticket keys not rotated now; trying again later"),
+            }
+        }
+        ticketer.install(&keys);
+        tracing::debug!(keys = keys.len(), path = %path.display(), "session ticket keys installed");
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = changes.changed() => {}
+            () = tokio::time::sleep(CHECK_EVERY) => {}
+        }
+    }
+}
+
+/// Under the rotation lock: the list as it is in the store now, rotated, written back.
+async fn rotate_shared(
+    shared: &crate::storage::shared::Shared,
+    path: &std::path::Path,
+    owner: &str,
+    now: SystemTime,
+) -> Result<Vec<TicketKey>, crate::storage::shared::SharedError> {
+    use crate::storage::redis::Taken;
+    if shared.try_lock(ROTATE_LOCK, owner, Duration::from_secs(30)).await? != Taken::Held {
+        return Ok(read(path));
+    }
+    let result = async {
+        shared.pull_name(STORE_NAME).await?;
+        let keys = rotate(&read(path), now, PERIOD);
+        let json = serde_json::to_vec(&keys).expect("ticket keys serialize");
+        crate::fsutil::write_private(path, &json)
+            .map_err(|source| crate::storage::shared::SharedError::Io { path: path.display().to_string(), source })?;
+        shared.push_fenced(&[STORE_NAME.to_string()], ROTATE_LOCK, owner).await?;
+        tracing::info!(keys = keys.len(), "session ticket keys rotated in the shared store");
+        Ok(keys)
+    }
+    .await;
+    let _ = shared.release(ROTATE_LOCK, owner).await;
+    result
+}
+
+/// The keys in the folder's copy of the store; none when missing or unreadable.
+fn read(path: &std::path::Path) -> Vec<TicketKey> {
+    std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -257,3 +257,180 @@ async fn store_copy_moves_a_folder_store_to_redis_and_back_without_ordering() {
     let mut replica = replica;
     replica.stop().await;
 }
+
+/// The relay binary the measurement runs: `OAUTH_RELAY_BENCH_BIN` (`bench/replicas` sets a
+/// release build), else the test build.
+fn bench_bin() -> std::path::PathBuf {
+    std::env::var_os("OAUTH_RELAY_BENCH_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_oauth-relay").into())
+}
+
+/// `VmRSS` of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Not a test: the figures `bench/replicas` prints. Three replica processes on one Redis:
+/// the time from a renewal's commit (`cert renew` returning) to every replica serving it, over
+/// 20 renewals; then the memory of a replica with 100 hostnames, for the one that ordered them
+/// and for one that only took them from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run by bench/replicas"]
+async fn measure_renewal_propagation_and_memory() {
+    use crate::common::process::RelayProcess;
+    let bin = bench_bin();
+    let redis = Redis::start().await;
+    let (http, https) = (crate::common::pebble::free_port(), crate::common::pebble::free_port());
+    let pebble = Pebble::start(PebbleOptions::new(http, https)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let config = |name: &str, hosts: &[String], https_port: u16| {
+        let cache = dir.path().join(name);
+        let toml = replica_config(&pebble, &redis, &cache, &key)
+            .replace("https = [\"127.0.0.1:0\"]", &format!("https = [\"127.0.0.1:{https_port}\"]"))
+            .replace(&format!("hostnames = [\"{HOST}\"]"), &format!("hostnames = {hosts:?}"));
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        path
+    };
+    let one = vec![HOST.to_string()];
+    let mut replicas = Vec::new();
+    for (i, port) in [https, 0, 0].into_iter().enumerate() {
+        let mut p = RelayProcess::serve_bin(&bin, &config(&format!("r{i}"), &one, port), &[], |_| {});
+        let addr = p.https_addr().await;
+        replicas.push((p, addr));
+    }
+    let client = pebble.client_config(&[b"http/1.1"]).await;
+    let mut first = String::new();
+    for (_, addr) in &replicas {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(tls) = crate::common::TlsClient::new(*addr, client.clone()).connect(HOST).await {
+                drop(tls);
+                first = served_chain(*addr, &client).await.0;
+                break;
+            }
+            assert!(Instant::now() < deadline, "no certificate on {addr}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let renew_config = config("renewer", &one, 0);
+    let mut waits = Vec::new();
+    let mut serial = first;
+    for _ in 0..20 {
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["cert", "renew", "--config"]).arg(&renew_config).arg(HOST).env("RUST_LOG", "warn");
+        let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+        let committed = Instant::now();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let new = stdout.split("serial ").nth(1).and_then(|s| s.split(',').next()).unwrap().to_string();
+        assert_ne!(new, serial);
+        for (_, addr) in &replicas {
+            while served_chain(*addr, &client).await.0 != new {
+                assert!(committed.elapsed() < Duration::from_secs(30), "{addr} never served {new}");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        waits.push(committed.elapsed());
+        serial = new;
+    }
+    waits.sort();
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    println!(
+        "renewal to every replica serving it, 20 renewals, 3 replicas: median {} ms, p99 {} ms, min {} ms",
+        ms(waits[waits.len() / 2]),
+        ms(waits[waits.len() - 1]),
+        ms(waits[0])
+    );
+    let idle = rss_kib(replicas[1].0.pid());
+    println!("replica RSS with 1 hostname: {idle} KiB");
+    drop(replicas);
+
+    // 100 hostnames: one replica orders them all, a second only takes them from Redis.
+    let hosts: Vec<String> = (0..100).map(|i| format!("h{i}.{HOST}")).collect();
+    /// Waits (at most 5 minutes) until `p` has logged `needle` 100 times.
+    async fn hundred(p: &RelayProcess, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while p.log().matches(needle).count() < 100 {
+            assert!(Instant::now() < deadline, "fewer than 100 `{needle}`:\n{}", p.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let mut orderer = RelayProcess::serve_bin(&bin, &config("many-a", &hosts, https), &[], |_| {});
+    orderer.https_addr().await;
+    hundred(&orderer, "new certificate in use").await;
+    let mut follower = RelayProcess::serve_bin(&bin, &config("many-b", &hosts, 0), &[], |_| {});
+    follower.https_addr().await;
+    hundred(&follower, "certificate loaded from the store").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "replica RSS with 100 hostnames: {} KiB (the one that ordered), {} KiB (one that took them from Redis); Pebble orders {}",
+        rss_kib(orderer.pid()),
+        rss_kib(follower.pid()),
+        pebble.orders()
+    );
+}
+
+/// A TLS 1.3 connection to `relay` for `HOST` with `client` (which keeps its sessions), one
+/// request answered on it; whether the handshake resumed a session.
+async fn resumed(relay: &RelayUnderTest, client: &std::sync::Arc<rustls::ClientConfig>) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = crate::common::TlsClient::new(relay.https, client.clone()).connect(HOST).await.expect("handshake");
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    // A request and its answer: the session ticket comes before the answer.
+    tls.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    resumed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_resumes_its_tls_session_on_another_replica() {
+    logs();
+    let redis = Redis::start().await;
+    let ports_a = bind_ports().await;
+    let pebble = Pebble::start(PebbleOptions::new(ports_a.http_port(), ports_a.https_port())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let a = RelayUnderTest::on(&replica_config(&pebble, &redis, &dir.path().join("a"), &key), ports_a);
+    let b = RelayUnderTest::on(&replica_config(&pebble, &redis, &dir.path().join("b"), &key), bind_ports().await);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    // The ticket keys are in Redis, sealed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !redis.cli(&["GET", "oauth-relay:tls/tickets.json"]).starts_with("oauth-relay-sealed:v1:") {
+        assert!(Instant::now() < deadline, "no ticket keys in Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A session from A resumes on B (once B holds the keys, within moments).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // A browser keeps its sessions (the tests' usual client resumes none).
+        let mut config = (*pebble.client_config(&[b"http/1.1"]).await).clone();
+        config.resumption = rustls::client::Resumption::default();
+        let browser = std::sync::Arc::new(config);
+        assert!(!resumed(&a, &browser).await, "a first visit is a full handshake");
+        if resumed(&b, &browser).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never resumed A's session");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for mut r in [a, b] {
+        r.stop().await;
+    }
+}
