@@ -401,7 +401,14 @@ impl HostTask {
                 match self.store.share_cert(&self.host, &self.owner, &replaced).await {
                     Ok(true) => {}
                     Ok(false) => {
-                        tracing::warn!(hostname = %self.host, "the order lock was lost before the new certificate reached the shared store; the certificate the next holder stored stands")
+                        tracing::warn!(hostname = %self.host, "the order lock was lost before the new certificate reached the shared store; the certificate the next holder stored stands");
+                        // Serve what the shared store holds, like every other replica.
+                        if self.store.sync_host(&self.host).await.is_ok()
+                            && let Some(theirs) = self.load_stored()
+                        {
+                            guard.release().await;
+                            return Ok(Attempt::Loaded(theirs));
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(hostname = %self.host, error = %e, "the new certificate could not be copied to the shared store; other replicas keep theirs")

@@ -510,3 +510,43 @@ fn container_files_agree_with_the_relay() {
     assert!(published.contains(&format!("127.0.0.1:{admin}:{admin}").as_str()), "admin only on loopback");
     assert_eq!(at(svc, "sysctls")["net.ipv4.ip_unprivileged_port_start"].as_u64(), Some(0));
 }
+
+#[test]
+fn container_files_with_redis_agree_with_the_relay() {
+    let dockerfile = read("deploy/container/Dockerfile");
+    let compose = &yaml_docs(&repo().join("deploy/container/compose-redis.yaml"))[0];
+    let svc = at(compose, "services.oauth-relay");
+    let cmd: Vec<String> = list(svc, "command").iter().map(|v| v.as_str().expect("arg").into()).collect();
+    assert_eq!(cmd, dockerfile_array(&dockerfile, "CMD"), "compose runs the image's command");
+    let mounts: BTreeMap<String, String> = list(svc, "volumes")
+        .iter()
+        .map(|v| {
+            let parts: Vec<&str> = v.as_str().expect("short volume syntax").split(':').collect();
+            (parts[1].to_string(), parts[0].to_string())
+        })
+        .collect();
+    assert_eq!(mounts.get(config_flag(&cmd)).map(String::as_str), Some("./config-redis.toml"));
+    assert_eq!(mounts.get("/etc/oauth-relay/secrets").map(String::as_str), Some("./secrets"));
+
+    // The config validates once the secrets exist (test values in a folder of their own).
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("redis-password"), "test-password\n").unwrap();
+    std::fs::write(secrets.path().join("storage.key"), format!("{}=\n", "Q".repeat(43))).unwrap();
+    for f in ["redis-password", "storage.key"] {
+        std::fs::set_permissions(secrets.path().join(f), std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
+    }
+    let toml = read("deploy/container/config-redis.toml")
+        .replace("/etc/oauth-relay/secrets/", &format!("{}/", secrets.path().display()));
+    let config = Config::parse("deploy/container/config-redis.toml", &toml).expect("validates");
+    let shared = config.server.shared.as_ref().expect("a Redis store");
+    assert_eq!(shared.url.host_str(), Some("redis"), "the compose service");
+    assert!(shared.password.is_some() && config.server.storage_key_file.is_some());
+    assert!(mounts.contains_key(&config.server.storage.display().to_string()), "the cache is on a volume");
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert!(warnings.is_empty(), "{warnings:?}");
+
+    // The example Redis keeps what it is given.
+    let redis: Vec<&str> = list(at(compose, "services.redis"), "command").iter().map(|v| v.as_str().unwrap()).collect();
+    let line = redis.last().expect("a command");
+    assert!(line.contains("--appendonly yes") && line.contains("--maxmemory-policy noeviction"), "{line}");
+}

@@ -92,6 +92,23 @@ async fn three_replicas_on_redis_make_one_account_one_order_and_serve_one_certif
     // new certificate within seconds, and none orders another.
     let config_path = dir.path().join("renew.toml");
     std::fs::write(&config_path, replica_config(&pebble, &redis, &caches[3], &key)).unwrap();
+    // Load on all three meanwhile: a request on a fresh connection to each, over and over.
+    let stop_load = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let (stop, client, addrs) = (stop_load.clone(), client.clone(), [a.https, b.https, c.https]);
+        tokio::spawn(async move {
+            let (mut done, mut failed) = (0u32, Vec::new());
+            while !stop.is_cancelled() {
+                for addr in addrs {
+                    let reply = crate::common::TlsClient::new(addr, client.clone())
+                        .send(HOST, "GET", "/healthz", &[], "")
+                        .await;
+                    if reply.status == 200 { done += 1 } else { failed.push(reply.status) }
+                }
+            }
+            (done, failed)
+        })
+    };
     let mut renew = std::process::Command::new(env!("CARGO_BIN_EXE_oauth-relay"));
     renew.args(["cert", "renew", "--config"]).arg(&config_path).arg(HOST);
     let out = tokio::task::spawn_blocking(move || renew.output()).await.unwrap().unwrap();
@@ -102,6 +119,9 @@ async fn three_replicas_on_redis_make_one_account_one_order_and_serve_one_certif
     for r in [&a, &b, &c] {
         serves(r, &client, &renewed, Duration::from_secs(10)).await;
     }
+    stop_load.cancel();
+    let (done, failed) = load.await.unwrap();
+    assert!(done >= 3 && failed.is_empty(), "{done} answered, failed: {failed:?}");
     assert_eq!((pebble.orders(), pebble.accounts()), (2, 1), "only the CLI's order");
 
     // `cert status` reads the shared store, from any folder.
