@@ -479,13 +479,7 @@ fn container_files_agree_with_the_relay() {
     assert!(installed, "the build stage installs /out/usr/local/bin/oauth-relay:\n{dockerfile}");
 
     // Mounts: the config where CMD reads it, the TLS files, and the store where VOLUME is.
-    let mounts: BTreeMap<String, String> = list(svc, "volumes")
-        .iter()
-        .map(|v| {
-            let parts: Vec<&str> = v.as_str().expect("short volume syntax").split(':').collect();
-            (parts[1].to_string(), parts[0].to_string())
-        })
-        .collect();
+    let mounts = short_mounts(svc);
     assert_eq!(mounts.get(config_flag(&cmd)).map(String::as_str), Some("./config.toml"));
     let storage = config.server.storage.display().to_string();
     assert_eq!(dockerfile_array(&dockerfile, "VOLUME"), std::slice::from_ref(&storage));
@@ -511,6 +505,17 @@ fn container_files_agree_with_the_relay() {
     assert_eq!(at(svc, "sysctls")["net.ipv4.ip_unprivileged_port_start"].as_u64(), Some(0));
 }
 
+/// A compose service's volumes in the short syntax: container path to source.
+fn short_mounts(svc: &Value) -> BTreeMap<String, String> {
+    list(svc, "volumes")
+        .iter()
+        .map(|v| {
+            let parts: Vec<&str> = v.as_str().expect("short volume syntax").split(':').collect();
+            (parts[1].to_string(), parts[0].to_string())
+        })
+        .collect()
+}
+
 #[test]
 fn container_files_with_redis_agree_with_the_relay() {
     let dockerfile = read("deploy/container/Dockerfile");
@@ -518,13 +523,7 @@ fn container_files_with_redis_agree_with_the_relay() {
     let svc = at(compose, "services.oauth-relay");
     let cmd: Vec<String> = list(svc, "command").iter().map(|v| v.as_str().expect("arg").into()).collect();
     assert_eq!(cmd, dockerfile_array(&dockerfile, "CMD"), "compose runs the image's command");
-    let mounts: BTreeMap<String, String> = list(svc, "volumes")
-        .iter()
-        .map(|v| {
-            let parts: Vec<&str> = v.as_str().expect("short volume syntax").split(':').collect();
-            (parts[1].to_string(), parts[0].to_string())
-        })
-        .collect();
+    let mounts = short_mounts(svc);
     assert_eq!(mounts.get(config_flag(&cmd)).map(String::as_str), Some("./config-redis.toml"));
     assert_eq!(mounts.get("/etc/oauth-relay/secrets").map(String::as_str), Some("./secrets"));
 

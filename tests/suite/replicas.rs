@@ -460,99 +460,108 @@ async fn a_browser_resumes_its_tls_session_on_another_replica() {
     }
 }
 
+/// Replica A, a process of its own, holding the order lock with its order held at the
+/// challenge by a front of Pebble; Pebble validates against `ports_b`, which replica B gets.
+struct HeldOrder {
+    redis: Redis,
+    pebble: Pebble,
+    front: crate::common::acme_front::AcmeFront,
+    dir: tempfile::TempDir,
+    key: std::path::PathBuf,
+    ports_b: Option<oauth_relay::Listeners>,
+    a: crate::common::process::RelayProcess,
+}
+
+impl HeldOrder {
+    async fn start() -> HeldOrder {
+        use crate::common::acme_front::{AcmeFront, Faults};
+        logs();
+        let redis = Redis::start().await;
+        let ports_b = bind_ports().await;
+        let pebble = Pebble::start(PebbleOptions::new(ports_b.http_port(), ports_b.https_port())).await;
+        let front = AcmeFront::start(&pebble, Faults { hold_challenges: true, ..Faults::default() }).await;
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path());
+        let a_path = dir.path().join("a.toml");
+        std::fs::write(
+            &a_path,
+            replica_config_at(&front.directory_url(), &pebble, &redis, &dir.path().join("a"), &key),
+        )
+        .unwrap();
+        let a = crate::common::process::RelayProcess::serve(&a_path, &[], |_| {});
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while front.challenges() == 0 {
+            assert!(Instant::now() < deadline, "A placed no order:\n{}", a.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        HeldOrder { redis, pebble, front, dir, key, ports_b: Some(ports_b), a }
+    }
+
+    /// Replica B, in this process, on the ports Pebble validates against.
+    fn start_b(&mut self) -> RelayUnderTest {
+        let toml = replica_config_at(
+            &self.front.directory_url(),
+            &self.pebble,
+            &self.redis,
+            &self.dir.path().join("b"),
+            &self.key,
+        );
+        RelayUnderTest::on(&toml, self.ports_b.take().expect("one replica B"))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_order_is_taken_over_once_its_lock_expires() {
-    use crate::common::acme_front::{AcmeFront, Faults};
-    logs();
-    let redis = Redis::start().await;
-    let ports_b = bind_ports().await;
-    let pebble = Pebble::start(PebbleOptions::new(ports_b.http_port(), ports_b.https_port())).await;
-    let front = AcmeFront::start(&pebble, Faults { hold_challenges: true, ..Faults::default() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let config = |name: &str| {
-        let path = dir.path().join(format!("{name}.toml"));
-        let toml = replica_config_at(&front.directory_url(), &pebble, &redis, &dir.path().join(name), &key);
-        std::fs::write(&path, &toml).unwrap();
-        (path, toml)
-    };
-
-    // Replica A, a process of its own, holds the order lock, its order held at the challenge.
-    let (a_path, _) = config("a");
-    let a = crate::common::process::RelayProcess::serve(&a_path, &[], |_| {});
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while front.challenges() == 0 {
-        assert!(Instant::now() < deadline, "A placed no order:\n{}", a.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut held = HeldOrder::start().await;
     // Killed: its lock stays in Redis until it expires (90 s after its last renewal).
-    drop(a);
+    held.a.signal("KILL");
     let killed = Instant::now();
-    front.open_gate();
-    let (_, b_toml) = config("b");
-    let b = RelayUnderTest::on(&b_toml, ports_b);
+    held.front.open_gate();
+    let b = held.start_b();
     let (status, body) = b.wait_readyz("ready", Duration::from_secs(150), |s, _| s == 200).await;
     assert_eq!(status, 200, "{body}");
     let waited = killed.elapsed();
     assert!(waited >= Duration::from_secs(55), "B ordered while A's lock was still live: after {waited:?}");
-    let client = pebble.client_config(&[b"http/1.1"]).await;
+    let client = held.pebble.client_config(&[b"http/1.1"]).await;
     served_chain(b.https, &client).await;
-    assert_eq!(pebble.orders(), 2, "A's abandoned order and B's");
+    assert_eq!(held.pebble.orders(), 2, "A's abandoned order and B's");
     let mut b = b;
     b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_paused_past_its_lock_serves_the_newer_certificate_and_leaves_it_in_redis() {
-    use crate::common::acme_front::{AcmeFront, Faults};
-    logs();
-    let redis = Redis::start().await;
-    let ports_b = bind_ports().await;
-    let pebble = Pebble::start(PebbleOptions::new(ports_b.http_port(), ports_b.https_port())).await;
-    let front = AcmeFront::start(&pebble, Faults { hold_challenges: true, ..Faults::default() }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let config = |name: &str| {
-        let path = dir.path().join(format!("{name}.toml"));
-        let toml = replica_config_at(&front.directory_url(), &pebble, &redis, &dir.path().join(name), &key);
-        std::fs::write(&path, &toml).unwrap();
-        (path, toml)
-    };
-
-    // A holds the order lock, its order held at the challenge; then A is paused (SIGSTOP).
-    let (a_path, _) = config("a");
-    let mut a = crate::common::process::RelayProcess::serve(&a_path, &[], |_| {});
-    let a_https = a.https_addr().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while front.challenges() == 0 {
-        assert!(Instant::now() < deadline, "A placed no order:\n{}", a.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    a.signal("STOP");
-    front.open_gate();
+    let mut held = HeldOrder::start().await;
+    let a_https = held.a.https_addr().await;
+    held.a.signal("STOP");
+    held.front.open_gate();
 
     // B takes the lock once A's expires, orders and commits its certificate.
-    let (_, b_toml) = config("b");
-    let b = RelayUnderTest::on(&b_toml, ports_b);
+    let b = held.start_b();
     b.wait_readyz("ready", Duration::from_secs(150), |s, _| s == 200).await;
-    let client = pebble.client_config(&[b"http/1.1"]).await;
+    let client = held.pebble.client_config(&[b"http/1.1"]).await;
     let (newer, _) = served_chain(b.https, &client).await;
 
     // A wakes up mid-order and learns its lock is gone. Whatever its order comes to (here its
     // timers, run late, end it; a commit would be refused by the fencing script, see
     // `redis_store::a_holder_whose_lock_expired_can_no_longer_write_or_release`), Redis keeps
     // B's certificate and A serves it.
-    a.signal("CONT");
-    a.wait_line("the lost lock", Duration::from_secs(60), |l| l.contains("lost a lock while holding it")).await;
-    let folder = oauth_relay::acme::store::folder_name(&url::Url::parse(&front.directory_url()).unwrap());
-    let meta = redis.cli(&["GET", &format!("oauth-relay:acme/{folder}/{HOST}/meta.json")]);
+    held.a.signal("CONT");
+    held.a.wait_line("the lost lock", Duration::from_secs(60), |l| l.contains("lost a lock while holding it")).await;
+    let folder = oauth_relay::acme::store::folder_name(&url::Url::parse(&held.front.directory_url()).unwrap());
+    let meta = held.redis.cli(&["GET", &format!("oauth-relay:acme/{folder}/{HOST}/meta.json")]);
     assert!(meta.contains(&format!("\"serial\": \"{newer}\"")), "Redis keeps B's certificate: {meta}");
+    // (A may have no certificate to serve for a moment: it refuses handshakes until then.)
     let deadline = Instant::now() + Duration::from_secs(10);
-    while served_chain(a_https, &client).await.0 != newer {
-        assert!(Instant::now() < deadline, "A does not serve B's certificate:\n{}", a.log());
+    loop {
+        let up = crate::common::TlsClient::new(a_https, client.clone()).connect(HOST).await.is_ok();
+        if up && served_chain(a_https, &client).await.0 == newer {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A does not serve B's certificate:\n{}", held.a.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(pebble.orders(), 2, "A's order and B's, no third");
+    assert_eq!(held.pebble.orders(), 2, "A's order and B's, no third");
     let mut b = b;
     b.stop().await;
 }
