@@ -224,7 +224,9 @@ async fn a_frame_flood_does_not_outlive_the_idle_deadline() {
     target.during(&mut attack, ATTACK_BOUND).await;
     let summary = attack.summary();
     eprintln!("settings flood: {summary}");
-    cut_within(&summary, 4.5);
+    // 2 s idle and 1 s of goodbye, with room for a test machine whose other tests keep both
+    // cores busy (timers then fire late); a connection the relay never cut lives all 8 s.
+    cut_within(&summary, 6.5);
     assert_eq!(n(&summary, "closed_by_server"), 8.0, "{summary}");
 }
 

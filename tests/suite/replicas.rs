@@ -34,6 +34,31 @@ fn key_file(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// What every test here stands on: Redis, Pebble validating against `ports` (replica A's), a
+/// folder for the replicas' caches and their storage key.
+struct Lab {
+    redis: Redis,
+    pebble: Pebble,
+    dir: tempfile::TempDir,
+    key: std::path::PathBuf,
+}
+
+impl Lab {
+    async fn start(ports: &oauth_relay::Listeners) -> Lab {
+        logs();
+        let redis = Redis::start().await;
+        let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path());
+        Lab { redis, pebble, dir, key }
+    }
+
+    /// The config of replica `name` (its cache is the folder `name`).
+    fn config(&self, name: &str) -> String {
+        replica_config(&self.pebble, &self.redis, &self.dir.path().join(name), &self.key)
+    }
+}
+
 /// Waits (at most `within`) until `relay` serves the certificate with `serial`.
 async fn serves(relay: &RelayUnderTest, client: &std::sync::Arc<rustls::ClientConfig>, serial: &str, within: Duration) {
     let deadline = Instant::now() + within;
@@ -49,17 +74,13 @@ async fn serves(relay: &RelayUnderTest, client: &std::sync::Arc<rustls::ClientCo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_on_redis_make_one_account_one_order_and_serve_one_certificate() {
-    logs();
-    let redis = Redis::start().await;
     let ports_a = bind_ports().await;
     // Pebble validates against replica A only: whichever replica orders, A answers.
-    let pebble = Pebble::start(PebbleOptions::new(ports_a.http_port(), ports_a.https_port())).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let caches: Vec<_> = (0..4).map(|i| dir.path().join(format!("cache-{i}"))).collect();
-    let a = RelayUnderTest::on(&replica_config(&pebble, &redis, &caches[0], &key), ports_a);
-    let b = RelayUnderTest::on(&replica_config(&pebble, &redis, &caches[1], &key), bind_ports().await);
-    let c = RelayUnderTest::on(&replica_config(&pebble, &redis, &caches[2], &key), bind_ports().await);
+    let lab = Lab::start(&ports_a).await;
+    let (redis, pebble) = (&lab.redis, &lab.pebble);
+    let a = RelayUnderTest::on(&lab.config("cache-0"), ports_a);
+    let b = RelayUnderTest::on(&lab.config("cache-1"), bind_ports().await);
+    let c = RelayUnderTest::on(&lab.config("cache-2"), bind_ports().await);
     for r in [&a, &b, &c] {
         r.wait_ready().await;
     }
@@ -95,8 +116,8 @@ async fn three_replicas_on_redis_make_one_account_one_order_and_serve_one_certif
 
     // `cert renew` from a fourth process with a folder of its own: every replica serves the
     // new certificate within seconds, and none orders another.
-    let config_path = dir.path().join("renew.toml");
-    std::fs::write(&config_path, replica_config(&pebble, &redis, &caches[3], &key)).unwrap();
+    let config_path = lab.dir.path().join("renew.toml");
+    std::fs::write(&config_path, lab.config("cache-3")).unwrap();
     // Load on all three meanwhile: a request on a fresh connection to each, over and over.
     let stop_load = tokio_util::sync::CancellationToken::new();
     let load = {
@@ -144,22 +165,17 @@ async fn three_replicas_on_redis_make_one_account_one_order_and_serve_one_certif
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_keep_serving_without_redis_and_one_started_meanwhile_serves_its_cache() {
-    logs();
-    let mut redis = Redis::start().await;
     let ports_a = bind_ports().await;
-    let pebble = Pebble::start(PebbleOptions::new(ports_a.http_port(), ports_a.https_port())).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let (cache_a, cache_b, cache_c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
-    let a = RelayUnderTest::on(&replica_config(&pebble, &redis, &cache_a, &key), ports_a);
-    let mut b = RelayUnderTest::on(&replica_config(&pebble, &redis, &cache_b, &key), bind_ports().await);
+    let mut lab = Lab::start(&ports_a).await;
+    let a = RelayUnderTest::on(&lab.config("a"), ports_a);
+    let mut b = RelayUnderTest::on(&lab.config("b"), bind_ports().await);
     a.wait_ready().await;
     b.wait_ready().await;
-    let client = pebble.client_config(&[b"http/1.1"]).await;
+    let client = lab.pebble.client_config(&[b"http/1.1"]).await;
     let (serial, _) = served_chain(a.https, &client).await;
 
     // Redis goes away: both keep serving and stay ready, saying why in a warning.
-    redis.kill();
+    lab.redis.kill();
     let (status, body) = a
         .wait_readyz("a note about the shared store", Duration::from_secs(90), |_, body| body.contains("shared store"))
         .await;
@@ -169,14 +185,14 @@ async fn replicas_keep_serving_without_redis_and_one_started_meanwhile_serves_it
 
     // A replica restarted meanwhile serves what its folder holds.
     b.stop().await;
-    let b2 = RelayUnderTest::on(&replica_config(&pebble, &redis, &cache_b, &key), bind_ports().await);
+    let b2 = RelayUnderTest::on(&lab.config("b"), bind_ports().await);
     b2.wait_ready().await;
     assert_eq!(served_chain(b2.https, &client).await.0, serial);
 
     // Redis comes back empty. A new replica with an empty folder orders exactly once, and the
     // others take its certificate from the change feed.
-    redis.restart_empty().await;
-    let c = RelayUnderTest::on(&replica_config(&pebble, &redis, &cache_c, &key), bind_ports().await);
+    lab.redis.restart_empty().await;
+    let c = RelayUnderTest::on(&lab.config("c"), bind_ports().await);
     c.wait_ready().await;
     let (fresh, _) = served_chain(c.https, &client).await;
     assert_ne!(fresh, serial);
@@ -185,7 +201,7 @@ async fn replicas_keep_serving_without_redis_and_one_started_meanwhile_serves_it
         let (status, body) = r.wait_readyz("no note", Duration::from_secs(60), |_, b| !b.contains("warning")).await;
         assert_eq!((status, body.as_str()), (200, "ready\n"));
     }
-    assert_eq!(pebble.orders(), 2, "one order at first, one after Redis lost everything");
+    assert_eq!(lab.pebble.orders(), 2, "one order at first, one after Redis lost everything");
     for mut r in [a, b2, c] {
         r.stop().await;
     }
@@ -193,21 +209,18 @@ async fn replicas_keep_serving_without_redis_and_one_started_meanwhile_serves_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_with_another_storage_key_refuses_the_stored_keys_and_orders_nothing() {
-    logs();
-    let redis = Redis::start().await;
     let ports_a = bind_ports().await;
-    let pebble = Pebble::start(PebbleOptions::new(ports_a.http_port(), ports_a.https_port())).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let a = RelayUnderTest::on(&replica_config(&pebble, &redis, &dir.path().join("a"), &key), ports_a);
+    let lab = Lab::start(&ports_a).await;
+    let (redis, pebble, dir) = (&lab.redis, &lab.pebble, lab.dir.path());
+    let a = RelayUnderTest::on(&lab.config("a"), ports_a);
     a.wait_ready().await;
     assert_eq!(pebble.orders(), 1);
 
     // Another key file (a new first line: the key that sealed everything is gone).
-    let other = dir.path().join("other.key");
+    let other = dir.join("other.key");
     std::fs::write(&other, "b3RoZXItYnV0LTMyLWJ5dGVzLWxvbmctc3RvcmFnZSE=\n").unwrap();
     std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let b = RelayUnderTest::on(&replica_config(&pebble, &redis, &dir.path().join("b"), &other), bind_ports().await);
+    let b = RelayUnderTest::on(&replica_config(pebble, redis, &dir.join("b"), &other), bind_ports().await);
     let (status, body) = b
         .wait_readyz("a reason naming the key", Duration::from_secs(20), |s, body| s == 503 && body.contains("key"))
         .await;
@@ -231,13 +244,10 @@ async fn store_copy(config: &Path, from: &str, to: &str) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_copy_moves_a_folder_store_to_redis_and_back_without_ordering() {
-    logs();
-    let redis = Redis::start().await;
     let ports = bind_ports().await;
-    let pebble = Pebble::start(PebbleOptions::new(ports.http_port(), ports.https_port())).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let folder = dir.path().join("folder-store");
+    let lab = Lab::start(&ports).await;
+    let (redis, pebble, dir) = (&lab.redis, &lab.pebble, lab.dir.path());
+    let folder = dir.join("folder-store");
 
     // A relay on a folder gets its certificate.
     let folder_toml = acme_config(&folder, &pebble.directory_url(), pebble.ca_path(), "tls-alpn-01", "", "");
@@ -249,8 +259,8 @@ async fn store_copy_moves_a_folder_store_to_redis_and_back_without_ordering() {
 
     // Folder to Redis; a replica on Redis with an empty folder serves that certificate.
     let ports = bind_ports().await;
-    let redis_toml = dir.path().join("redis.toml");
-    std::fs::write(&redis_toml, replica_config(&pebble, &redis, &dir.path().join("cache"), &key)).unwrap();
+    let redis_toml = dir.join("redis.toml");
+    std::fs::write(&redis_toml, lab.config("cache")).unwrap();
     let url = redis.url();
     let (code, text) = store_copy(&redis_toml, &folder.display().to_string(), &url).await;
     assert_eq!(code, 0, "{text}");
@@ -266,11 +276,11 @@ async fn store_copy_moves_a_folder_store_to_redis_and_back_without_ordering() {
     assert_eq!(served_chain(replica.https, &client).await.0, serial);
 
     // Redis back to a new folder: the same account, certificate and key.
-    let back = dir.path().join("back");
+    let back = dir.join("back");
     let (code, text) = store_copy(&redis_toml, &url, &back.display().to_string()).await;
     assert_eq!(code, 0, "{text}");
-    let original = crate::acme::host_dir(&folder, &pebble);
-    let copied = crate::acme::host_dir(&back, &pebble);
+    let original = crate::acme::host_dir(&folder, pebble);
+    let copied = crate::acme::host_dir(&back, pebble);
     for file in ["meta.json".to_string(), format!("key-{serial}.pem"), format!("chain-{serial}.pem")] {
         assert_eq!(std::fs::read(copied.join(&file)).unwrap(), std::fs::read(original.join(&file)).unwrap(), "{file}");
     }
@@ -425,14 +435,11 @@ async fn resumed(relay: &RelayUnderTest, client: &std::sync::Arc<rustls::ClientC
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_resumes_its_tls_session_on_another_replica() {
-    logs();
-    let redis = Redis::start().await;
     let ports_a = bind_ports().await;
-    let pebble = Pebble::start(PebbleOptions::new(ports_a.http_port(), ports_a.https_port())).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let a = RelayUnderTest::on(&replica_config(&pebble, &redis, &dir.path().join("a"), &key), ports_a);
-    let b = RelayUnderTest::on(&replica_config(&pebble, &redis, &dir.path().join("b"), &key), bind_ports().await);
+    let lab = Lab::start(&ports_a).await;
+    let (redis, pebble) = (&lab.redis, &lab.pebble);
+    let a = RelayUnderTest::on(&lab.config("a"), ports_a);
+    let b = RelayUnderTest::on(&lab.config("b"), bind_ports().await);
     a.wait_ready().await;
     b.wait_ready().await;
     // The ticket keys are in Redis, sealed.
