@@ -12,9 +12,11 @@
 //!   and what the relay trusts in them.
 //! - [`config`]: the TOML file, read, parsed and validated; every error names file, key, line.
 //! - [`metrics`]: the Prometheus registry every module counts into; it takes plain labels.
-//! - [`storage`]: the certificate store's format version (upgrades and rollbacks).
+//! - [`storage`]: the certificate store as a whole: its format version and safety checks, and
+//!   for replicas without a shared disk the store on Redis, kept in step with each replica's
+//!   folder.
 //! - [`tls`]: rustls termination, the SNI certificate store with hot swap, certificate sources,
-//!   the handshake under one deadline.
+//!   the handshake under one deadline, session tickets replicas share.
 //! - [`acme`]: automatic certificates (issuance, renewal, challenge answers, shared store).
 //! - [`health`]: liveness and readiness (certificates, upstream probes, clock skew).
 //! - [`relay`]: the routes (callback relay, authorize fronting, token proxy) and the upstream

@@ -4,6 +4,9 @@
 //!
 //! `{storage}/store-version` holds one number. A store without the file is a version-1 store
 //! (the layout this number was introduced with) and gets the file on first use.
+//!
+//! Replicas that share no disk share the store on Redis: [`redis`] speaks to the server (values,
+//! locks, fenced writes, the change feed), [`shared`] keeps each replica's folder in step with it.
 
 pub mod redis;
 pub mod shared;
