@@ -3,9 +3,9 @@
 //!
 //! The modules, each importing only those listed above it (the graph has no cycles):
 //!
-//! - Leaves: [`fsutil`] (atomic, private writes for keys and certificates), [`seal`] (private
-//!   keys sealed at rest with a key file, for stores off the host), [`crypto`] (the one
-//!   rustls crypto provider), [`flow`] (the flow id on access lines), [`logging`] (log format
+//! - Leaves: [`fsutil`] (atomic, private writes for keys and certificates), [`crypto`] (the
+//!   one rustls crypto provider, hex), [`seal`] (private keys sealed at rest with a key file,
+//!   for stores off the host), [`flow`] (the flow id on access lines), [`logging`] (log format
 //!   and filter), [`notify`] (systemd notifications), [`response`] (the body type, route names
 //!   and small fixed answers every responder uses).
 //! - [`egress`]: how upstreams and the ACME CA are reached (directly or through an HTTP proxy)

@@ -106,7 +106,7 @@ impl Sealer {
     fn key(bytes: &[u8]) -> Option<(String, LessSafeKey)> {
         let unbound = UnboundKey::new(&AES_256_GCM, bytes).ok()?;
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-        let id = digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let id = crate::crypto::hex(&digest.as_ref()[..4]);
         Some((id, LessSafeKey::new(unbound)))
     }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 
+use crate::crypto::{hex, unhex};
 use crate::fsutil;
 use crate::storage::shared::{Shared, SharedError};
 use crate::tls::AlpnChallenges;
@@ -189,20 +190,21 @@ impl Challenges {
             return Some(k);
         }
         let path = self.http_path(token);
-        if !path.exists() {
-            self.fetch(&format!("acme/challenges/http-01/{token}"), &path).await;
-        }
+        self.fetch(&format!("acme/challenges/http-01/{token}"), &path).await;
         let bytes = tokio::fs::read(path).await.ok()?;
         String::from_utf8(bytes).ok()
     }
 
-    /// Copies one answer from the shared store into `path`, when another replica placed the
-    /// order and the CA's validation came here before the change feed did. One fetch at a
+    /// Copies one answer from the shared store into `path` when the folder lacks it (with a
+    /// shared store only), when another replica placed the order and the CA's validation came here before the change feed did. One fetch at a
     /// time (the CA validates from several places at once: the others wait for the first and
     /// find the file), and none for 100 ms after one that found nothing, so requests for
     /// answers nobody published cannot turn into a stream of Redis calls.
     async fn fetch(&self, name: &str, path: &Path) {
         let Some(shared) = &self.shared else { return };
+        if path.exists() {
+            return;
+        }
         let mut last_miss = self.fetching.lock().await;
         if path.exists() || last_miss.is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(100)) {
             return;
@@ -228,9 +230,7 @@ impl Challenges {
         }
         // Another process published it: the file is the truth, the memory only a cache.
         let path = self.alpn_path(&host);
-        if !path.exists() {
-            self.fetch(&format!("acme/challenges/tls-alpn-01/{host}"), &path).await;
-        }
+        self.fetch(&format!("acme/challenges/tls-alpn-01/{host}"), &path).await;
         let text = tokio::fs::read_to_string(self.alpn_path(&host)).await.ok()?;
         let (token, digest) = text.trim().split_once(' ')?;
         let (token, digest) = (token.to_string(), unhex(digest)?);
@@ -279,17 +279,6 @@ pub(crate) fn valid_host(host: &str) -> bool {
         && !host.starts_with('.')
         && !host.contains("..")
         && host.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 #[cfg(test)]

@@ -434,8 +434,7 @@ fn owner_is_dead(r: &LockRecord) -> bool {
 pub fn new_owner() -> String {
     let mut r = [0u8; 6];
     let _ = crate::crypto::provider().secure_random.fill(&mut r);
-    let r: String = r.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}/{}/{r}", machine(), std::process::id())
+    format!("{}/{}/{}", machine(), std::process::id(), crate::crypto::hex(&r))
 }
 
 #[cfg(test)]

@@ -183,13 +183,18 @@ impl AcmeStore {
         }
     }
 
-    /// Copies `host`'s newly committed certificate (its `meta.json`, the pair it names, and
-    /// the removal of the pairs in `removed`) to the shared store, only while `owner` holds the
-    /// host's order lock. False: the lock was lost, and the shared store keeps what the next
-    /// holder wrote.
-    pub async fn share_cert(&self, host: &str, owner: &str, removed: &[String]) -> Result<bool, SharedError> {
+    /// Copies `host`'s newly committed certificate (its `meta.json` `meta`, the pair it names,
+    /// and the removal of the pairs in `removed`) to the shared store, only while `owner` holds
+    /// the host's order lock. False: the lock was lost, and the shared store keeps what the
+    /// next holder wrote.
+    pub async fn share_cert(
+        &self,
+        host: &str,
+        owner: &str,
+        meta: &CertMeta,
+        removed: &[String],
+    ) -> Result<bool, SharedError> {
         let Some(s) = &self.shared else { return Ok(true) };
-        let Some(meta) = read_json::<CertMeta>(&self.meta_path(host)).ok().flatten() else { return Ok(false) };
         let mut names: Vec<String> =
             [&meta.key_file, &meta.chain_file].iter().map(|f| self.name(Some(host), f)).collect();
         names.extend(removed.iter().map(|f| self.name(Some(host), f)));

@@ -398,7 +398,7 @@ impl HostTask {
                     tracing::warn!(hostname = %self.host, error = %e, "cannot clear the error record");
                 }
                 let replaced = std::mem::take(&mut self.replaced);
-                match self.store.share_cert(&self.host, &self.owner, &replaced).await {
+                match self.store.share_cert(&self.host, &self.owner, &c.meta, &replaced).await {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::warn!(hostname = %self.host, "the order lock was lost before the new certificate reached the shared store; the certificate the next holder stored stands");

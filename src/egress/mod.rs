@@ -305,7 +305,9 @@ fn with_port(dst: Uri) -> Uri {
     }
 }
 
-fn is_loopback(host: &str) -> bool {
+/// Whether `host` (a URL's host, IPv6 in brackets or not) is this machine: a loopback address,
+/// `localhost` or a name under it.
+pub fn is_loopback(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     match bare.parse::<std::net::IpAddr>() {
         Ok(ip) => ip.is_loopback(),

@@ -89,6 +89,12 @@ pub fn is_secret(name: &str) -> bool {
         || file.ends_with(".key")
 }
 
+/// Sorts store names so each `meta.json` (the commit point of a certificate) comes after the
+/// files it names: written in this order, a folder never names a pair it does not hold.
+fn commit_order(names: &mut [String]) {
+    names.sort_by_key(|n| (n.ends_with("/meta.json"), n.clone()));
+}
+
 /// A name the folder may hold: relative, plain segments (no `..`, no hidden files).
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -244,7 +250,7 @@ impl Shared {
     pub async fn pull(&self, folder: &str) -> Result<usize, SharedError> {
         let redis = self.redis().await?;
         let mut names = self.noted(redis.list(folder).await)?;
-        names.sort_by_key(|n| (n.ends_with("/meta.json"), n.clone()));
+        commit_order(&mut names);
         let mut changed = 0;
         for name in names {
             match self.pull_name(&name).await {
@@ -390,7 +396,7 @@ impl Shared {
                 }
             }
         }
-        names.sort_by_key(|n| (n.ends_with("/meta.json"), n.clone()));
+        commit_order(&mut names);
         Ok(names)
     }
 
@@ -418,7 +424,7 @@ impl Shared {
         let redis = self.redis().await?;
         let mut names = self.noted(redis.list("acme/").await)?;
         names.retain(|n| !n.starts_with("acme/challenges/"));
-        names.sort_by_key(|n| (n.ends_with("/meta.json"), n.clone()));
+        commit_order(&mut names);
         for name in &names {
             self.pull_name(name).await?;
         }

@@ -22,6 +22,8 @@ use base64::engine::general_purpose::STANDARD;
 use rustls::server::ProducesTickets;
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::{hex, unhex};
+
 /// How long a key seals new tickets; also the lifetime clients are told.
 pub const PERIOD: Duration = Duration::from_secs(6 * 3600);
 
@@ -115,7 +117,8 @@ impl SharedTicketer {
         let mut installed: Vec<Installed> = keys
             .iter()
             .filter_map(|k| {
-                let parsed = unhex(&k.id).zip(STANDARD.decode(&k.secret).ok());
+                let id = unhex(&k.id).and_then(|id| <[u8; ID_LEN]>::try_from(id).ok());
+                let parsed = id.zip(STANDARD.decode(&k.secret).ok());
                 let Some((id, secret)) = parsed else {
                     tracing::warn!(id = %k.id, "a session ticket key in the store is malformed; skipped");
                     return None;
@@ -241,21 +244,6 @@ fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
     let _ = aws_lc_rs::rand::fill(&mut b);
     u64::from_le_bytes(b)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<[u8; ID_LEN]> {
-    if text.len() != ID_LEN * 2 || !text.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; ID_LEN];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[i * 2..i * 2 + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

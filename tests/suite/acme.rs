@@ -28,6 +28,13 @@ pub(crate) fn logs() {
         .try_init();
 }
 
+/// Runs `oauth-relay WORDS... --config CONFIG REST...` (the test build) off the runtime.
+pub(crate) async fn cli(words: &[&str], config: &Path, rest: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_oauth-relay"));
+    cmd.args(words).arg("--config").arg(config).args(rest);
+    tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().expect("run oauth-relay")
+}
+
 /// Listeners bound before Pebble starts, so Pebble's VA can be told their ports.
 pub(crate) async fn bind_ports() -> Listeners {
     let bind = || async { TcpListener::bind("127.0.0.1:0").await.unwrap() };
@@ -508,9 +515,7 @@ async fn two_relays_sharing_a_store_make_one_account_one_order_and_serve_one_cer
     // `cert renew` from a third process: same lock, the relays answer and pick it up.
     let config_path = storage.path().join("relay.toml");
     std::fs::write(&config_path, &toml).unwrap();
-    let mut renew = std::process::Command::new(env!("CARGO_BIN_EXE_oauth-relay"));
-    renew.args(["cert", "renew", "--config"]).arg(&config_path).arg(HOST);
-    let out = tokio::task::spawn_blocking(move || renew.output()).await.unwrap().unwrap();
+    let out = cli(&["cert", "renew"], &config_path, &[HOST]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "cert renew: {stdout} {}", String::from_utf8_lossy(&out.stderr));
     let renewed = meta(storage.path(), &pebble)["serial"].as_str().unwrap().to_string();
@@ -528,11 +533,7 @@ async fn two_relays_sharing_a_store_make_one_account_one_order_and_serve_one_cer
     assert_eq!(pebble.accounts(), 1);
 
     // `cert status` reads the store.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_oauth-relay"))
-        .args(["cert", "status", "--config"])
-        .arg(&config_path)
-        .output()
-        .unwrap();
+    let out = cli(&["cert", "status"], &config_path, &[]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     for want in [

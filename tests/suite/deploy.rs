@@ -265,6 +265,19 @@ fn cert_manager_variant_mounts_the_certificate_secret() {
     assert_eq!(at(m.one("PodDisruptionBudget"), "spec.minAvailable").as_u64(), Some(1));
 }
 
+/// A folder with a test value in each secret file `names` names, mode 0440 as a Secret mounted
+/// for an fsGroup: a 32-byte base64 key for a `.key` file, a password otherwise.
+fn secret_files(names: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in names {
+        let value = if name.ends_with(".key") { format!("{}=\n", "Q".repeat(43)) } else { "test-password\n".into() };
+        let file = dir.path().join(name);
+        std::fs::write(&file, value).expect("write a secret file");
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o440)).expect("chmod");
+    }
+    dir
+}
+
 /// The config of a variant that mounts its own Secret as files: those exist only in the pod, so they
 /// are written to a folder with test values (the manifest's are placeholders), and the config
 /// is read with that folder in place of the mount. Every file the config names under the mount
@@ -284,13 +297,7 @@ fn with_secret_files(m: &Manifests, pod: &Value, c: &Value, toml: &str) -> (Opti
     let secret = m.one("Secret");
     let keys: Vec<&str> =
         at(secret, "stringData").as_mapping().expect("stringData").keys().map(|k| k.as_str().expect("key")).collect();
-    let dir = tempfile::tempdir().expect("tempdir");
-    for key in &keys {
-        let value = if key.ends_with(".key") { format!("{}=\n", "Q".repeat(43)) } else { "test-password\n".into() };
-        let file = dir.path().join(key);
-        std::fs::write(&file, value).expect("write a secret file");
-        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o440)).expect("chmod");
-    }
+    let dir = secret_files(&keys);
     for named in toml.split('"').filter(|t| t.starts_with(&format!("{path}/"))) {
         let file = &named[path.len() + 1..];
         assert!(
@@ -528,12 +535,7 @@ fn container_files_with_redis_agree_with_the_relay() {
     assert_eq!(mounts.get("/etc/oauth-relay/secrets").map(String::as_str), Some("./secrets"));
 
     // The config validates once the secrets exist (test values in a folder of their own).
-    let secrets = tempfile::tempdir().unwrap();
-    std::fs::write(secrets.path().join("redis-password"), "test-password\n").unwrap();
-    std::fs::write(secrets.path().join("storage.key"), format!("{}=\n", "Q".repeat(43))).unwrap();
-    for f in ["redis-password", "storage.key"] {
-        std::fs::set_permissions(secrets.path().join(f), std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
-    }
+    let secrets = secret_files(&["redis-password", "storage.key"]);
     let toml = read("deploy/container/config-redis.toml")
         .replace("/etc/oauth-relay/secrets/", &format!("{}/", secrets.path().display()));
     let config = Config::parse("deploy/container/config-redis.toml", &toml).expect("validates");

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::acme::{HOST, VaPorts, acme_config, bind_ports, logs, served_chain};
+use crate::acme::{HOST, VaPorts, acme_config, bind_ports, cli, logs, served_chain};
 use crate::common::RelayUnderTest;
 use crate::common::pebble::{Pebble, PebbleOptions};
 use crate::common::redis::Redis;
@@ -135,9 +135,7 @@ async fn three_replicas_on_redis_make_one_account_one_order_and_serve_one_certif
             (done, failed)
         })
     };
-    let mut renew = std::process::Command::new(env!("CARGO_BIN_EXE_oauth-relay"));
-    renew.args(["cert", "renew", "--config"]).arg(&config_path).arg(HOST);
-    let out = tokio::task::spawn_blocking(move || renew.output()).await.unwrap().unwrap();
+    let out = cli(&["cert", "renew"], &config_path, &[HOST]).await;
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "cert renew: {stdout} {}", String::from_utf8_lossy(&out.stderr));
     let renewed = stdout.split("serial ").nth(1).and_then(|s| s.split(',').next()).expect("a serial").to_string();
@@ -151,11 +149,7 @@ async fn three_replicas_on_redis_make_one_account_one_order_and_serve_one_certif
     assert_eq!((pebble.orders(), pebble.accounts()), (2, 1), "only the CLI's order");
 
     // `cert status` reads the shared store, from any folder.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_oauth-relay"))
-        .args(["cert", "status", "--config"])
-        .arg(&config_path)
-        .output()
-        .unwrap();
+    let out = cli(&["cert", "status"], &config_path, &[]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains(&format!("  serial         {renewed}\n")), "{text}");
     for mut r in [a, b, c] {
@@ -235,9 +229,7 @@ async fn a_replica_with_another_storage_key_refuses_the_stored_keys_and_orders_n
 
 /// Runs `oauth-relay store copy --config CONFIG FROM TO`: exit status and output.
 async fn store_copy(config: &Path, from: &str, to: &str) -> (i32, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_oauth-relay"));
-    cmd.args(["store", "copy", "--config"]).arg(config).args([from, to]);
-    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+    let out = cli(&["store", "copy"], config, &[from, to]).await;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
 }

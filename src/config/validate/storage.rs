@@ -164,7 +164,8 @@ impl Validator<'_> {
             }
             None => {
                 let Some(shared) = shared else { return };
-                let across = if shared.url.scheme() == "redis" && !is_loopback(&shared.url) {
+                let local = shared.url.host_str().is_some_and(crate::egress::is_loopback);
+                let across = if shared.url.scheme() == "redis" && !local {
                     ", and cross the network in clear (redis://)"
                 } else {
                     ""
@@ -175,15 +176,5 @@ impl Validator<'_> {
                 );
             }
         }
-    }
-}
-
-/// Whether a URL's host is this machine (`localhost`, 127.0.0.0/8, ::1).
-fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
     }
 }
